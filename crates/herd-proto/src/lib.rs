@@ -1,0 +1,12 @@
+//! Wire formats shared by the herd supervisor and its workers.
+//!
+//! - [`node`]: Node.js cluster IPC messages (JSON lines) and their framing.
+//! - [`fdpass`]: `sendmsg`/`recvmsg` with `SCM_RIGHTS`, one message and at most a few fds at a time.
+//! - [`notify`]: systemd-style notify datagrams (`READY=1`, `WATCHDOG=1`, …).
+//!
+//! Nothing here starts a runtime or spawns anything: it is pure encoding plus the two
+//! syscalls that carry fds.
+
+pub mod fdpass;
+pub mod node;
+pub mod notify;
