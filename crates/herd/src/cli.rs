@@ -1,0 +1,235 @@
+//! The command line: clap definitions and their translation into a [`Spec`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::spec::{self, Balance, Instances, ListenAddr, LogFormat, Policy, Ready, Spec};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "herd",
+    version,
+    about = "Run any server program as N workers on one shared port"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run an app in the foreground: bind its sockets, start N workers, keep them running.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Number of workers: a count, or `max` for one per available core.
+    #[arg(short = 'i', long, value_name = "N|max", default_value = "max", value_parser = clap::value_parser!(Instances))]
+    pub instances: Instances,
+
+    /// Address to listen on (repeatable): PORT, HOST:PORT, [V6]:PORT or unix:PATH.
+    #[arg(short = 'l', long, value_name = "ADDR", value_parser = clap::value_parser!(ListenAddr))]
+    pub listen: Vec<ListenAddr>,
+
+    /// App name for logs and control [default: the APP file's stem].
+    #[arg(short = 'n', long)]
+    pub name: Option<String>,
+
+    /// Extra environment for the workers (repeatable).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE", value_parser = spec::parse_env)]
+    pub env: Vec<(String, String)>,
+
+    /// Working directory of the workers [default: herd's].
+    #[arg(long, value_name = "DIR")]
+    pub cwd: Option<PathBuf>,
+
+    /// How long a stopping worker gets before SIGKILL.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = spec::parse_duration)]
+    pub kill_timeout: Duration,
+
+    /// First step of the crash-restart backoff (x1.5 per unstable restart, at most 15s).
+    #[arg(long, value_name = "DURATION", default_value = "100ms", value_parser = spec::parse_duration)]
+    pub restart_delay: Duration,
+
+    /// A worker that stays up this long is stable: the backoff resets.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = spec::parse_duration)]
+    pub min_uptime: Duration,
+
+    /// Unstable restarts in a row before a worker slot is marked errored.
+    #[arg(long, value_name = "N", default_value_t = 15)]
+    pub max_restarts: u32,
+
+    /// Do not restart workers that exit on their own.
+    #[arg(long)]
+    pub no_autorestart: bool,
+
+    /// Output format of herd's events and the workers' lines.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// How connections reach workers [default: round-robin for Node, shared otherwise].
+    #[arg(long, value_enum)]
+    pub balance: Option<Balance>,
+
+    /// Interpreter for a script APP (e.g. a specific node binary).
+    #[arg(long, value_name = "PATH")]
+    pub interpreter: Option<String>,
+
+    /// When a worker is ready: listening, message, notify or delay:DURATION
+    /// [default: listening for Node, READY=1 or 1s up for others].
+    #[arg(long, value_name = "WHEN", value_parser = clap::value_parser!(Ready))]
+    pub ready: Option<Ready>,
+
+    /// Node: a worker is ready when it calls process.send('ready') (same as --ready message).
+    #[arg(long)]
+    pub wait_ready: bool,
+
+    /// How long a new worker may take to become ready.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = spec::parse_duration)]
+    pub listen_timeout: Duration,
+
+    /// The program or script to run (a .js file runs as a Node cluster worker).
+    #[arg(value_name = "APP")]
+    pub app: String,
+
+    /// Arguments for the program.
+    #[arg(
+        value_name = "ARGS",
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    pub args: Vec<String>,
+}
+
+impl RunArgs {
+    pub fn into_spec(self) -> Spec {
+        let name = self
+            .name
+            .unwrap_or_else(|| default_name(&self.app, &self.args));
+        let ready = if self.wait_ready {
+            Some(Ready::Message)
+        } else {
+            self.ready
+        };
+        Spec {
+            name,
+            program: self.app,
+            args: self.args,
+            interpreter: self.interpreter,
+            instances: self.instances,
+            listen: self.listen,
+            env: self.env,
+            cwd: self.cwd,
+            balance: self.balance,
+            ready,
+            policy: Policy {
+                kill_timeout: self.kill_timeout,
+                restart_delay: self.restart_delay,
+                min_uptime: self.min_uptime,
+                max_restarts: self.max_restarts,
+                autorestart: !self.no_autorestart,
+                listen_timeout: self.listen_timeout,
+            },
+            log_format: self.log_format,
+        }
+    }
+}
+
+/// The stem of the script when the program is an interpreter (`node app.js` → `app`),
+/// else the program's own stem.
+fn default_name(app: &str, args: &[String]) -> String {
+    let interpreter = matches!(
+        file_stem(app).as_str(),
+        "node" | "python3" | "python" | "ruby" | "sh" | "bash"
+    );
+    let script = args.iter().find(|a| !a.starts_with('-'));
+    let stem = match (interpreter, script) {
+        (true, Some(script)) => file_stem(script),
+        _ => file_stem(app),
+    };
+    let clean: String = stem
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    if clean.is_empty() || clean.starts_with('.') {
+        "app".into()
+    } else {
+        clean
+    }
+}
+
+fn file_stem(path: &str) -> String {
+    std::path::Path::new(path)
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_come_from_the_script() {
+        assert_eq!(default_name("app.js", &[]), "app");
+        assert_eq!(default_name("./bin/my server", &[]), "my_server");
+        assert_eq!(
+            default_name("node", &["--inspect".into(), "srv.js".into()]),
+            "srv"
+        );
+        assert_eq!(default_name("/usr/bin/python3", &["api.py".into()]), "api");
+    }
+
+    #[test]
+    fn flags_parse_into_a_spec() {
+        let cli = Cli::try_parse_from([
+            "herd",
+            "run",
+            "-i",
+            "4",
+            "-l",
+            "127.0.0.1:0",
+            "--kill-timeout",
+            "2s",
+            "app.js",
+            "--",
+            "--port",
+            "1",
+        ])
+        .expect("parses");
+        let Command::Run(run) = cli.command;
+        let spec = run.into_spec();
+        assert_eq!(spec.instances, Instances::Count(4));
+        assert_eq!(spec.policy.kill_timeout, Duration::from_secs(2));
+        assert_eq!(spec.args, vec!["--port", "1"]);
+        assert_eq!(spec.name, "app");
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        let err = Cli::try_parse_from(["herd", "run", "-i", "0", "x"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--instances") && err.contains("at least 1"),
+            "{err}"
+        );
+        let err = Cli::try_parse_from(["herd", "run", "--kill-timeout", "5", "x"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--kill-timeout") && err.contains("no unit"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,315 @@
+//! Worker output and herd's own events, as one readable stream.
+//!
+//! Each worker's stdout and stderr is a pipe read by its own task ([`pump`]), cut into whole
+//! lines and written with a prefix naming the app, instance and pid (`web[1] 4312 | …`), or
+//! as one JSON object per line with `--log-format json`. A line longer than [`MAX_LINE`] is
+//! cut with a marker saying how much was dropped, so a worker printing a 10 MB line or a
+//! flood of output costs herd at most one line buffer per stream: memory stays bounded, and
+//! a worker that writes faster than herd's stdout drains blocks on its own pipe.
+//!
+//! Colour (one per instance) only on a terminal, and never with `NO_COLOR` set.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io::{IsTerminal, Write};
+use std::rc::Rc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{Map, Value};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::spec::LogFormat;
+
+/// Longest worker line herd writes whole (16 KiB); the rest of a longer line is dropped.
+pub const MAX_LINE: usize = 16 * 1024;
+/// Lines kept per worker to explain a crash.
+const TAIL_LINES: usize = 10;
+
+/// Which worker a line or event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Who {
+    pub instance: usize,
+    pub worker_id: u64,
+    pub pid: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+impl Stream {
+    fn name(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        }
+    }
+}
+
+/// The last lines a worker printed, kept to explain why it died.
+pub type Tail = Rc<RefCell<VecDeque<String>>>;
+
+/// Where lines go. One per app; cheap to clone.
+#[derive(Clone)]
+pub struct Logger {
+    inner: Rc<LoggerInner>,
+}
+
+struct LoggerInner {
+    app: String,
+    format: LogFormat,
+    color: bool,
+}
+
+const COLORS: [&str; 6] = ["36", "33", "35", "32", "34", "31"];
+
+impl Logger {
+    pub fn new(app: &str, format: LogFormat) -> Self {
+        let color = format == LogFormat::Text
+            && std::io::stdout().is_terminal()
+            && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+        Logger {
+            inner: Rc::new(LoggerInner {
+                app: app.to_string(),
+                format,
+                color,
+            }),
+        }
+    }
+
+    /// One line a worker printed.
+    pub fn line(&self, who: Who, stream: Stream, line: &str) {
+        let mut out = Vec::with_capacity(line.len() + 48);
+        match self.inner.format {
+            LogFormat::Text => {
+                self.prefix(&mut out, who.instance);
+                let _ = write!(out, " {} | {line}", who.pid);
+            }
+            LogFormat::Json => {
+                let mut obj = Map::new();
+                obj.insert("ts".into(), Value::String(timestamp()));
+                obj.insert("app".into(), Value::String(self.inner.app.clone()));
+                obj.insert("instance".into(), who.instance.into());
+                obj.insert("worker_id".into(), who.worker_id.into());
+                obj.insert("pid".into(), who.pid.into());
+                obj.insert("stream".into(), stream.name().into());
+                obj.insert("line".into(), Value::String(line.to_string()));
+                let _ = serde_json::to_writer(&mut out, &obj);
+            }
+        }
+        out.push(b'\n');
+        write_out(&out);
+    }
+
+    /// One of herd's own events. `message` is the human sentence; `fields` go to JSON only.
+    pub fn event(&self, name: &str, who: Option<Who>, message: &str, fields: &[(&str, Value)]) {
+        let mut out = Vec::with_capacity(message.len() + 64);
+        match self.inner.format {
+            LogFormat::Text => {
+                out.extend_from_slice(if self.inner.color {
+                    b"\x1b[1mherd:\x1b[0m "
+                } else {
+                    b"herd: "
+                });
+                match who {
+                    Some(who) => {
+                        self.prefix(&mut out, who.instance);
+                        let _ = write!(out, " pid {} {message}", who.pid);
+                    }
+                    None => {
+                        let _ = write!(out, "{} {message}", self.inner.app);
+                    }
+                }
+            }
+            LogFormat::Json => {
+                let mut obj = Map::new();
+                obj.insert("ts".into(), Value::String(timestamp()));
+                obj.insert("app".into(), Value::String(self.inner.app.clone()));
+                obj.insert("event".into(), Value::String(name.to_string()));
+                if let Some(who) = who {
+                    obj.insert("instance".into(), who.instance.into());
+                    obj.insert("worker_id".into(), who.worker_id.into());
+                    obj.insert("pid".into(), who.pid.into());
+                }
+                obj.insert("message".into(), Value::String(message.to_string()));
+                for (key, value) in fields {
+                    obj.insert((*key).to_string(), value.clone());
+                }
+                let _ = serde_json::to_writer(&mut out, &obj);
+            }
+        }
+        out.push(b'\n');
+        write_out(&out);
+    }
+
+    fn prefix(&self, out: &mut Vec<u8>, instance: usize) {
+        if self.inner.color {
+            let color = COLORS[instance % COLORS.len()];
+            let _ = write!(out, "\x1b[{color}m{}[{instance}]\x1b[0m", self.inner.app);
+        } else {
+            let _ = write!(out, "{}[{instance}]", self.inner.app);
+        }
+    }
+}
+
+/// Writes to herd's stdout. A closed stdout (`herd run | head`) must not stop the supervisor,
+/// so errors are dropped.
+fn write_out(bytes: &[u8]) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(bytes);
+    let _ = stdout.flush();
+}
+
+/// Reads one worker stream to its end, writing each line through `logger` and keeping the
+/// last few in `tail`.
+pub async fn pump(
+    mut reader: impl AsyncRead + Unpin,
+    logger: Logger,
+    who: Who,
+    stream: Stream,
+    tail: Tail,
+) {
+    let mut chunk = vec![0u8; 16 * 1024];
+    let mut cutter = LineCutter::default();
+    loop {
+        let n = match reader.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        cutter.feed(&chunk[..n], |line| emit(&logger, who, stream, &tail, line));
+    }
+    cutter.finish(|line| emit(&logger, who, stream, &tail, line));
+}
+
+fn emit(logger: &Logger, who: Who, stream: Stream, tail: &Tail, line: &str) {
+    logger.line(who, stream, line);
+    let mut tail = tail.borrow_mut();
+    if tail.len() == TAIL_LINES {
+        tail.pop_front();
+    }
+    tail.push_back(line.chars().take(300).collect());
+}
+
+/// Splits a byte stream into lines of at most [`MAX_LINE`] bytes, cutting longer ones.
+#[derive(Default)]
+struct LineCutter {
+    line: Vec<u8>,
+    dropped: usize,
+}
+
+impl LineCutter {
+    fn feed(&mut self, mut bytes: &[u8], mut out: impl FnMut(&str)) {
+        while !bytes.is_empty() {
+            let (part, rest, ends) = match bytes.iter().position(|&b| b == b'\n') {
+                Some(i) => (&bytes[..i], &bytes[i + 1..], true),
+                None => (bytes, &[][..], false),
+            };
+            let room = MAX_LINE - self.line.len();
+            let take = part.len().min(room);
+            self.line.extend_from_slice(&part[..take]);
+            self.dropped += part.len() - take;
+            if ends {
+                self.flush(&mut out);
+            }
+            bytes = rest;
+        }
+    }
+
+    fn finish(&mut self, mut out: impl FnMut(&str)) {
+        if !self.line.is_empty() || self.dropped > 0 {
+            self.flush(&mut out);
+        }
+    }
+
+    fn flush(&mut self, out: &mut impl FnMut(&str)) {
+        if self.line.last() == Some(&b'\r') {
+            self.line.pop();
+        }
+        let text = String::from_utf8_lossy(&self.line);
+        if self.dropped > 0 {
+            out(&format!(
+                "{text} … [line cut: {} more bytes dropped]",
+                self.dropped
+            ));
+        } else {
+            out(&text);
+        }
+        self.line.clear();
+        self.dropped = 0;
+        if self.line.capacity() > 4 * 1024 {
+            self.line.shrink_to(1024);
+        }
+    }
+}
+
+/// Now as RFC 3339 UTC with milliseconds, e.g. `2026-11-28T15:30:00.123Z`.
+pub fn timestamp() -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        now.subsec_millis()
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), Howard Hinnant's algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cut(chunks: &[&[u8]]) -> Vec<String> {
+        let mut cutter = LineCutter::default();
+        let mut out = Vec::new();
+        for chunk in chunks {
+            cutter.feed(chunk, |l| out.push(l.to_string()));
+        }
+        cutter.finish(|l| out.push(l.to_string()));
+        out
+    }
+
+    #[test]
+    fn lines_join_across_chunks() {
+        assert_eq!(cut(&[b"a\nb", b"c\r\n", b"tail"]), vec!["a", "bc", "tail"]);
+        assert_eq!(cut(&[b"\n"]), vec![""]);
+    }
+
+    #[test]
+    fn huge_lines_are_cut_with_a_marker() {
+        let big = vec![b'x'; MAX_LINE + 100];
+        let out = cut(&[&big, b"\nnext\n"]);
+        assert_eq!(out.len(), 2);
+        assert!(out[0].starts_with("xxx"));
+        assert!(out[0].ends_with("[line cut: 100 more bytes dropped]"));
+        assert_eq!(out[1], "next");
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(20_420), (2025, 11, 28));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(timestamp().len(), 24);
+    }
+}

@@ -1,0 +1,5 @@
+//! Node.js apps as cluster workers (specs/node-cluster-protocol.md): the IPC channel and the
+//! servers that workers' `listen()` calls ask herd for.
+
+pub mod channel;
+pub mod servers;

@@ -1,0 +1,323 @@
+//! A [`Spec`] resolved against this machine: the program found, its kind decided, the
+//! listening sockets bound. After this nothing about the app can fail for a reason the user
+//! could have fixed on the command line, so every error here names the fix.
+
+use std::ffi::OsString;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use socket2::{Domain, Socket, Type};
+
+use crate::spawn::resolve_program;
+use crate::spec::{self, Balance, ListenAddr, Ready, Spec, SpecError, WorkerKind};
+
+/// Backlog for every listening socket herd creates (Node's default).
+pub const BACKLOG: i32 = 511;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("cannot run {program}: {problem}")]
+    Program { program: String, problem: String },
+    #[error("cannot listen on {addr}: {problem}")]
+    Listen { addr: String, problem: String },
+    #[error("--cwd {}: {problem}", dir.display())]
+    Cwd { dir: PathBuf, problem: String },
+}
+
+/// One socket herd bound for the workers.
+pub struct Listener {
+    /// The address actually bound (port 0 resolved).
+    pub addr: ListenAddr,
+    /// Its name in `LISTEN_FDNAMES`.
+    pub name: String,
+    pub socket: OwnedFd,
+}
+
+/// Everything needed to start workers.
+pub struct Plan {
+    pub spec: Spec,
+    pub kind: WorkerKind,
+    /// Absolute path of what is exec'd (the interpreter, for scripts).
+    pub program: PathBuf,
+    /// argv including argv[0].
+    pub argv: Vec<OsString>,
+    pub instances: usize,
+    pub balance: Balance,
+    pub ready: Ready,
+    pub listeners: Vec<Listener>,
+    pub cwd: Option<PathBuf>,
+}
+
+impl Plan {
+    /// The first TCP port herd listens on, for `PORT`.
+    pub fn first_port(&self) -> Option<u16> {
+        self.listeners.iter().find_map(|l| match &l.addr {
+            ListenAddr::Tcp(addr) => Some(addr.port()),
+            ListenAddr::Unix(_) => None,
+        })
+    }
+
+    /// Removes the unix socket files herd created.
+    pub fn remove_socket_files(&self) {
+        for listener in &self.listeners {
+            if let ListenAddr::Unix(path) = &listener.addr {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}
+
+/// What the APP argument means: the interpreter (if any) and whether it is Node.
+fn interpreter_for(spec: &Spec) -> (Option<String>, bool) {
+    let ext = Path::new(&spec.program)
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("");
+    let is_js = matches!(ext, "js" | "mjs" | "cjs");
+    if let Some(interpreter) = &spec.interpreter {
+        let node = is_js
+            || Path::new(interpreter)
+                .file_stem()
+                .is_some_and(|s| s == "node");
+        return (Some(interpreter.clone()), node);
+    }
+    let by_ext = match ext {
+        "js" | "mjs" | "cjs" => Some("node"),
+        "py" => Some("python3"),
+        "rb" => Some("ruby"),
+        "sh" => Some("sh"),
+        _ => None,
+    };
+    match by_ext {
+        Some(interpreter) => (Some(interpreter.to_string()), is_js),
+        None => {
+            let node = Path::new(&spec.program)
+                .file_name()
+                .is_some_and(|s| s == "node");
+            (None, node)
+        }
+    }
+}
+
+pub fn plan(spec: Spec) -> Result<Plan, PlanError> {
+    let cwd = match &spec.cwd {
+        Some(dir) => {
+            let abs = std::path::absolute(dir).map_err(|e| PlanError::Cwd {
+                dir: dir.clone(),
+                problem: e.to_string(),
+            })?;
+            if !abs.is_dir() {
+                return Err(PlanError::Cwd {
+                    dir: dir.clone(),
+                    problem: "not a directory".into(),
+                });
+            }
+            Some(abs)
+        }
+        None => None,
+    };
+    let program_error = |problem: String| PlanError::Program {
+        program: spec.program.clone(),
+        problem,
+    };
+    let (interpreter, node) = interpreter_for(&spec);
+    let (program, argv) = match &interpreter {
+        Some(interpreter) => {
+            let script = match &cwd {
+                Some(cwd) => cwd.join(&spec.program),
+                None => PathBuf::from(&spec.program),
+            };
+            if !script.is_file() {
+                return Err(program_error(format!(
+                    "{} does not exist",
+                    script.display()
+                )));
+            }
+            let program = resolve_program(interpreter, cwd.as_deref())
+                .map_err(|e| program_error(format!("its interpreter: {e}")))?;
+            let mut argv = vec![OsString::from(interpreter), OsString::from(&spec.program)];
+            argv.extend(spec.args.iter().map(OsString::from));
+            (program, argv)
+        }
+        None => {
+            let program = resolve_program(&spec.program, cwd.as_deref()).map_err(program_error)?;
+            let mut argv = vec![OsString::from(&spec.program)];
+            argv.extend(spec.args.iter().map(OsString::from));
+            (program, argv)
+        }
+    };
+    let kind = if node {
+        WorkerKind::Node
+    } else {
+        WorkerKind::SocketActivation
+    };
+    spec::validate(&spec, kind)?;
+    let balance = spec.balance.unwrap_or(match kind {
+        WorkerKind::Node => Balance::RoundRobin,
+        WorkerKind::SocketActivation => Balance::Shared,
+    });
+    let ready = spec.ready.clone().unwrap_or(match kind {
+        WorkerKind::Node => Ready::Listening,
+        WorkerKind::SocketActivation => Ready::Delay(std::time::Duration::from_secs(1)),
+    });
+    let mut listeners = Vec::with_capacity(spec.listen.len());
+    for (i, addr) in spec.listen.iter().enumerate() {
+        let name = if i == 0 {
+            "http".to_string()
+        } else {
+            format!("http{i}")
+        };
+        let bound = bind(addr);
+        match bound {
+            Ok((socket, addr)) => listeners.push(Listener { addr, name, socket }),
+            Err(e) => {
+                for l in &listeners {
+                    if let ListenAddr::Unix(path) = &l.addr {
+                        let _ = std::fs::remove_file(path);
+                    }
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(Plan {
+        instances: spec.instances.resolve(),
+        spec,
+        kind,
+        program,
+        argv,
+        balance,
+        ready,
+        listeners,
+        cwd,
+    })
+}
+
+/// Binds and listens, non-blocking and close-on-exec, with the backlog set explicitly.
+pub fn bind(addr: &ListenAddr) -> Result<(OwnedFd, ListenAddr), PlanError> {
+    let fail = |problem: String| PlanError::Listen {
+        addr: addr.to_string(),
+        problem,
+    };
+    match addr {
+        ListenAddr::Tcp(sa) => {
+            let socket = bind_tcp(*sa, true)
+                .map_err(|e| fail(describe_bind_error(&e, &addr.to_string())))?;
+            let local = socket
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .ok_or_else(|| fail("no local address after bind".into()))?;
+            Ok((socket.into(), ListenAddr::Tcp(local)))
+        }
+        ListenAddr::Unix(path) => {
+            let socket = bind_unix(path, 0o660).map_err(fail)?;
+            Ok((socket, addr.clone()))
+        }
+    }
+}
+
+/// A TCP socket bound to `addr`, listening if `listen`.
+pub fn bind_tcp(addr: SocketAddr, listen: bool) -> io::Result<Socket> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    if listen {
+        socket.listen(BACKLOG)?;
+    }
+    Ok(socket)
+}
+
+/// Explains a bind error the way a user can act on it.
+pub fn describe_bind_error(e: &io::Error, addr: &str) -> String {
+    match e.raw_os_error() {
+        Some(libc::EADDRINUSE) => format!(
+            "{addr} is already in use by another process — stop it (see `ss -ltnp`) or pass another --listen"
+        ),
+        Some(libc::EACCES) => format!(
+            "permission denied binding {addr} — ports below 1024 need root or CAP_NET_BIND_SERVICE; use a higher port"
+        ),
+        Some(libc::EADDRNOTAVAIL) => format!("{addr} is not an address of this machine"),
+        _ => e.to_string(),
+    }
+}
+
+/// Binds a unix stream socket at `path`, replacing a stale socket file left by a dead process
+/// but never a live one or a file that is not a socket.
+pub fn bind_unix(path: &Path, mode: u32) -> Result<OwnedFd, String> {
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        return Err(format!(
+            "directory {} does not exist; create it first",
+            parent.display()
+        ));
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(format!(
+                "{} exists and is not a socket; remove it or pick another path",
+                path.display()
+            ));
+        }
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => return Err(format!("{} is in use by a running server", path.display())),
+            Err(_) => {
+                std::fs::remove_file(path)
+                    .map_err(|e| format!("cannot remove stale {}: {e}", path.display()))?;
+            }
+        }
+    }
+    let socket = Socket::new(Domain::UNIX, Type::STREAM.nonblocking().cloexec(), None)
+        .map_err(|e| e.to_string())?;
+    let sa = socket2::SockAddr::unix(path).map_err(|e| e.to_string())?;
+    socket.bind(&sa).map_err(|e| e.to_string())?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| e.to_string())?;
+    socket.listen(BACKLOG).map_err(|e| e.to_string())?;
+    Ok(socket.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_in_use_is_named() {
+        let (_held, addr) = bind(&"127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let err = bind(&addr).err().expect("second bind fails").to_string();
+        assert!(err.contains("already in use"), "{err}");
+        assert!(err.contains(&addr.to_string()), "{err}");
+    }
+
+    #[test]
+    fn unix_sockets_replace_stale_files_only() {
+        let dir = std::env::temp_dir().join(format!("herd-plan-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("s.sock");
+        let first = bind_unix(&path, 0o660).expect("bind");
+        assert!(bind_unix(&path, 0o660).unwrap_err().contains("in use"));
+        drop(first);
+        let _second = bind_unix(&path, 0o660).expect("stale file replaced");
+        let plain = dir.join("plain");
+        std::fs::write(&plain, b"x").expect("write");
+        assert!(bind_unix(&plain, 0o660)
+            .unwrap_err()
+            .contains("not a socket"));
+        assert!(bind_unix(&dir.join("nope/s.sock"), 0o660)
+            .unwrap_err()
+            .contains("does not exist"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,1056 @@
+//! The supervisor: one app's worker slots, their lifecycle, restarts and stop.
+//!
+//! # Theory of operation
+//!
+//! Everything runs on one single-threaded tokio runtime. Small tasks watch the outside world
+//! — each worker's exit, IPC channel, notify socket and output pipes, each round-robin
+//! listener's accept loop, timers and signals — and report [`Event`]s on one channel. The
+//! [`Supervisor`] owns all state and handles one event at a time, so there are no locks and
+//! every transition is visible in one place.
+//!
+//! A slot (instance 0..N-1) holds at most one current worker. A worker goes
+//! `starting → online (Node) → ready → stopping → exited`. *Ready* comes from Node's
+//! `listening`, `process.send('ready')` (`--ready message`), `READY=1` on the notify socket,
+//! or a delay (`--ready delay:D`; the default for socket-activation workers is `READY=1` or
+//! 1s up, whichever comes first). Round-robin and sticky route only to ready workers.
+//!
+//! A worker that exits without being asked crashed: its slot restarts it after a backoff
+//! ([`restart`]); too many unstable restarts in a row mark the slot errored, and when every
+//! slot is errored herd exits 1.
+//!
+//! | signal to herd | effect |
+//! |---|---|
+//! | `SIGTERM`, `SIGINT` | graceful stop: Node workers get `disconnect`, others `SIGTERM`; `SIGKILL` after `--kill-timeout` |
+//! | second `SIGINT` | `SIGKILL` every worker now |
+//!
+//! Stopping a worker takes it out of routing first, then asks it to close: in-flight
+//! requests finish. Each worker is its own process group, and the whole group is signalled.
+
+pub mod restart;
+pub mod worker;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::rc::Rc;
+use std::time::Duration;
+
+use herd_proto::notify::Message as Notify;
+use serde_json::{json, Value};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use crate::balance::{self, AcceptGate, Pending};
+use crate::logs::{Logger, Who};
+use crate::node::channel::Ipc;
+use crate::node::servers::{self, ServerId, Servers};
+use crate::plan::Plan;
+use crate::spec::{Balance, Ready, WorkerKind};
+use restart::{Backoff, Verdict};
+use worker::{Launcher, Worker};
+
+pub type WorkerId = u64;
+
+/// How long a Node worker that ignored `disconnect` and then SIGTERM gets before SIGKILL.
+const TERM_GRACE: Duration = Duration::from_secs(2);
+
+/// Something happened that the supervisor must handle.
+#[derive(Debug)]
+pub enum Event {
+    Exited {
+        id: WorkerId,
+        status: io::Result<ExitStatus>,
+    },
+    Ipc {
+        id: WorkerId,
+        msg: Ipc,
+    },
+    IpcClosed {
+        id: WorkerId,
+        reason: Option<String>,
+    },
+    IpcWritable {
+        id: WorkerId,
+    },
+    Notify {
+        id: WorkerId,
+        messages: Vec<Notify>,
+        malformed: Vec<String>,
+    },
+    Conn {
+        server: ServerId,
+        conn: Pending,
+    },
+    AcceptFailed {
+        server: ServerId,
+        error: String,
+    },
+    RestartDue {
+        instance: usize,
+    },
+    ReadyDue {
+        id: WorkerId,
+    },
+    ReadyTimeout {
+        id: WorkerId,
+    },
+    KillDue {
+        id: WorkerId,
+        signal: rustix::process::Signal,
+    },
+    Signal(SignalKind),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignalKind {
+    Terminate,
+    Interrupt,
+}
+
+struct Slot {
+    worker: Option<WorkerId>,
+    backoff: Backoff,
+    restarts: u32,
+    restart_pending: bool,
+    errored: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Running,
+    Stopping { code: i32, forced: bool },
+}
+
+pub struct Supervisor {
+    plan: Rc<Plan>,
+    logger: Logger,
+    tx: UnboundedSender<Event>,
+    launcher: Launcher,
+    slots: Vec<Slot>,
+    workers: BTreeMap<WorkerId, Worker>,
+    next_id: WorkerId,
+    servers: Servers,
+    phase: Phase,
+    all_ready: bool,
+    run_dir: PathBuf,
+}
+
+impl Supervisor {
+    pub fn new(plan: Plan, logger: Logger, run_dir: PathBuf) -> (Self, UnboundedReceiver<Event>) {
+        let (tx, rx) = unbounded_channel();
+        let plan = Rc::new(plan);
+        let launcher = Launcher::new(
+            Rc::clone(&plan),
+            logger.clone(),
+            tx.clone(),
+            run_dir.clone(),
+        );
+        let slots = (0..plan.instances)
+            .map(|_| Slot {
+                worker: None,
+                backoff: Backoff::new(&plan.spec.policy),
+                restarts: 0,
+                restart_pending: false,
+                errored: None,
+            })
+            .collect();
+        let sup = Supervisor {
+            plan,
+            logger,
+            tx,
+            launcher,
+            slots,
+            workers: BTreeMap::new(),
+            next_id: 1,
+            servers: Servers::default(),
+            phase: Phase::Running,
+            all_ready: false,
+            run_dir,
+        };
+        (sup, rx)
+    }
+
+    pub fn sender(&self) -> UnboundedSender<Event> {
+        self.tx.clone()
+    }
+
+    /// Starts every slot's first worker.
+    pub fn start(&mut self) {
+        for l in &self.plan.listeners {
+            self.logger.event(
+                "bound",
+                None,
+                &format!("listening on {}", l.addr),
+                &[("address", json!(l.addr.to_string()))],
+            );
+        }
+        let what = match self.plan.kind {
+            WorkerKind::Node => format!("Node cluster workers, balance {}", self.plan.balance),
+            WorkerKind::SocketActivation => "socket-activation workers".to_string(),
+        };
+        self.logger.event(
+            "starting",
+            None,
+            &format!(
+                "starting {} {what}: {}",
+                self.plan.instances,
+                self.plan.program.display()
+            ),
+            &[
+                ("instances", json!(self.plan.instances)),
+                ("balance", json!(self.plan.balance.to_string())),
+            ],
+        );
+        for instance in 0..self.slots.len() {
+            self.start_worker(instance);
+        }
+    }
+
+    /// The exit code once the supervisor is done.
+    pub fn finished(&self) -> Option<i32> {
+        match self.phase {
+            Phase::Stopping { code, .. } if self.workers.is_empty() => Some(code),
+            _ => None,
+        }
+    }
+
+    /// Runs until every worker is gone after a stop.
+    pub async fn run(mut self, mut rx: UnboundedReceiver<Event>) -> i32 {
+        self.start();
+        while let Some(event) = rx.recv().await {
+            self.handle(event);
+            if let Some(code) = self.finished() {
+                self.cleanup();
+                return code;
+            }
+        }
+        self.cleanup();
+        1
+    }
+
+    fn cleanup(&mut self) {
+        self.servers.clear();
+        self.plan.remove_socket_files();
+        let _ = std::fs::remove_dir_all(&self.run_dir);
+        self.logger.event("stopped", None, "stopped", &[]);
+    }
+
+    pub fn handle(&mut self, event: Event) {
+        match event {
+            Event::Exited { id, status } => self.on_exit(id, status),
+            Event::Ipc { id, msg } => self.on_ipc(id, msg),
+            Event::IpcClosed { id, reason } => self.on_ipc_closed(id, reason),
+            Event::IpcWritable { id } => {
+                if let Some(w) = self.workers.get_mut(&id) {
+                    w.send(&self.tx, |c| c.flush());
+                }
+            }
+            Event::Notify {
+                id,
+                messages,
+                malformed,
+            } => self.on_notify(id, messages, malformed),
+            Event::Conn { server, conn } => self.route(server, conn),
+            Event::AcceptFailed { server, error } => {
+                let name = self
+                    .servers
+                    .get(server)
+                    .map(|s| s.display.clone())
+                    .unwrap_or_default();
+                self.logger.event(
+                    "error",
+                    None,
+                    &format!("accepting on {name} failed: {error}"),
+                    &[],
+                );
+            }
+            Event::RestartDue { instance } => {
+                let slot = &mut self.slots[instance];
+                slot.restart_pending = false;
+                if self.phase == Phase::Running && slot.worker.is_none() && slot.errored.is_none() {
+                    self.start_worker(instance);
+                }
+            }
+            Event::ReadyDue { id } => self.mark_ready(id, "started"),
+            Event::ReadyTimeout { id } => {
+                if let Some(w) = self.workers.get(&id).filter(|w| !w.ready && !w.stopping) {
+                    let who = w.who();
+                    let limit = self.plan.spec.policy.listen_timeout;
+                    self.logger.event(
+                        "ready_timeout",
+                        Some(who),
+                        &format!(
+                            "not ready after {} — counting it as started anyway",
+                            human(limit)
+                        ),
+                        &[],
+                    );
+                    self.mark_ready(id, "timeout");
+                }
+            }
+            Event::KillDue { id, signal } => self.kill_due(id, signal),
+            Event::Signal(kind) => self.on_signal(kind),
+        }
+    }
+
+    fn on_signal(&mut self, kind: SignalKind) {
+        match (self.phase, kind) {
+            (Phase::Running, _) => {
+                let name = if kind == SignalKind::Interrupt {
+                    "SIGINT"
+                } else {
+                    "SIGTERM"
+                };
+                self.logger.event(
+                    "stopping",
+                    None,
+                    &format!("stopping ({name}): {} workers", self.workers.len()),
+                    &[],
+                );
+                self.stop_all(0);
+            }
+            (
+                Phase::Stopping {
+                    code,
+                    forced: false,
+                },
+                SignalKind::Interrupt,
+            ) => {
+                self.logger.event(
+                    "stopping",
+                    None,
+                    "second SIGINT: killing every worker now",
+                    &[],
+                );
+                self.phase = Phase::Stopping { code, forced: true };
+                for w in self.workers.values() {
+                    signal_group(w.pid, rustix::process::Signal::KILL);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn stop_all(&mut self, code: i32) {
+        self.phase = Phase::Stopping {
+            code,
+            forced: false,
+        };
+        for server in self.servers.ids().collect::<Vec<_>>() {
+            if let Some(s) = self.servers.get_mut(server) {
+                if let Some(task) = s.accept_task.take() {
+                    task.abort();
+                }
+            }
+        }
+        let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
+        for id in ids {
+            self.stop_worker(id);
+        }
+    }
+
+    fn start_worker(&mut self, instance: usize) {
+        let id = self.next_id;
+        self.next_id += 1;
+        match self.launcher.launch(id, instance) {
+            Ok(worker) => {
+                let who = worker.who();
+                self.logger
+                    .event("spawned", Some(who), &format!("started (worker {id})"), &[]);
+                self.slots[instance].worker = Some(id);
+                self.workers.insert(id, worker);
+                let policy = &self.plan.spec.policy;
+                if let Ready::Delay(delay) = self.plan.ready {
+                    self.after(delay, Event::ReadyDue { id });
+                }
+                self.after(policy.listen_timeout, Event::ReadyTimeout { id });
+            }
+            Err(e) => {
+                let who = Who {
+                    instance,
+                    worker_id: id,
+                    pid: 0,
+                };
+                self.logger.event(
+                    "spawn_failed",
+                    Some(who),
+                    &format!("could not start: {e}"),
+                    &[],
+                );
+                let reason = format!("could not start: {e}");
+                self.after_exit(instance, who, Duration::ZERO, &reason, reason.clone(), &[]);
+            }
+        }
+    }
+
+    fn after(&self, delay: Duration, event: Event) {
+        let tx = self.tx.clone();
+        tokio::task::spawn_local(async move {
+            tokio::time::sleep(delay).await;
+            let _ = tx.send(event);
+        });
+    }
+
+    fn stop_worker(&mut self, id: WorkerId) {
+        let kill_timeout = self.plan.spec.policy.kill_timeout;
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        if w.stopping {
+            return;
+        }
+        w.stopping = true;
+        let asked = w.send(&self.tx, |c| c.cluster(r#""act":"disconnect""#));
+        let next = if asked {
+            rustix::process::Signal::TERM
+        } else {
+            signal_group(w.pid, rustix::process::Signal::TERM);
+            rustix::process::Signal::KILL
+        };
+        self.after(kill_timeout, Event::KillDue { id, signal: next });
+    }
+
+    fn kill_due(&mut self, id: WorkerId, signal: rustix::process::Signal) {
+        let Some(w) = self.workers.get(&id) else {
+            return;
+        };
+        let who = w.who();
+        let sig = if signal == rustix::process::Signal::TERM {
+            "SIGTERM"
+        } else {
+            "SIGKILL"
+        };
+        self.logger.event(
+            "kill",
+            Some(who),
+            &format!("still running after --kill-timeout — sending {sig}"),
+            &[],
+        );
+        signal_group(w.pid, signal);
+        if signal == rustix::process::Signal::TERM {
+            self.after(
+                TERM_GRACE,
+                Event::KillDue {
+                    id,
+                    signal: rustix::process::Signal::KILL,
+                },
+            );
+        }
+    }
+
+    fn on_exit(&mut self, id: WorkerId, status: io::Result<ExitStatus>) {
+        let Some(mut w) = self.workers.remove(&id) else {
+            return;
+        };
+        // Whatever the worker left in its process group goes with it.
+        signal_group(w.pid, rustix::process::Signal::KILL);
+        let who = w.who();
+        let uptime = w.started.elapsed();
+        let how = match &status {
+            Ok(s) => describe_status(s),
+            Err(e) => format!("lost ({e})"),
+        };
+        let (code, signal) = match &status {
+            Ok(s) => {
+                use std::os::unix::process::ExitStatusExt;
+                (s.code(), s.signal())
+            }
+            Err(_) => (None, None),
+        };
+        let fields = [
+            ("code", json!(code)),
+            ("signal", json!(signal)),
+            ("uptime_ms", json!(uptime.as_millis() as u64)),
+            ("expected", json!(w.stopping)),
+        ];
+        self.detach(&mut w);
+        if self.slots[w.instance].worker == Some(id) {
+            self.slots[w.instance].worker = None;
+            if self.all_ready {
+                self.all_ready = false;
+            }
+        }
+        if w.stopping {
+            self.logger.event(
+                "exited",
+                Some(who),
+                &format!("stopped: {how} after {}", human(uptime)),
+                &fields,
+            );
+            return;
+        }
+        if self.phase != Phase::Running {
+            self.logger.event(
+                "exited",
+                Some(who),
+                &format!("exited ({how}) after {} while stopping", human(uptime)),
+                &fields,
+            );
+            return;
+        }
+        let tail: Vec<String> = w.tail.borrow().iter().cloned().collect();
+        let reason = if tail.is_empty() {
+            how.clone()
+        } else {
+            format!("{how}; last output: {}", tail.join(" ⏎ "))
+        };
+        self.after_exit(w.instance, who, uptime, &how, reason, &fields);
+    }
+
+    /// Decides whether a slot whose worker just died restarts or gives up.
+    fn after_exit(
+        &mut self,
+        instance: usize,
+        who: Who,
+        uptime: Duration,
+        how: &str,
+        reason: String,
+        fields: &[(&str, Value)],
+    ) {
+        let policy = self.plan.spec.policy.clone();
+        let slot = &mut self.slots[instance];
+        if !policy.autorestart {
+            self.logger.event(
+                "exited",
+                Some(who),
+                &format!(
+                    "exited ({how}) after {} — not restarting (--no-autorestart)",
+                    human(uptime)
+                ),
+                fields,
+            );
+            slot.errored = Some(reason);
+            self.check_all_errored();
+            return;
+        }
+        match slot.backoff.on_exit(uptime, &policy) {
+            Verdict::Restart(delay) => {
+                slot.restarts += 1;
+                slot.restart_pending = true;
+                self.logger.event(
+                    "exited",
+                    Some(who),
+                    &format!(
+                        "exited ({how}) after {} — restarting in {}",
+                        human(uptime),
+                        human(delay)
+                    ),
+                    fields,
+                );
+                self.logger.event(
+                    "restarting",
+                    Some(who),
+                    &format!("restarting in {}", human(delay)),
+                    &[("delay_ms", json!(delay.as_millis() as u64))],
+                );
+                self.after(delay, Event::RestartDue { instance });
+            }
+            Verdict::GiveUp => {
+                let unstable = slot.backoff.unstable;
+                self.logger.event(
+                    "exited",
+                    Some(who),
+                    &format!("exited ({how}) after {}", human(uptime)),
+                    fields,
+                );
+                self.logger.event(
+                    "errored",
+                    Some(who),
+                    &format!(
+                        "errored: {} restarts in a row each died before --min-uptime {}; giving up on this slot. Last exit: {reason}",
+                        unstable - 1,
+                        human(policy.min_uptime)
+                    ),
+                    &[("reason", json!(reason))],
+                );
+                slot.errored = Some(reason);
+                self.check_all_errored();
+            }
+        }
+    }
+
+    fn check_all_errored(&mut self) {
+        if self.phase == Phase::Running && self.slots.iter().all(|s| s.errored.is_some()) {
+            self.logger
+                .event("errored", None, "every worker slot errored — exiting", &[]);
+            self.stop_all(1);
+        }
+    }
+
+    /// Takes a worker out of routing and out of every server; re-routes what it held.
+    fn detach(&mut self, w: &mut Worker) {
+        w.channel = None;
+        for server in std::mem::take(&mut w.servers) {
+            if let Some(s) = self.servers.get_mut(server) {
+                s.workers.retain(|&x| x != w.id);
+            }
+        }
+        for f in std::mem::take(&mut w.inflight) {
+            let mut conn = f.conn;
+            conn.attempts += 1;
+            self.route(f.server, conn);
+        }
+    }
+
+    fn on_ipc_closed(&mut self, id: WorkerId, reason: Option<String>) {
+        if let Some(reason) = reason {
+            if let Some(w) = self.workers.get_mut(&id) {
+                w.channel = None;
+                let who = w.who();
+                self.logger.event(
+                    "ipc_error",
+                    Some(who),
+                    &format!("IPC channel broken: {reason} — replacing the worker"),
+                    &[],
+                );
+            }
+            self.stop_worker(id);
+        }
+        // EOF: the worker is leaving (disconnect, crash or exit). Route around it now; its
+        // exit decides what happens to the slot.
+        let Some(mut w) = self.workers.remove(&id) else {
+            return;
+        };
+        self.detach(&mut w);
+        self.workers.insert(id, w);
+    }
+
+    fn mark_ready(&mut self, id: WorkerId, via: &str) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        if w.ready || w.stopping {
+            return;
+        }
+        w.ready = true;
+        let who = w.who();
+        let servers = w.servers.clone();
+        let ms = w.started.elapsed().as_millis() as u64;
+        self.logger.event(
+            "ready",
+            Some(who),
+            &format!("ready ({via}) in {ms}ms"),
+            &[("via", json!(via)), ("ms", json!(ms))],
+        );
+        for s in servers {
+            self.drain(s);
+        }
+        let ready = self
+            .slots
+            .iter()
+            .filter(|s| {
+                s.worker
+                    .and_then(|id| self.workers.get(&id))
+                    .is_some_and(|w| w.ready)
+            })
+            .count();
+        if !self.all_ready && ready == self.slots.len() {
+            self.all_ready = true;
+            self.logger.event(
+                "all_ready",
+                None,
+                &format!("all {ready} workers ready"),
+                &[("ready", json!(ready))],
+            );
+        }
+    }
+
+    fn on_notify(&mut self, id: WorkerId, messages: Vec<Notify>, malformed: Vec<String>) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        let who = w.who();
+        for m in malformed {
+            self.logger.event(
+                "notify_error",
+                Some(who),
+                &format!("ignored a malformed notify message: {m}"),
+                &[],
+            );
+        }
+        for message in messages {
+            match message {
+                Notify::Ready => {
+                    if matches!(self.plan.ready, Ready::Notify | Ready::Delay(_)) {
+                        self.mark_ready(id, "notify");
+                    }
+                }
+                Notify::Status(text) => {
+                    if let Some(w) = self.workers.get_mut(&id) {
+                        w.status = Some(text);
+                    }
+                }
+                Notify::Errno(n) => {
+                    self.logger.event(
+                        "notify",
+                        Some(who),
+                        &format!("reports errno {n}"),
+                        &[("errno", json!(n))],
+                    );
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn on_ipc(&mut self, id: WorkerId, msg: Ipc) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        match msg {
+            Ipc::HandleAck => {
+                w.send(&self.tx, |c| c.on_ack());
+            }
+            Ipc::HandleNack => {
+                w.send(&self.tx, |c| c.on_nack());
+            }
+            Ipc::Reply { ack, accepted } => {
+                let Some(i) = w.inflight.iter().position(|f| f.seq == ack) else {
+                    return;
+                };
+                let f = w.inflight.swap_remove(i);
+                if accepted == Some(false) {
+                    let mut conn = f.conn;
+                    conn.attempts += 1;
+                    self.route_avoiding(f.server, conn, Some(id));
+                }
+                self.drain(f.server);
+            }
+            Ipc::WorkerHandle => {
+                w.send(&self.tx, |c| c.line(r#"{"cmd":"NODE_HANDLE_ACK"}"#));
+            }
+            Ipc::SocketNotifyClose { key } => {
+                let line = format!(
+                    r#"{{"cmd":"NODE_SOCKET_ALL_CLOSED","key":{}}}"#,
+                    herd_proto::node::quote(&key)
+                );
+                w.send(&self.tx, |c| c.line(&line));
+            }
+            Ipc::SocketGetCount { key } => {
+                let line = format!(
+                    r#"{{"cmd":"NODE_SOCKET_COUNT","key":{},"count":0}}"#,
+                    herd_proto::node::quote(&key)
+                );
+                w.send(&self.tx, |c| c.line(&line));
+            }
+            Ipc::Online => {
+                w.online = true;
+                let who = w.who();
+                self.logger.event("online", Some(who), "online", &[]);
+            }
+            Ipc::ExitedAfterDisconnect { seq } => {
+                // The worker is leaving on its own (cluster.worker.disconnect()/kill()) and
+                // waits for this ack before it goes. It gets no new connections; its exit
+                // restarts the slot like any other, so the app keeps N workers.
+                w.leaving = true;
+                let fields = format!(r#""ack":{seq}"#);
+                w.send(&self.tx, |c| c.cluster(&fields));
+                let who = w.who();
+                self.logger.event(
+                    "disconnecting",
+                    Some(who),
+                    "is disconnecting on its own",
+                    &[],
+                );
+            }
+            Ipc::QueryServer(query) => self.query_server(id, *query),
+            Ipc::Listening => {
+                if self.plan.ready == Ready::Listening {
+                    self.mark_ready(id, "listening");
+                }
+            }
+            Ipc::Close { key } => self.server_closed_by(id, &key),
+            Ipc::User(text) => self.user_message(id, text),
+            Ipc::Garbage(error) => {
+                let who = w.who();
+                self.logger.event(
+                    "ipc_error",
+                    Some(who),
+                    &format!("sent something herd cannot read, ignored: {error}"),
+                    &[],
+                );
+            }
+        }
+    }
+
+    fn user_message(&mut self, id: WorkerId, text: String) {
+        let Some(w) = self.workers.get(&id) else {
+            return;
+        };
+        let who = w.who();
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        if value == json!("ready") && self.plan.ready == Ready::Message {
+            self.mark_ready(id, "message");
+            return;
+        }
+        if value.get("herd").and_then(Value::as_str) == Some("broadcast") {
+            let data = value.get("data").cloned().unwrap_or(Value::Null);
+            let line = data.to_string();
+            let others: Vec<WorkerId> = self.workers.keys().copied().filter(|&o| o != id).collect();
+            for other in &others {
+                if let Some(o) = self.workers.get_mut(other) {
+                    o.send(&self.tx, |c| c.line(&line));
+                }
+            }
+            self.logger.event(
+                "broadcast",
+                Some(who),
+                &format!("broadcast to {} workers: {line}", others.len()),
+                &[("data", data)],
+            );
+            return;
+        }
+        let shown = if text.len() > 1000 {
+            format!("{}…", &text[..text.floor_char_boundary(1000)])
+        } else {
+            text
+        };
+        self.logger.event(
+            "message",
+            Some(who),
+            &format!("message: {shown}"),
+            &[("data", value)],
+        );
+    }
+
+    fn query_server(&mut self, id: WorkerId, query: herd_proto::node::QueryServer) {
+        let key = query.key();
+        let server = match self.servers.by_key(&key) {
+            Some(s) => s,
+            None => match servers::bind_for(&query, self.plan.balance, &self.plan.listeners) {
+                Ok(bound) => {
+                    let server = servers::new_server(&query, bound);
+                    let display = server.display.clone();
+                    let mode = server.mode;
+                    let s = self.servers.insert(server);
+                    self.logger.event(
+                        "bound",
+                        None,
+                        &format!("listening on {display} ({mode})"),
+                        &[
+                            ("address", json!(display)),
+                            ("balance", json!(mode.to_string())),
+                        ],
+                    );
+                    if mode != Balance::Shared {
+                        self.start_accepting(s);
+                    }
+                    s
+                }
+                Err((errno, problem)) => {
+                    if let Some(w) = self.workers.get_mut(&id) {
+                        let who = w.who();
+                        self.logger.event(
+                            "listen_error",
+                            Some(who),
+                            &format!("cannot listen: {problem}"),
+                            &[("errno", json!(errno))],
+                        );
+                        let data = query.data.as_ref().map_or("null", |d| d.get());
+                        let fields = format!(
+                            r#""errno":{errno},"key":{},"ack":{},"data":{data}"#,
+                            herd_proto::node::quote(&key),
+                            query.seq
+                        );
+                        w.send(&self.tx, |c| c.cluster(&fields));
+                    }
+                    return;
+                }
+            },
+        };
+        let Some(s) = self.servers.get_mut(server) else {
+            return;
+        };
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        if !s.workers.contains(&id) {
+            s.workers.push(id);
+        }
+        if !w.servers.contains(&server) {
+            w.servers.push(server);
+        }
+        let fields = s.reply_fields(query.seq);
+        match s.mode {
+            Balance::Shared => {
+                let socket = Rc::clone(&s.socket);
+                w.send(&self.tx, |c| c.cluster_with_fd(&fields, socket.as_fd()));
+            }
+            Balance::RoundRobin | Balance::Sticky => {
+                w.send(&self.tx, |c| c.cluster(&fields));
+            }
+        }
+        self.drain(server);
+    }
+
+    fn start_accepting(&mut self, server: ServerId) {
+        let Some(s) = self.servers.get_mut(server) else {
+            return;
+        };
+        let gate = Rc::new(AcceptGate::default());
+        s.gate = Some(Rc::clone(&gate));
+        s.accept_task = Some(tokio::task::spawn_local(balance::accept_loop(
+            server,
+            Rc::clone(&s.socket),
+            gate,
+            self.tx.clone(),
+        )));
+    }
+
+    fn server_closed_by(&mut self, id: WorkerId, key: &str) {
+        let Some(server) = self.servers.by_key(key) else {
+            return;
+        };
+        let stopping = self.workers.get(&id).is_none_or(|w| w.stopping);
+        if let Some(w) = self.workers.get_mut(&id) {
+            w.servers.retain(|&s| s != server);
+        }
+        let Some(s) = self.servers.get_mut(server) else {
+            return;
+        };
+        s.workers.retain(|&w| w != id);
+        // The app closed this server on purpose (not a worker going away): once no worker
+        // holds it, herd closes it too.
+        if !stopping && s.workers.is_empty() && !s.from_cli {
+            if let Some(s) = self.servers.remove(server) {
+                self.logger.event(
+                    "closed",
+                    None,
+                    &format!("closed {} (the app closed it)", s.display),
+                    &[],
+                );
+            }
+        }
+    }
+
+    /// Sends a connection to a worker, or queues it.
+    fn route(&mut self, server: ServerId, conn: Pending) {
+        self.route_avoiding(server, conn, None)
+    }
+
+    fn route_avoiding(&mut self, server: ServerId, conn: Pending, avoid: Option<WorkerId>) {
+        let Some(s) = self.servers.get_mut(server) else {
+            return;
+        };
+        let limit = s.workers.len().max(1) + 2;
+        if usize::from(conn.attempts) > limit {
+            return; // Refused everywhere: closing it is all that is left.
+        }
+        let workers = &self.workers;
+        let pick = match s.mode {
+            Balance::RoundRobin | Balance::Shared => {
+                balance::next_free(&s.workers, &mut s.cursor, |id| {
+                    Some(id) != avoid
+                        && workers.get(&id).is_some_and(|w| {
+                            w.routable() && w.unacked(server) < balance::MAX_UNACKED
+                        })
+                })
+            }
+            Balance::Sticky => s
+                .workers
+                .iter()
+                .copied()
+                .filter(|&id| Some(id) != avoid && workers.get(&id).is_some_and(Worker::routable))
+                .max_by_key(|id| balance::sticky_score(conn.peer, workers[id].instance)),
+        };
+        let Some(id) = pick else {
+            s.pending.push_back(conn);
+            if s.pending.len() >= balance::MAX_QUEUED {
+                if let Some(gate) = &s.gate {
+                    gate.pause();
+                }
+            }
+            return;
+        };
+        let key_json = Rc::clone(&s.key_json);
+        let w = self.workers.get_mut(&id).expect("picked from workers");
+        if let Err(conn) = w.hand_off(&self.tx, server, &key_json, conn) {
+            // The channel just broke; the worker is on its way out. Try the others.
+            self.route_avoiding(server, conn, Some(id));
+        }
+    }
+
+    /// Hands queued connections to workers that can take them.
+    fn drain(&mut self, server: ServerId) {
+        loop {
+            let Some(s) = self.servers.get_mut(server) else {
+                return;
+            };
+            if s.pending.is_empty() {
+                if let Some(gate) = &s.gate {
+                    gate.resume();
+                }
+                return;
+            }
+            let before = s.pending.len();
+            let workers = &self.workers;
+            let any_free = s.workers.iter().any(|id| {
+                workers.get(id).is_some_and(|w| {
+                    w.routable()
+                        && (s.mode == Balance::Sticky || w.unacked(server) < balance::MAX_UNACKED)
+                })
+            });
+            if !any_free {
+                return;
+            }
+            let conn = s.pending.pop_front().expect("not empty");
+            self.route(server, conn);
+            let after = self.servers.get(server).map_or(0, |s| s.pending.len());
+            if after >= before {
+                return;
+            }
+        }
+    }
+}
+
+/// Signals a worker's whole process group. Errors (it is already gone) are ignored.
+fn signal_group(pid: u32, signal: rustix::process::Signal) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process_group(pid, signal);
+    }
+}
+
+/// `code 1`, `signal 9, SIGKILL`.
+pub fn describe_status(status: &ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("code {code}"),
+        (None, Some(sig)) => format!("signal {sig}, {}", signal_name(sig)),
+        _ => "unknown status".into(),
+    }
+}
+
+pub fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGTRAP => "SIGTRAP",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGUSR2 => "SIGUSR2",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGALRM => "SIGALRM",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGXCPU => "SIGXCPU",
+        _ => "signal",
+    }
+}
+
+/// `150ms`, `3.2s`, `2m5s`.
+pub fn human(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        format!("{:.1}s", d.as_secs_f64())
+    } else {
+        format!("{}m{}s", ms / 60_000, ms % 60_000 / 1000)
+    }
+}

@@ -1,0 +1,334 @@
+//! One worker process: how it is started (environment, fds, IPC, notify socket) and the
+//! tasks that watch it. The supervisor owns the [`Worker`] records; the tasks only report.
+
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::net::UnixDatagram;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::logs::{self, Logger, Stream, Tail, Who};
+use crate::node::channel::{self, Channel, Out};
+use crate::node::servers::ServerId;
+use crate::plan::Plan;
+use crate::spawn::{self, SpawnRequest, FIRST_FD};
+use crate::spec::WorkerKind;
+use crate::supervisor::{Event, WorkerId};
+
+/// A connection handed to a worker that has not said whether it took it.
+#[derive(Debug)]
+pub struct InFlight {
+    pub seq: u64,
+    pub server: ServerId,
+    pub conn: crate::balance::Pending,
+}
+
+pub struct Worker {
+    pub id: WorkerId,
+    pub instance: usize,
+    pub pid: u32,
+    pub started: Instant,
+    /// Sent `online` (Node).
+    pub online: bool,
+    pub ready: bool,
+    /// herd asked it to stop: its exit is expected, and it gets no new connections.
+    pub stopping: bool,
+    /// It announced it is leaving on its own (`cluster.worker.disconnect()`).
+    pub leaving: bool,
+    /// Node: the IPC channel, until it closes.
+    pub channel: Option<Channel>,
+    pub inflight: Vec<InFlight>,
+    /// Servers it holds (Node).
+    pub servers: Vec<ServerId>,
+    pub tail: Tail,
+    pub status: Option<String>,
+    notify_path: Option<PathBuf>,
+    notify_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Worker {
+    pub fn who(&self) -> Who {
+        Who {
+            instance: self.instance,
+            worker_id: self.id,
+            pid: self.pid,
+        }
+    }
+
+    /// Can take a new connection from herd (round-robin, sticky).
+    pub fn routable(&self) -> bool {
+        self.ready && !self.stopping && !self.leaving && self.channel.is_some()
+    }
+
+    pub fn unacked(&self, server: ServerId) -> usize {
+        self.inflight.iter().filter(|f| f.server == server).count()
+    }
+
+    /// Queues a message and arranges a later flush if the socket is full. Returns false
+    /// when the channel is broken (the worker is going away).
+    pub fn send(
+        &mut self,
+        tx: &UnboundedSender<Event>,
+        f: impl FnOnce(&mut Channel) -> io::Result<channel::Flush>,
+    ) -> bool {
+        let Some(chan) = self.channel.as_mut() else {
+            return false;
+        };
+        match f(chan) {
+            Ok(channel::Flush::Done) => true,
+            Ok(channel::Flush::Blocked) => {
+                let sock = Rc::clone(chan.socket());
+                let tx = tx.clone();
+                let id = self.id;
+                tokio::task::spawn_local(async move {
+                    if sock.writable().await.is_ok() {
+                        let _ = tx.send(Event::IpcWritable { id });
+                    }
+                });
+                true
+            }
+            Err(_) => {
+                self.channel = None;
+                false
+            }
+        }
+    }
+
+    /// Hands a connection over (`newconn`).
+    pub fn hand_off(
+        &mut self,
+        tx: &UnboundedSender<Event>,
+        server: ServerId,
+        key_json: &Rc<str>,
+        conn: crate::balance::Pending,
+    ) -> Result<(), crate::balance::Pending> {
+        let Some(chan) = self.channel.as_mut() else {
+            return Err(conn);
+        };
+        let seq = chan.next_seq();
+        let fd = conn.fd.as_raw_fd();
+        self.inflight.push(InFlight { seq, server, conn });
+        let key_json = Rc::clone(key_json);
+        if self.send(tx, |c| c.push(Out::NewConn { key_json, seq, fd })) {
+            Ok(())
+        } else {
+            let f = self.inflight.pop().expect("pushed above");
+            Err(f.conn)
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(task) = self.notify_task.take() {
+            task.abort();
+        }
+        if let Some(path) = &self.notify_path {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Everything constant across an app's workers.
+pub struct Launcher {
+    pub plan: Rc<Plan>,
+    pub logger: Logger,
+    pub tx: UnboundedSender<Event>,
+    /// herd's environment without the variables that must not leak, plus `--env`.
+    base_env: Vec<(OsString, OsString)>,
+    /// Private directory for notify sockets.
+    run_dir: PathBuf,
+}
+
+/// Variables herd sets for each worker, or that would confuse it if inherited from herd's
+/// own parent (a herd under systemd must not pass its LISTEN_FDS or NOTIFY_SOCKET on).
+const NOT_INHERITED: [&str; 14] = [
+    "NODE_UNIQUE_ID",
+    "NODE_CHANNEL_FD",
+    "NODE_CHANNEL_SERIALIZATION_MODE",
+    "LISTEN_PID",
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "HERD_APP",
+    "HERD_WORKER_ID",
+    "HERD_INSTANCE",
+    "NODE_APP_INSTANCE",
+    "HERD_CONTROL",
+];
+
+impl Launcher {
+    pub fn new(
+        plan: Rc<Plan>,
+        logger: Logger,
+        tx: UnboundedSender<Event>,
+        run_dir: PathBuf,
+    ) -> Self {
+        let mut base_env: Vec<(OsString, OsString)> = std::env::vars_os()
+            .filter(|(k, _)| !NOT_INHERITED.iter().any(|n| k == n))
+            .filter(|(k, _)| !(k == "PORT" && plan.first_port().is_some()))
+            .collect();
+        for (key, value) in &plan.spec.env {
+            base_env.retain(|(k, _)| k != key.as_str());
+            base_env.push((key.into(), value.into()));
+        }
+        Launcher {
+            plan,
+            logger,
+            tx,
+            base_env,
+            run_dir,
+        }
+    }
+
+    /// Starts worker `id` in slot `instance`.
+    pub fn launch(&self, id: WorkerId, instance: usize) -> io::Result<Worker> {
+        let plan = &self.plan;
+        let mut env = self.base_env.clone();
+        let mut set = |k: &str, v: String| env.push((k.into(), v.into()));
+        set("HERD_APP", plan.spec.name.clone());
+        set("HERD_WORKER_ID", id.to_string());
+        set("HERD_INSTANCE", instance.to_string());
+        set("NODE_APP_INSTANCE", instance.to_string());
+        if let Some(port) = plan.first_port() {
+            set("PORT", port.to_string());
+        }
+
+        let notify_path = self.run_dir.join(format!("w{id}.notify"));
+        let _ = std::fs::remove_file(&notify_path);
+        let notify = UnixDatagram::bind(&notify_path)?;
+        notify.set_nonblocking(true)?;
+        set("NOTIFY_SOCKET", notify_path.to_string_lossy().into_owned());
+
+        let mut ipc = None;
+        let fds: Vec<BorrowedFd<'_>>;
+        let listen_pid = match plan.kind {
+            WorkerKind::SocketActivation => {
+                fds = plan.listeners.iter().map(|l| l.socket.as_fd()).collect();
+                let names: Vec<&str> = plan.listeners.iter().map(|l| l.name.as_str()).collect();
+                set("LISTEN_FDS", fds.len().to_string());
+                set("LISTEN_FDNAMES", names.join(":"));
+                !fds.is_empty()
+            }
+            WorkerKind::Node => {
+                let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+                set("NODE_UNIQUE_ID", id.to_string());
+                set("NODE_CHANNEL_FD", FIRST_FD.to_string());
+                set("NODE_CHANNEL_SERIALIZATION_MODE", "json".into());
+                ipc = Some((ours, theirs));
+                fds = vec![ipc.as_ref().map(|(_, t)| t.as_fd()).expect("just set")];
+                false
+            }
+        };
+        if !listen_pid {
+            env.retain(|(k, _)| k != "LISTEN_FDS" && k != "LISTEN_FDNAMES");
+        }
+
+        let mut child = spawn::spawn(&SpawnRequest {
+            program: &plan.program,
+            argv: &plan.argv,
+            env: &env,
+            listen_pid,
+            fds: &fds,
+            cwd: plan.cwd.as_deref(),
+            uid: None,
+            gid: None,
+        })?;
+        drop(fds);
+        let pid = child.id().unwrap_or(0);
+        let tail: Tail = Default::default();
+        let who = Who {
+            instance,
+            worker_id: id,
+            pid,
+        };
+
+        if let Some(out) = child.stdout.take() {
+            tokio::task::spawn_local(logs::pump(
+                out,
+                self.logger.clone(),
+                who,
+                Stream::Stdout,
+                Rc::clone(&tail),
+            ));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::task::spawn_local(logs::pump(
+                err,
+                self.logger.clone(),
+                who,
+                Stream::Stderr,
+                Rc::clone(&tail),
+            ));
+        }
+        let tx = self.tx.clone();
+        tokio::task::spawn_local(async move {
+            let status = child.wait().await;
+            let _ = tx.send(Event::Exited { id, status });
+        });
+        let tx = self.tx.clone();
+        let notify = tokio::net::UnixDatagram::from_std(notify)?;
+        let notify_task = tokio::task::spawn_local(notify_loop(notify, id, tx));
+
+        let channel = match ipc {
+            Some((ours, theirs)) => {
+                drop(theirs);
+                ours.set_nonblocking(true)?;
+                let sock = Rc::new(tokio::net::UnixStream::from_std(ours)?);
+                tokio::task::spawn_local(channel::read_loop(Rc::clone(&sock), id, self.tx.clone()));
+                Some(Channel::new(sock))
+            }
+            None => None,
+        };
+
+        Ok(Worker {
+            id,
+            instance,
+            pid,
+            started: Instant::now(),
+            online: false,
+            ready: false,
+            stopping: false,
+            leaving: false,
+            channel,
+            inflight: Vec::new(),
+            servers: Vec::new(),
+            tail,
+            status: None,
+            notify_path: Some(notify_path),
+            notify_task: Some(notify_task),
+        })
+    }
+}
+
+/// Reads a worker's notify datagrams (`READY=1`, `STATUS=…`) until the socket is dropped.
+async fn notify_loop(sock: tokio::net::UnixDatagram, id: WorkerId, tx: UnboundedSender<Event>) {
+    let mut buf = vec![0u8; herd_proto::notify::MAX_DATAGRAM + 1];
+    loop {
+        let n = match sock.recv(&mut buf).await {
+            Ok(n) => n,
+            Err(_) => return,
+        };
+        let event = match herd_proto::notify::parse(&buf[..n]) {
+            Ok(parsed) => Event::Notify {
+                id,
+                messages: parsed.messages,
+                malformed: parsed.malformed.iter().map(|m| m.to_string()).collect(),
+            },
+            Err(e) => Event::Notify {
+                id,
+                messages: Vec::new(),
+                malformed: vec![e.to_string()],
+            },
+        };
+        if tx.send(event).is_err() {
+            return;
+        }
+    }
+}
