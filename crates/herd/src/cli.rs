@@ -22,9 +22,62 @@ pub struct Cli {
 pub enum Command {
     /// Run an app in the foreground: bind its sockets, start N workers, keep them running.
     Run(RunArgs),
+    /// The same as run, detached; returns once the workers are ready.
+    Start(RunArgs),
+    /// Every running app, one line each.
+    Ls {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One app, one line per worker.
+    Status {
+        name: String,
+        /// Machine-readable output (field names are stable).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rolling, zero-downtime replacement of every worker; keeps the old ones if the new fail.
+    Reload {
+        name: String,
+        /// Slots replaced at a time.
+        #[arg(long, default_value_t = 1)]
+        parallel: usize,
+    },
+    /// Stop every worker, then start them again.
+    Restart { name: String },
+    /// Change the number of workers: N, +K or -K.
+    Scale {
+        name: String,
+        #[arg(allow_hyphen_values = true, value_name = "N|+K|-K")]
+        to: String,
+    },
+    /// Stop the app gracefully; the supervisor exits.
+    Stop { name: String },
+    /// Print (and follow) the app's recent output.
+    Logs {
+        name: String,
+        /// How many recent lines.
+        #[arg(short = 'n', long, default_value_t = 100)]
+        lines: usize,
+        /// Keep printing new lines.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Only this worker slot.
+        #[arg(long)]
+        instance: Option<usize>,
+    },
+    /// Send a JSON message to the workers' process.on('message').
+    Send {
+        name: String,
+        json: String,
+        /// Only this worker slot.
+        #[arg(long)]
+        instance: Option<usize>,
+    },
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     /// Number of workers: a count, or `max` for one per available core.
     #[arg(short = 'i', long, value_name = "N|max", default_value = "max", value_parser = clap::value_parser!(Instances))]

@@ -15,8 +15,10 @@ use std::io::{IsTerminal, Write};
 use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use herd_proto::control::LogLine;
 use serde_json::{Map, Value};
 use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::broadcast;
 
 use crate::spec::LogFormat;
 
@@ -24,6 +26,8 @@ use crate::spec::LogFormat;
 pub const MAX_LINE: usize = 16 * 1024;
 /// Lines kept per worker to explain a crash.
 const TAIL_LINES: usize = 10;
+/// Lines kept for `herd logs` (about 1 MiB at typical line lengths).
+const RING_LINES: usize = 5000;
 
 /// Which worker a line or event is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +65,10 @@ struct LoggerInner {
     app: String,
     format: LogFormat,
     color: bool,
+    /// Recent lines, uncoloured, for `herd logs`.
+    ring: RefCell<VecDeque<LogLine>>,
+    /// `herd logs -f` subscribers.
+    follow: broadcast::Sender<LogLine>,
 }
 
 const COLORS: [&str; 6] = ["36", "33", "35", "32", "34", "31"];
@@ -70,17 +78,56 @@ impl Logger {
         let color = format == LogFormat::Text
             && std::io::stdout().is_terminal()
             && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+        let (follow, _) = broadcast::channel(1024);
         Logger {
             inner: Rc::new(LoggerInner {
                 app: app.to_string(),
                 format,
                 color,
+                ring: RefCell::new(VecDeque::with_capacity(256)),
+                follow,
             }),
         }
     }
 
+    /// The last `n` lines (of one instance, if given) and a receiver for the lines that
+    /// come after them.
+    pub fn recent(
+        &self,
+        n: usize,
+        instance: Option<usize>,
+    ) -> (Vec<LogLine>, broadcast::Receiver<LogLine>) {
+        let rx = self.inner.follow.subscribe();
+        let ring = self.inner.ring.borrow();
+        let mut lines: Vec<LogLine> = ring
+            .iter()
+            .rev()
+            .filter(|l| instance.is_none() || l.instance == instance)
+            .take(n)
+            .cloned()
+            .collect();
+        lines.reverse();
+        (lines, rx)
+    }
+
+    fn remember(&self, instance: Option<usize>, text: String) {
+        let line = LogLine { instance, text };
+        if self.inner.follow.receiver_count() > 0 {
+            let _ = self.inner.follow.send(line.clone());
+        }
+        let mut ring = self.inner.ring.borrow_mut();
+        if ring.len() == RING_LINES {
+            ring.pop_front();
+        }
+        ring.push_back(line);
+    }
+
     /// One line a worker printed.
     pub fn line(&self, who: Who, stream: Stream, line: &str) {
+        self.remember(
+            Some(who.instance),
+            format!("{}[{}] {} | {line}", self.inner.app, who.instance, who.pid),
+        );
         let mut out = Vec::with_capacity(line.len() + 48);
         match self.inner.format {
             LogFormat::Text => {
@@ -105,6 +152,14 @@ impl Logger {
 
     /// One of herd's own events. `message` is the human sentence; `fields` go to JSON only.
     pub fn event(&self, name: &str, who: Option<Who>, message: &str, fields: &[(&str, Value)]) {
+        let text = match who {
+            Some(who) => format!(
+                "herd: {}[{}] pid {} {message}",
+                self.inner.app, who.instance, who.pid
+            ),
+            None => format!("herd: {} {message}", self.inner.app),
+        };
+        self.remember(who.map(|w| w.instance), text);
         let mut out = Vec::with_capacity(message.len() + 64);
         match self.inner.format {
             LogFormat::Text => {

@@ -7,10 +7,13 @@
 
 mod balance;
 mod cli;
+mod commands;
+mod control;
 mod logs;
 mod node;
 mod paths;
 mod plan;
+mod procfs;
 mod spawn;
 mod spec;
 mod supervisor;
@@ -27,15 +30,70 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return clap_error(e),
     };
-    match cli.command {
-        Command::Run(args) => match run(args) {
-            Ok(code) => ExitCode::from(code),
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::from(1)
-            }
-        },
+    match dispatch(cli.command) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
     }
+}
+
+fn dispatch(command: Command) -> anyhow::Result<u8> {
+    if let Command::Run(args) = command {
+        return run(args);
+    }
+    let home = paths::herd_home().map_err(anyhow::Error::msg)?;
+    paths::private_dir(&home).map_err(anyhow::Error::msg)?;
+    match command {
+        Command::Run(_) => unreachable!("handled above"),
+        Command::Start(args) => {
+            let wait = args.listen_timeout + std::time::Duration::from_secs(10);
+            let name = args
+                .name
+                .clone()
+                .unwrap_or_else(|| args.clone().into_spec().name);
+            commands::start(&home, &name, start_args(args.name.is_none(), &name), wait)
+        }
+        Command::Ls { json } => commands::ls(&home, json),
+        Command::Status { name, json } => commands::status(&home, &name, json),
+        Command::Reload { name, parallel } => commands::outcome(
+            &home,
+            &name,
+            herd_proto::control::Request::Reload { parallel },
+        ),
+        Command::Restart { name } => {
+            commands::outcome(&home, &name, herd_proto::control::Request::Restart)
+        }
+        Command::Scale { name, to } => {
+            commands::outcome(&home, &name, herd_proto::control::Request::Scale { to })
+        }
+        Command::Stop { name } => commands::stop(&home, &name),
+        Command::Logs {
+            name,
+            lines,
+            follow,
+            instance,
+        } => commands::logs(&home, &name, lines, follow, instance),
+        Command::Send {
+            name,
+            json,
+            instance,
+        } => commands::send(&home, &name, &json, instance),
+    }
+}
+
+/// `herd start ARGS` runs `herd run ARGS` detached, with the name made explicit.
+fn start_args(add_name: bool, name: &str) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if let Some(i) = args.iter().position(|a| a == "start") {
+        args[i] = "run".into();
+        if add_name {
+            args.insert(i + 1, "--name".into());
+            args.insert(i + 2, name.into());
+        }
+    }
+    args
 }
 
 /// Help and version go to stdout with exit 0; a usage error is one line (the clap message
@@ -65,10 +123,19 @@ fn run(args: cli::RunArgs) -> anyhow::Result<u8> {
     paths::private_dir(&home).map_err(anyhow::Error::msg)?;
     let run_dir = home.join(format!("{name}-{}", std::process::id()));
     paths::private_dir(&run_dir).map_err(anyhow::Error::msg)?;
+    let control = match control::bind(&home, &name) {
+        Ok(listener) => listener,
+        Err(e) => {
+            let _ = std::fs::remove_dir(&run_dir);
+            anyhow::bail!(e);
+        }
+    };
+    let control_path = control::socket_path(&home, &name);
     let plan = match plan::plan(spec) {
         Ok(plan) => plan,
         Err(e) => {
             let _ = std::fs::remove_dir(&run_dir);
+            let _ = std::fs::remove_file(&control_path);
             return Err(e.into());
         }
     };
@@ -80,9 +147,15 @@ fn run(args: cli::RunArgs) -> anyhow::Result<u8> {
         let logger = logs::Logger::new(&name, log_format);
         let (sup, rx) = Supervisor::new(plan, logger, run_dir);
         let tx = sup.sender();
-        forward_signals(tx)?;
-        anyhow::Ok(sup.run(rx).await)
-    })?;
+        forward_signals(tx.clone())?;
+        let control = tokio::net::UnixListener::from_std(control)?;
+        let serving = tokio::task::spawn_local(control::serve(control, tx, sup.logger()));
+        let code = sup.run(rx).await;
+        serving.abort();
+        anyhow::Ok(code)
+    });
+    let _ = std::fs::remove_file(&control_path);
+    let code = code?;
     Ok(u8::try_from(code).unwrap_or(1))
 }
 
@@ -91,10 +164,14 @@ fn forward_signals(
     tx: tokio::sync::mpsc::UnboundedSender<supervisor::Event>,
 ) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind as Kind};
-    for (kind, ours) in [
+    let signals = [
         (Kind::terminate(), SignalKind::Terminate),
         (Kind::interrupt(), SignalKind::Interrupt),
-    ] {
+        (Kind::hangup(), SignalKind::Hangup),
+        (Kind::from_raw(libc::SIGTTIN), SignalKind::MoreWorkers),
+        (Kind::from_raw(libc::SIGTTOU), SignalKind::FewerWorkers),
+    ];
+    for (kind, ours) in signals {
         let mut stream = signal(kind)?;
         let tx = tx.clone();
         tokio::task::spawn_local(async move {

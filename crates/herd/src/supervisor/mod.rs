@@ -26,7 +26,9 @@
 //! Stopping a worker takes it out of routing first, then asks it to close: in-flight
 //! requests finish. Each worker is its own process group, and the whole group is signalled.
 
+pub mod ops;
 pub mod restart;
+pub mod status;
 pub mod worker;
 
 use std::collections::BTreeMap;
@@ -37,9 +39,11 @@ use std::process::ExitStatus;
 use std::rc::Rc;
 use std::time::Duration;
 
+use herd_proto::control::{Request, Response};
 use herd_proto::notify::Message as Notify;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::sync::oneshot;
 
 use crate::balance::{self, AcceptGate, Pending};
 use crate::logs::{Logger, Who};
@@ -100,20 +104,54 @@ pub enum Event {
         signal: rustix::process::Signal,
     },
     Signal(SignalKind),
+    Control {
+        request: Request,
+        reply: oneshot::Sender<Response>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SignalKind {
     Terminate,
     Interrupt,
+    /// SIGHUP: rolling reload.
+    Hangup,
+    /// SIGTTIN: one more worker.
+    MoreWorkers,
+    /// SIGTTOU: one fewer worker.
+    FewerWorkers,
 }
 
 struct Slot {
+    /// The worker that serves this slot.
     worker: Option<WorkerId>,
+    /// Reload: its replacement, not yet ready.
+    incoming: Option<WorkerId>,
     backoff: Backoff,
     restarts: u32,
     restart_pending: bool,
     errored: Option<String>,
+    last_exit: Option<String>,
+    /// Scale-down: removed once its worker is gone.
+    retiring: bool,
+    /// Restart: start a new worker once the current one is gone.
+    respawn: bool,
+}
+
+impl Slot {
+    fn new(policy: &crate::spec::Policy) -> Self {
+        Slot {
+            worker: None,
+            incoming: None,
+            backoff: Backoff::new(policy),
+            restarts: 0,
+            restart_pending: false,
+            errored: None,
+            last_exit: None,
+            retiring: false,
+            respawn: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,6 +172,9 @@ pub struct Supervisor {
     phase: Phase,
     all_ready: bool,
     run_dir: PathBuf,
+    op: Option<ops::Op>,
+    stop_replies: Vec<oneshot::Sender<Response>>,
+    started: std::time::Instant,
 }
 
 impl Supervisor {
@@ -147,13 +188,7 @@ impl Supervisor {
             run_dir.clone(),
         );
         let slots = (0..plan.instances)
-            .map(|_| Slot {
-                worker: None,
-                backoff: Backoff::new(&plan.spec.policy),
-                restarts: 0,
-                restart_pending: false,
-                errored: None,
-            })
+            .map(|_| Slot::new(&plan.spec.policy))
             .collect();
         let sup = Supervisor {
             plan,
@@ -167,12 +202,19 @@ impl Supervisor {
             phase: Phase::Running,
             all_ready: false,
             run_dir,
+            op: None,
+            stop_replies: Vec::new(),
+            started: std::time::Instant::now(),
         };
         (sup, rx)
     }
 
     pub fn sender(&self) -> UnboundedSender<Event> {
         self.tx.clone()
+    }
+
+    pub fn logger(&self) -> Logger {
+        self.logger.clone()
     }
 
     /// Starts every slot's first worker.
@@ -203,7 +245,7 @@ impl Supervisor {
             ],
         );
         for instance in 0..self.slots.len() {
-            self.start_worker(instance);
+            self.start_worker(instance, false);
         }
     }
 
@@ -218,15 +260,23 @@ impl Supervisor {
     /// Runs until every worker is gone after a stop.
     pub async fn run(mut self, mut rx: UnboundedReceiver<Event>) -> i32 {
         self.start();
+        let mut code = 1;
         while let Some(event) = rx.recv().await {
             self.handle(event);
-            if let Some(code) = self.finished() {
-                self.cleanup();
-                return code;
+            if let Some(done) = self.finished() {
+                code = done;
+                break;
             }
         }
         self.cleanup();
-        1
+        for reply in self.stop_replies.drain(..) {
+            let _ = reply.send(Response::ok("stopped"));
+        }
+        // Let the control clients write their answers before the runtime goes away.
+        for _ in 0..16 {
+            tokio::task::yield_now().await;
+        }
+        code
     }
 
     fn cleanup(&mut self) {
@@ -266,10 +316,13 @@ impl Supervisor {
                 );
             }
             Event::RestartDue { instance } => {
-                let slot = &mut self.slots[instance];
+                let Some(slot) = self.slots.get_mut(instance) else {
+                    return;
+                };
                 slot.restart_pending = false;
-                if self.phase == Phase::Running && slot.worker.is_none() && slot.errored.is_none() {
-                    self.start_worker(instance);
+                let wanted = slot.worker.is_none() && slot.errored.is_none() && !slot.retiring;
+                if self.phase == Phase::Running && wanted {
+                    self.start_worker(instance, false);
                 }
             }
             Event::ReadyDue { id } => self.mark_ready(id, "started"),
@@ -277,6 +330,13 @@ impl Supervisor {
                 if let Some(w) = self.workers.get(&id).filter(|w| !w.ready && !w.stopping) {
                     let who = w.who();
                     let limit = self.plan.spec.policy.listen_timeout;
+                    if w.incoming {
+                        let instance = w.instance;
+                        let why = format!("not ready within --listen-timeout {}", human(limit));
+                        self.logger.event("ready_timeout", Some(who), &why, &[]);
+                        self.incoming_failed(id, instance, why);
+                        return;
+                    }
                     self.logger.event(
                         "ready_timeout",
                         Some(who),
@@ -291,10 +351,89 @@ impl Supervisor {
             }
             Event::KillDue { id, signal } => self.kill_due(id, signal),
             Event::Signal(kind) => self.on_signal(kind),
+            Event::Control { request, reply } => self.on_control(request, reply),
+        }
+    }
+
+    fn on_control(&mut self, request: Request, reply: oneshot::Sender<Response>) {
+        match request {
+            Request::Status => {
+                let mut response = Response::ok("");
+                response.status = Some(self.status());
+                let _ = reply.send(response);
+            }
+            Request::Reload { parallel } => self.begin(
+                ops::OpKind::Reload {
+                    parallel: parallel.max(1),
+                },
+                Some(reply),
+            ),
+            Request::Restart => self.begin(ops::OpKind::Restart, Some(reply)),
+            Request::Scale { to } => match ops::scale_target(&to, self.live_slots()) {
+                Ok(to) => self.begin(ops::OpKind::Scale { to }, Some(reply)),
+                Err(e) => {
+                    let _ = reply.send(Response::error(e));
+                }
+            },
+            Request::Stop => {
+                self.stop_replies.push(reply);
+                if self.phase == Phase::Running {
+                    self.logger.event(
+                        "stopping",
+                        None,
+                        &format!("stopping (herd stop): {} workers", self.workers.len()),
+                        &[],
+                    );
+                    self.stop_all(0);
+                }
+            }
+            Request::Send { data, instance } => {
+                let line = data.to_string();
+                let mut sent = 0;
+                for w in self.workers.values_mut() {
+                    if instance.is_none_or(|i| i == w.instance)
+                        && !w.stopping
+                        && w.send(&self.tx, |c| c.line(&line))
+                    {
+                        sent += 1;
+                    }
+                }
+                let _ = reply.send(if sent > 0 {
+                    Response::ok(format!("sent to {sent} workers"))
+                } else if self.plan.kind == WorkerKind::SocketActivation {
+                    Response::error(
+                        "this app's workers have no message channel (only Node workers do)",
+                    )
+                } else {
+                    Response::error("no worker matched")
+                });
+            }
+            Request::Logs { .. } => {
+                let _ = reply.send(Response::error("logs are served by the control task"));
+            }
         }
     }
 
     fn on_signal(&mut self, kind: SignalKind) {
+        match kind {
+            SignalKind::Hangup => return self.begin(ops::OpKind::Reload { parallel: 1 }, None),
+            SignalKind::MoreWorkers | SignalKind::FewerWorkers => {
+                let to = if kind == SignalKind::MoreWorkers {
+                    "+1"
+                } else {
+                    "-1"
+                };
+                match ops::scale_target(to, self.live_slots()) {
+                    Ok(to) => self.begin(ops::OpKind::Scale { to }, None),
+                    Err(e) => {
+                        self.logger
+                            .event("refused", None, &format!("scale refused: {e}"), &[])
+                    }
+                }
+                return;
+            }
+            SignalKind::Terminate | SignalKind::Interrupt => {}
+        }
         match (self.phase, kind) {
             (Phase::Running, _) => {
                 let name = if kind == SignalKind::Interrupt {
@@ -350,21 +489,33 @@ impl Supervisor {
         }
     }
 
-    fn start_worker(&mut self, instance: usize) {
+    /// Starts a worker in `instance`: its current worker, or (reload) its incoming one.
+    fn start_worker(&mut self, instance: usize, incoming: bool) -> Option<WorkerId> {
         let id = self.next_id;
         self.next_id += 1;
         match self.launcher.launch(id, instance) {
-            Ok(worker) => {
+            Ok(mut worker) => {
                 let who = worker.who();
-                self.logger
-                    .event("spawned", Some(who), &format!("started (worker {id})"), &[]);
-                self.slots[instance].worker = Some(id);
+                worker.incoming = incoming;
+                let what = if incoming { "replacement " } else { "" };
+                self.logger.event(
+                    "spawned",
+                    Some(who),
+                    &format!("started {what}(worker {id})"),
+                    &[],
+                );
+                if incoming {
+                    self.slots[instance].incoming = Some(id);
+                } else {
+                    self.slots[instance].worker = Some(id);
+                }
                 self.workers.insert(id, worker);
                 let policy = &self.plan.spec.policy;
                 if let Ready::Delay(delay) = self.plan.ready {
                     self.after(delay, Event::ReadyDue { id });
                 }
                 self.after(policy.listen_timeout, Event::ReadyTimeout { id });
+                Some(id)
             }
             Err(e) => {
                 let who = Who {
@@ -378,8 +529,11 @@ impl Supervisor {
                     &format!("could not start: {e}"),
                     &[],
                 );
-                let reason = format!("could not start: {e}");
-                self.after_exit(instance, who, Duration::ZERO, &reason, reason.clone(), &[]);
+                if !incoming {
+                    let reason = format!("could not start: {e}");
+                    self.after_exit(instance, who, Duration::ZERO, &reason, reason.clone(), &[]);
+                }
+                None
             }
         }
     }
@@ -465,13 +619,14 @@ impl Supervisor {
             ("expected", json!(w.stopping)),
         ];
         self.detach(&mut w);
-        if self.slots[w.instance].worker == Some(id) {
-            self.slots[w.instance].worker = None;
-            if self.all_ready {
-                self.all_ready = false;
-            }
-        }
-        if w.stopping {
+        let instance = w.instance;
+        let tail: Vec<String> = w.tail.borrow().iter().cloned().collect();
+        let reason = if tail.is_empty() {
+            how.clone()
+        } else {
+            format!("{how}; last output: {}", tail.join(" ⏎ "))
+        };
+        let Some(slot) = self.slots.get_mut(instance) else {
             self.logger.event(
                 "exited",
                 Some(who),
@@ -479,23 +634,43 @@ impl Supervisor {
                 &fields,
             );
             return;
+        };
+        if slot.worker == Some(id) {
+            slot.worker = None;
+            slot.last_exit = Some(how.clone());
+            self.all_ready = false;
         }
-        if self.phase != Phase::Running {
+        if w.incoming && !w.stopping {
             self.logger.event(
                 "exited",
                 Some(who),
-                &format!("exited ({how}) after {} while stopping", human(uptime)),
+                &format!(
+                    "replacement exited ({how}) after {} before it was ready",
+                    human(uptime)
+                ),
                 &fields,
             );
+            self.incoming_failed(id, instance, format!("exited ({reason})"));
             return;
         }
-        let tail: Vec<String> = w.tail.borrow().iter().cloned().collect();
-        let reason = if tail.is_empty() {
-            how.clone()
-        } else {
-            format!("{how}; last output: {}", tail.join(" ⏎ "))
-        };
-        self.after_exit(w.instance, who, uptime, &how, reason, &fields);
+        if w.stopping || self.phase != Phase::Running || slot.retiring {
+            self.logger.event(
+                "exited",
+                Some(who),
+                &format!("stopped: {how} after {}", human(uptime)),
+                &fields,
+            );
+            let respawn = slot.respawn && slot.worker.is_none() && self.phase == Phase::Running;
+            if respawn {
+                slot.respawn = false;
+                self.start_worker(instance, false);
+            }
+            self.trim_slots();
+            self.check_op();
+            return;
+        }
+        self.after_exit(instance, who, uptime, &how, reason, &fields);
+        self.check_op();
     }
 
     /// Decides whether a slot whose worker just died restarts or gives up.
@@ -566,12 +741,18 @@ impl Supervisor {
                 );
                 slot.errored = Some(reason);
                 self.check_all_errored();
+                self.check_op();
             }
         }
     }
 
     fn check_all_errored(&mut self) {
-        if self.phase == Phase::Running && self.slots.iter().all(|s| s.errored.is_some()) {
+        if self.phase == Phase::Running
+            && self
+                .slots
+                .iter()
+                .all(|s| s.errored.is_some() && s.incoming.is_none())
+        {
             self.logger
                 .event("errored", None, "every worker slot errored — exiting", &[]);
             self.stop_all(1);
@@ -626,6 +807,7 @@ impl Supervisor {
         w.ready = true;
         let who = w.who();
         let servers = w.servers.clone();
+        let promote = w.incoming.then_some(w.instance);
         let ms = w.started.elapsed().as_millis() as u64;
         self.logger.event(
             "ready",
@@ -633,6 +815,9 @@ impl Supervisor {
             &format!("ready ({via}) in {ms}ms"),
             &[("via", json!(via)), ("ms", json!(ms))],
         );
+        if let Some(instance) = promote {
+            self.promote(id, instance);
+        }
         for s in servers {
             self.drain(s);
         }
@@ -654,6 +839,7 @@ impl Supervisor {
                 &[("ready", json!(ready))],
             );
         }
+        self.check_op();
     }
 
     fn on_notify(&mut self, id: WorkerId, messages: Vec<Notify>, malformed: Vec<String>) {

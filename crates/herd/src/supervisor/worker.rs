@@ -39,6 +39,12 @@ pub struct Worker {
     pub stopping: bool,
     /// It announced it is leaving on its own (`cluster.worker.disconnect()`).
     pub leaving: bool,
+    /// Reload: a replacement that is not yet its slot's current worker.
+    pub incoming: bool,
+    /// Connections herd handed to it.
+    pub connections: u64,
+    /// The last CPU reading, for `herd status`.
+    pub cpu: Option<crate::procfs::CpuSample>,
     /// Node: the IPC channel, until it closes.
     pub channel: Option<Channel>,
     pub inflight: Vec<InFlight>,
@@ -114,6 +120,7 @@ impl Worker {
         self.inflight.push(InFlight { seq, server, conn });
         let key_json = Rc::clone(key_json);
         if self.send(tx, |c| c.push(Out::NewConn { key_json, seq, fd })) {
+            self.connections += 1;
             Ok(())
         } else {
             let f = self.inflight.pop().expect("pushed above");
@@ -296,6 +303,9 @@ impl Launcher {
             ready: false,
             stopping: false,
             leaving: false,
+            incoming: false,
+            connections: 0,
+            cpu: None,
             channel,
             inflight: Vec::new(),
             servers: Vec::new(),

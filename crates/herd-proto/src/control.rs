@@ -1,0 +1,142 @@
+//! The control protocol between `herd <command>` and a running supervisor.
+//!
+//! One JSON object per line over the app's unix control socket (`HERD_HOME/<name>.sock`,
+//! mode 0600, peer uid checked). The client sends one [`Request`]; the supervisor answers
+//! with one [`Response`] when the operation has an outcome (a reload answers once every
+//! worker runs the new code, or once it failed). `logs` with `follow` keeps streaming
+//! [`LogLine`]s after the response until the client hangs up.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    /// Rolling replacement of every worker, `parallel` slots at a time.
+    Reload {
+        parallel: usize,
+    },
+    /// Stop every worker, then start them again.
+    Restart,
+    /// `to` is `N`, `+K` or `-K`.
+    Scale {
+        to: String,
+    },
+    Stop,
+    Logs {
+        lines: usize,
+        follow: bool,
+        instance: Option<usize>,
+    },
+    /// A JSON message to every worker's `process.on('message')`, or one instance's.
+    Send {
+        data: serde_json::Value,
+        instance: Option<usize>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    /// What happened, for a person.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<AppStatus>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lines: Vec<LogLine>,
+}
+
+impl Response {
+    pub fn ok(message: impl Into<String>) -> Self {
+        Response {
+            ok: true,
+            message: message.into(),
+            status: None,
+            lines: Vec::new(),
+        }
+    }
+
+    pub fn error(message: impl Into<String>) -> Self {
+        Response {
+            ok: false,
+            message: message.into(),
+            status: None,
+            lines: Vec::new(),
+        }
+    }
+}
+
+/// One app, as `herd status --json` prints it. Field names are stable.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppStatus {
+    pub name: String,
+    /// `running`, `reloading`, `scaling`, `stopping`.
+    pub state: String,
+    pub balance: String,
+    /// `node` or `socket-activation`.
+    pub kind: String,
+    pub pid: u32,
+    pub uptime_ms: u64,
+    pub desired: usize,
+    pub ready: usize,
+    pub restarts: u32,
+    /// Sum over the workers, percent of one core.
+    pub cpu_percent: f64,
+    /// Sum over the workers, bytes.
+    pub memory_bytes: u64,
+    /// herd's own resident memory, bytes.
+    pub supervisor_memory_bytes: u64,
+    pub listen: Vec<String>,
+    pub workers: Vec<WorkerStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    pub instance: usize,
+    pub worker_id: u64,
+    pub pid: u32,
+    /// `starting`, `ready`, `stopping`, `errored`, `waiting` (backoff before a restart).
+    pub state: String,
+    pub uptime_ms: u64,
+    pub restarts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<String>,
+    pub cpu_percent: f64,
+    pub memory_bytes: u64,
+    /// Connections herd handed to it (round-robin, sticky).
+    pub connections: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_text: Option<String>,
+}
+
+/// One line of the supervisor's log ring.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// The worker slot, or none for herd's own events.
+    pub instance: Option<usize>,
+    pub text: String,
+}
+
+/// Longest request line the supervisor reads.
+pub const MAX_REQUEST: usize = 1 << 20;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_tagged_by_cmd() {
+        let r: Request = serde_json::from_str(r#"{"cmd":"scale","to":"+2"}"#).expect("parse");
+        assert_eq!(r, Request::Scale { to: "+2".into() });
+        let text = serde_json::to_string(&Request::Reload { parallel: 1 }).expect("json");
+        assert_eq!(text, r#"{"cmd":"reload","parallel":1}"#);
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"explode"}"#).is_err());
+    }
+
+    #[test]
+    fn responses_omit_empty_parts() {
+        let text = serde_json::to_string(&Response::ok("done")).expect("json");
+        assert_eq!(text, r#"{"ok":true,"message":"done"}"#);
+    }
+}

@@ -1,0 +1,325 @@
+//! The client commands: `herd start`, `ls`, `status`, `reload`, `restart`, `scale`, `stop`,
+//! `logs`, `send`. Each talks to one supervisor over its control socket
+//! ([`crate::control`]); none needs a runtime.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use comfy_table::{presets, Cell, CellAlignment, Table};
+use herd_proto::control::{AppStatus, Request, Response};
+
+use crate::control::{self, Client, ClientError};
+
+/// Exit code for a command whose operation failed (a reload that kept the old version).
+pub const FAILED: u8 = 1;
+
+fn request(
+    home: &Path,
+    name: &str,
+    req: &Request,
+    timeout: Option<Duration>,
+) -> Result<Response, ClientError> {
+    Client::connect(home, name)?.request(req, timeout)
+}
+
+/// Prints an operation's outcome; exit 0 only on success.
+pub fn outcome(home: &Path, name: &str, req: Request) -> anyhow::Result<u8> {
+    let response = request(home, name, &req, None)?;
+    if response.ok {
+        println!("{name}: {}", response.message);
+        Ok(0)
+    } else {
+        eprintln!("error: {name}: {}", response.message);
+        Ok(FAILED)
+    }
+}
+
+pub fn status(home: &Path, name: &str, json: bool) -> anyhow::Result<u8> {
+    let response = request(home, name, &Request::Status, Some(Duration::from_secs(10)))?;
+    let Some(status) = response.status else {
+        anyhow::bail!("{name}: {}", response.message);
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(0);
+    }
+    println!(
+        "{} — {} {}, {} of {} ready, balance {}, supervisor pid {} ({}), up {}",
+        status.name,
+        status.kind,
+        status.state,
+        status.ready,
+        status.desired,
+        status.balance,
+        status.pid,
+        bytes(status.supervisor_memory_bytes),
+        duration(status.uptime_ms)
+    );
+    if !status.listen.is_empty() {
+        println!("listening on {}", status.listen.join(", "));
+    }
+    let mut table = Table::new();
+    table.load_preset(presets::UTF8_HORIZONTAL_ONLY);
+    table.set_header([
+        "instance",
+        "worker",
+        "pid",
+        "state",
+        "uptime",
+        "restarts",
+        "cpu",
+        "memory",
+        "conns",
+        "last exit",
+    ]);
+    for w in &status.workers {
+        let pid = if w.pid == 0 {
+            "-".to_string()
+        } else {
+            w.pid.to_string()
+        };
+        let worker = if w.worker_id == 0 {
+            "-".to_string()
+        } else {
+            w.worker_id.to_string()
+        };
+        table.add_row(vec![
+            Cell::new(w.instance),
+            Cell::new(worker),
+            Cell::new(pid),
+            Cell::new(&w.state),
+            Cell::new(duration(w.uptime_ms)),
+            Cell::new(w.restarts).set_alignment(CellAlignment::Right),
+            Cell::new(format!("{:.1}%", w.cpu_percent)).set_alignment(CellAlignment::Right),
+            Cell::new(bytes(w.memory_bytes)).set_alignment(CellAlignment::Right),
+            Cell::new(w.connections).set_alignment(CellAlignment::Right),
+            Cell::new(
+                w.last_exit
+                    .as_deref()
+                    .map(|s| shorten(s, 60))
+                    .unwrap_or_default(),
+            ),
+        ]);
+    }
+    println!("{table}");
+    Ok(0)
+}
+
+pub fn ls(home: &Path, json: bool) -> anyhow::Result<u8> {
+    let mut apps: Vec<AppStatus> = Vec::new();
+    for name in control::list_apps(home) {
+        match request(home, &name, &Request::Status, Some(Duration::from_secs(5))) {
+            Ok(Response {
+                status: Some(status),
+                ..
+            }) => apps.push(status),
+            Ok(_) | Err(ClientError::NotRunning(_)) => {}
+            Err(e) => eprintln!("warning: {name}: {e}"),
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&apps)?);
+        return Ok(0);
+    }
+    if apps.is_empty() {
+        println!("no apps running (HERD_HOME {})", home.display());
+        return Ok(0);
+    }
+    let mut table = Table::new();
+    table.load_preset(presets::UTF8_HORIZONTAL_ONLY);
+    table.set_header([
+        "name", "state", "balance", "ready", "pid", "uptime", "restarts", "cpu", "memory", "listen",
+    ]);
+    for a in &apps {
+        table.add_row(vec![
+            Cell::new(&a.name),
+            Cell::new(&a.state),
+            Cell::new(&a.balance),
+            Cell::new(format!("{}/{}", a.ready, a.desired)),
+            Cell::new(a.pid),
+            Cell::new(duration(a.uptime_ms)),
+            Cell::new(a.restarts).set_alignment(CellAlignment::Right),
+            Cell::new(format!("{:.1}%", a.cpu_percent)).set_alignment(CellAlignment::Right),
+            Cell::new(bytes(a.memory_bytes)).set_alignment(CellAlignment::Right),
+            Cell::new(a.listen.join(" ")),
+        ]);
+    }
+    println!("{table}");
+    Ok(0)
+}
+
+pub fn logs(
+    home: &Path,
+    name: &str,
+    lines: usize,
+    follow: bool,
+    instance: Option<usize>,
+) -> anyhow::Result<u8> {
+    let mut client = Client::connect(home, name)?;
+    let response = client.request(
+        &Request::Logs {
+            lines,
+            follow,
+            instance,
+        },
+        None,
+    )?;
+    if !response.ok {
+        anyhow::bail!("{name}: {}", response.message);
+    }
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for line in &response.lines {
+        // A closed stdout (`herd logs app | head`) is a normal way to stop reading.
+        if writeln!(out, "{}", line.text).is_err() {
+            return Ok(0);
+        }
+    }
+    if out.flush().is_err() {
+        return Ok(0);
+    }
+    while follow {
+        let Some(raw) = client.next_line() else { break };
+        let text = serde_json::from_str::<herd_proto::control::LogLine>(&raw)
+            .map(|l| l.text)
+            .unwrap_or(raw);
+        if writeln!(out, "{}", text.trim_end())
+            .and_then(|_| out.flush())
+            .is_err()
+        {
+            return Ok(0);
+        }
+    }
+    Ok(0)
+}
+
+pub fn send(home: &Path, name: &str, json: &str, instance: Option<usize>) -> anyhow::Result<u8> {
+    let data: serde_json::Value = serde_json::from_str(json).map_err(|e| {
+        anyhow::anyhow!("the message is not JSON ({e}); quote it like '{{\"cmd\":\"flush\"}}'")
+    })?;
+    outcome(home, name, Request::Send { data, instance })
+}
+
+/// `herd stop`: asks the supervisor to stop and waits until it is gone.
+pub fn stop(home: &Path, name: &str) -> anyhow::Result<u8> {
+    let response = request(home, name, &Request::Stop, None)?;
+    if !response.ok {
+        anyhow::bail!("{name}: {}", response.message);
+    }
+    println!("{name}: stopped");
+    Ok(0)
+}
+
+/// `herd start`: runs `herd run` detached and waits until its workers are ready.
+pub fn start(
+    home: &Path,
+    name: &str,
+    run_args: Vec<std::ffi::OsString>,
+    wait: Duration,
+) -> anyhow::Result<u8> {
+    use std::os::unix::process::CommandExt;
+    if let Ok(mut c) = Client::connect(home, name) {
+        if c.request(&Request::Status, Some(Duration::from_secs(2)))
+            .is_ok()
+        {
+            anyhow::bail!("an app named `{name}` is already running; stop it with `herd stop {name}` or pass another --name");
+        }
+    }
+    let log_path = home.join(format!("{name}.log"));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", log_path.display()))?;
+    let start_offset = log.metadata().map(|m| m.len()).unwrap_or(0);
+    let exe = std::env::current_exe()?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(run_args)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe; the detached supervisor leaves our session so a
+    // terminal hangup does not reach it.
+    unsafe {
+        cmd.pre_exec(|| {
+            rustix::process::setsid()
+                .map(|_| ())
+                .map_err(std::io::Error::from)
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("cannot start the supervisor: {e}"))?;
+    let deadline = Instant::now() + wait;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let output = std::fs::read(&log_path).unwrap_or_default();
+            let text =
+                String::from_utf8_lossy(&output[start_offset.min(output.len() as u64) as usize..])
+                    .into_owned();
+            let tail: Vec<&str> = text
+                .lines()
+                .rev()
+                .take(15)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            eprintln!(
+                "error: {name} did not start ({}):",
+                crate::supervisor::describe_status(&status)
+            );
+            for line in tail {
+                eprintln!("  {line}");
+            }
+            return Ok(FAILED);
+        }
+        if let Ok(Response {
+            status: Some(s), ..
+        }) = request(home, name, &Request::Status, Some(Duration::from_secs(2)))
+        {
+            if s.ready == s.desired && s.state == "running" {
+                println!("{name}: started {} workers (supervisor pid {}, logs: herd logs {name}, file {})", s.ready, s.pid, log_path.display());
+                return Ok(0);
+            }
+            if s.state == "errored" {
+                eprintln!("error: {name}: every worker failed to start; see herd logs {name}");
+                return Ok(FAILED);
+            }
+        }
+        if Instant::now() > deadline {
+            eprintln!("error: {name} is running but its workers were not all ready within {}s; see herd status {name}", wait.as_secs());
+            return Ok(FAILED);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn bytes(n: u64) -> String {
+    match n {
+        0 => "-".into(),
+        n if n >= 1 << 30 => format!("{:.1} GB", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.1} MB", n as f64 / (1u64 << 20) as f64),
+        n => format!("{} KB", n / 1024),
+    }
+}
+
+fn duration(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0 if ms == 0 => "-".into(),
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{}s", s / 60, s % 60),
+        3600..=86_399 => format!("{}h{}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+fn shorten(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        format!("{}…", s.chars().take(max).collect::<String>())
+    }
+}

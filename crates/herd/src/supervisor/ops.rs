@@ -1,0 +1,354 @@
+//! Operations on a running app that take time and have an outcome: rolling reload, restart
+//! and scale. At most one runs at a time; a second is refused, not queued.
+//!
+//! **Reload**: for each slot, `parallel` at a time, an *incoming* worker starts beside the
+//! current one and gets no traffic until it is ready. Once ready it becomes the slot's
+//! current worker, and the old one is taken out of routing and stopped gracefully. If an
+//! incoming worker exits or is not ready within `--listen-timeout`, it is stopped, the
+//! reload ends there, and every slot not yet replaced keeps its old worker: a bad release
+//! never replaces a good one. The answer comes when every old worker has exited.
+//!
+//! **Restart**: every worker is stopped and its slot started again once it is gone.
+//!
+//! **Scale**: new slots start workers; removed slots (the highest instances) stop theirs
+//! gracefully and disappear once they exited.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use herd_proto::control::Response;
+use tokio::sync::oneshot;
+
+use super::{human, Phase, Slot, Supervisor, WorkerId};
+use crate::spec::WorkerKind;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpKind {
+    Reload { parallel: usize },
+    Restart,
+    Scale { to: usize },
+}
+
+impl OpKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            OpKind::Reload { .. } => "reload",
+            OpKind::Restart => "restart",
+            OpKind::Scale { .. } => "scale",
+        }
+    }
+}
+
+pub struct Op {
+    pub kind: OpKind,
+    reply: Option<oneshot::Sender<Response>>,
+    /// Slots still to reload.
+    todo: VecDeque<usize>,
+    /// Slots with an incoming worker.
+    active: Vec<usize>,
+    /// Replaced workers not yet exited.
+    retired: Vec<WorkerId>,
+    started: Instant,
+    replaced: usize,
+}
+
+/// Parses `N`, `+K`, `-K` against the current count.
+pub fn scale_target(to: &str, current: usize) -> Result<usize, String> {
+    let bad = || format!("`{to}` is not a worker count: use N, +K or -K (e.g. 8, +2, -1)");
+    let target = if let Some(k) = to.strip_prefix('+') {
+        current
+            .checked_add(k.parse().map_err(|_| bad())?)
+            .ok_or_else(bad)?
+    } else if let Some(k) = to.strip_prefix('-') {
+        let k: usize = k.parse().map_err(|_| bad())?;
+        current
+            .checked_sub(k)
+            .ok_or_else(|| format!("cannot remove {k} of {current} workers"))?
+    } else {
+        to.parse().map_err(|_| bad())?
+    };
+    if target == 0 {
+        return Err("an app needs at least 1 worker; use `herd stop` to stop it".into());
+    }
+    if target > 1024 {
+        return Err(format!(
+            "{target} is more than the 1024 workers herd allows"
+        ));
+    }
+    Ok(target)
+}
+
+impl Supervisor {
+    /// Starts an operation, or refuses it with a reason.
+    pub(super) fn begin(&mut self, kind: OpKind, reply: Option<oneshot::Sender<Response>>) {
+        let refuse = |reply: Option<oneshot::Sender<Response>>, message: String| {
+            if let Some(reply) = reply {
+                let _ = reply.send(Response::error(message));
+            }
+        };
+        if self.phase != Phase::Running {
+            return refuse(reply, "the app is stopping".into());
+        }
+        if let Some(op) = &self.op {
+            let message = format!(
+                "a {} is already in progress (started {} ago); wait for it to finish",
+                op.kind.name(),
+                human(op.started.elapsed())
+            );
+            self.logger.event(
+                "refused",
+                None,
+                &format!("{} refused: {message}", kind.name()),
+                &[],
+            );
+            return refuse(reply, message);
+        }
+        let live = self.live_slots();
+        let mut op = Op {
+            kind,
+            reply,
+            todo: VecDeque::new(),
+            active: Vec::new(),
+            retired: Vec::new(),
+            started: Instant::now(),
+            replaced: 0,
+        };
+        match kind {
+            OpKind::Reload { .. } => {
+                op.todo = (0..live).collect();
+                self.logger
+                    .event("reloading", None, &format!("reloading {live} workers"), &[]);
+                self.op = Some(op);
+                self.step_reload();
+            }
+            OpKind::Restart => {
+                self.logger.event(
+                    "restarting",
+                    None,
+                    &format!("restarting {live} workers"),
+                    &[],
+                );
+                self.op = Some(op);
+                for instance in 0..live {
+                    let slot = &mut self.slots[instance];
+                    slot.errored = None;
+                    slot.backoff = super::restart::Backoff::new(&self.plan.spec.policy);
+                    match slot.worker {
+                        Some(id) => {
+                            slot.respawn = true;
+                            self.stop_worker(id);
+                        }
+                        None if !slot.restart_pending => {
+                            self.start_worker(instance, false);
+                        }
+                        None => {}
+                    }
+                }
+            }
+            OpKind::Scale { to } => {
+                self.logger.event(
+                    "scaling",
+                    None,
+                    &format!("scaling from {live} to {to} workers"),
+                    &[],
+                );
+                self.op = Some(op);
+                if to > live {
+                    for instance in live..to {
+                        if instance < self.slots.len() {
+                            self.slots[instance].retiring = false;
+                        } else {
+                            self.slots.push(Slot::new(&self.plan.spec.policy));
+                        }
+                        if self.slots[instance].worker.is_none() {
+                            self.start_worker(instance, false);
+                        }
+                    }
+                } else {
+                    for instance in to..live {
+                        self.slots[instance].retiring = true;
+                        if let Some(id) = self.slots[instance].worker {
+                            self.stop_worker(id);
+                        }
+                        if let Some(id) = self.slots[instance].incoming {
+                            self.stop_worker(id);
+                        }
+                    }
+                }
+                self.all_ready = false;
+            }
+        }
+        self.check_op();
+    }
+
+    /// Slots that are not being removed.
+    pub(super) fn live_slots(&self) -> usize {
+        self.slots.iter().take_while(|s| !s.retiring).count()
+    }
+
+    fn step_reload(&mut self) {
+        loop {
+            let Some(op) = self.op.as_mut() else { return };
+            let OpKind::Reload { parallel } = op.kind else {
+                return;
+            };
+            if op.active.len() >= parallel.max(1) {
+                return;
+            }
+            let Some(instance) = op.todo.pop_front() else {
+                return;
+            };
+            op.active.push(instance);
+            if self.start_worker(instance, true).is_none() {
+                self.fail_op(format!(
+                    "{}[{instance}] could not be started",
+                    self.plan.spec.name
+                ));
+                return;
+            }
+        }
+    }
+
+    /// An incoming worker became ready: it takes over its slot.
+    pub(super) fn promote(&mut self, id: WorkerId, instance: usize) {
+        let slot = &mut self.slots[instance];
+        slot.incoming = None;
+        slot.errored = None;
+        let old = slot.worker.replace(id);
+        if let Some(w) = self.workers.get_mut(&id) {
+            w.incoming = false;
+        }
+        if let Some(op) = self.op.as_mut() {
+            op.active.retain(|&i| i != instance);
+            op.replaced += 1;
+            if let Some(old) = old {
+                op.retired.push(old);
+            }
+        }
+        if let Some(old) = old {
+            self.stop_worker(old);
+        }
+        self.step_reload();
+    }
+
+    /// An incoming worker failed: the reload stops and the old workers stay.
+    pub(super) fn incoming_failed(&mut self, id: WorkerId, instance: usize, why: String) {
+        if let Some(slot) = self.slots.get_mut(instance) {
+            if slot.incoming == Some(id) {
+                slot.incoming = None;
+            }
+        }
+        if self.workers.contains_key(&id) {
+            self.stop_worker(id);
+        }
+        self.fail_op(format!(
+            "{}[{instance}] (worker {id}) failed to become ready: {why}",
+            self.plan.spec.name
+        ));
+    }
+
+    fn fail_op(&mut self, message: String) {
+        let Some(mut op) = self.op.take() else { return };
+        for instance in std::mem::take(&mut op.active) {
+            if let Some(id) = self.slots.get_mut(instance).and_then(|s| s.incoming.take()) {
+                self.stop_worker(id);
+            }
+        }
+        let kept = match self.plan.kind {
+            WorkerKind::Node | WorkerKind::SocketActivation => {
+                self.slots.iter().filter(|s| s.worker.is_some()).count()
+            }
+        };
+        let message = format!(
+            "{} failed after replacing {} of {} workers: {message}. {kept} workers keep running the previous version.",
+            op.kind.name(),
+            op.replaced,
+            self.live_slots()
+        );
+        self.logger.event("op_failed", None, &message, &[]);
+        if let Some(reply) = op.reply.take() {
+            let _ = reply.send(Response::error(message));
+        }
+    }
+
+    /// Finishes the current operation if its goal is reached.
+    pub(super) fn check_op(&mut self) {
+        let Some(op) = self.op.as_ref() else { return };
+        let workers = &self.workers;
+        let ready = |s: &Slot| {
+            s.worker
+                .and_then(|id| workers.get(&id))
+                .is_some_and(|w| w.ready)
+        };
+        let done = match op.kind {
+            OpKind::Reload { .. } => {
+                op.todo.is_empty()
+                    && op.active.is_empty()
+                    && op.retired.iter().all(|id| !workers.contains_key(id))
+            }
+            OpKind::Restart => self
+                .slots
+                .iter()
+                .all(|s| !s.respawn && (s.errored.is_some() || ready(s))),
+            OpKind::Scale { to } => {
+                self.slots.len() == to && self.slots.iter().all(|s| s.errored.is_some() || ready(s))
+            }
+        };
+        if !done {
+            return;
+        }
+        let Some(mut op) = self.op.take() else { return };
+        let errored = self.slots.iter().filter(|s| s.errored.is_some()).count();
+        let took = human(op.started.elapsed());
+        let (ok, message) = match op.kind {
+            OpKind::Reload { .. } => (true, format!("reloaded {} workers in {took}", op.replaced)),
+            OpKind::Restart => (
+                errored == 0,
+                format!("restarted {} workers in {took}", self.slots.len() - errored),
+            ),
+            OpKind::Scale { to } => (errored == 0, format!("scaled to {to} workers in {took}")),
+        };
+        let message = if errored > 0 {
+            format!("{message}; {errored} slots errored (see herd logs)")
+        } else {
+            message
+        };
+        self.logger.event(op.kind.name(), None, &message, &[]);
+        if let Some(reply) = op.reply.take() {
+            let _ = reply.send(if ok {
+                Response::ok(message)
+            } else {
+                Response::error(message)
+            });
+        }
+    }
+
+    /// Removes retired slots at the end once their workers are gone.
+    pub(super) fn trim_slots(&mut self) {
+        while self
+            .slots
+            .last()
+            .is_some_and(|s| s.retiring && s.worker.is_none() && s.incoming.is_none())
+        {
+            self.slots.pop();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scale_targets() {
+        assert_eq!(scale_target("8", 4), Ok(8));
+        assert_eq!(scale_target("+2", 4), Ok(6));
+        assert_eq!(scale_target("-1", 4), Ok(3));
+        assert!(scale_target("-4", 4).unwrap_err().contains("at least 1"));
+        assert!(scale_target("-5", 4).unwrap_err().contains("cannot remove"));
+        assert!(scale_target("many", 4)
+            .unwrap_err()
+            .contains("not a worker count"));
+        assert!(scale_target("0", 4).is_err());
+    }
+}
