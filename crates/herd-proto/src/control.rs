@@ -108,6 +108,12 @@ pub struct WorkerStatus {
     pub connections: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status_text: Option<String>,
+    /// The last health probe: `ok (200)`, `failing 2/3: status 500`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<String>,
+    /// Replacements of this slot by reason: crash, hung, unhealthy, memory, requests, age, reload.
+    #[serde(default)]
+    pub restarts_by_reason: std::collections::BTreeMap<String, u32>,
 }
 
 /// One line of the supervisor's log ring.

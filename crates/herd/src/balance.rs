@@ -45,6 +45,8 @@ pub struct Pending {
     pub peer: u64,
     /// Workers that refused it or died holding it.
     pub attempts: u8,
+    /// herd's own health probe for one worker: never re-routed to another.
+    pub probe: bool,
 }
 
 /// Lets the supervisor pause an accept loop while too many connections wait.
@@ -109,6 +111,7 @@ pub async fn accept_loop(
                             fd,
                             peer,
                             attempts: 0,
+                            probe: false,
                         },
                     })
                     .is_err()

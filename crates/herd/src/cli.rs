@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::spec::{self, Balance, Instances, ListenAddr, LogFormat, Policy, Ready, Spec};
+use crate::spec::{
+    self, Balance, Health, HealthCheck, Instances, ListenAddr, LogFormat, Policy, Ready, Spec,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -144,6 +146,47 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = spec::parse_duration)]
     pub listen_timeout: Duration,
 
+    /// A ready worker silent this long is hung and replaced: no WATCHDOG=1 (socket
+    /// activation), no answer to herd's event-loop ping, or a hand-off unanswered (Node).
+    #[arg(long, value_name = "DURATION", value_parser = spec::parse_duration)]
+    pub watchdog: Option<Duration>,
+
+    /// Probe each worker with GET PATH; replace it after --health-failures failures in a row.
+    #[arg(long, value_name = "PATH")]
+    pub health_check: Option<String>,
+
+    /// Time between two probes of a worker.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = spec::parse_duration)]
+    pub health_interval: Duration,
+
+    /// How long a probe may take.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = spec::parse_duration)]
+    pub health_timeout: Duration,
+
+    /// Failed probes in a row before the worker is replaced.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub health_failures: u32,
+
+    /// Replace a worker whose resident memory passes SIZE (300M, 1G); checked every second.
+    #[arg(long, value_name = "SIZE", value_parser = spec::parse_size)]
+    pub max_memory: Option<u64>,
+
+    /// Replace a worker after herd handed it N connections (round-robin, sticky).
+    #[arg(long, value_name = "N")]
+    pub max_requests: Option<u64>,
+
+    /// Up to N more connections, chosen per worker, so workers recycle at different times.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_requests_jitter: u64,
+
+    /// Replace a worker once it has run this long.
+    #[arg(long, value_name = "DURATION", value_parser = spec::parse_duration)]
+    pub max_age: Option<Duration>,
+
+    /// Up to this much longer, chosen per worker.
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = spec::parse_duration)]
+    pub max_age_jitter: Duration,
+
     /// The program or script to run (a .js file runs as a Node cluster worker).
     #[arg(value_name = "APP")]
     pub app: String,
@@ -185,6 +228,20 @@ impl RunArgs {
                 max_restarts: self.max_restarts,
                 autorestart: !self.no_autorestart,
                 listen_timeout: self.listen_timeout,
+            },
+            health: Health {
+                watchdog: self.watchdog,
+                check: self.health_check.map(|path| HealthCheck {
+                    path,
+                    interval: self.health_interval,
+                    timeout: self.health_timeout,
+                    failures: self.health_failures.max(1),
+                }),
+                max_memory: self.max_memory,
+                max_requests: self.max_requests,
+                max_requests_jitter: self.max_requests_jitter,
+                max_age: self.max_age,
+                max_age_jitter: self.max_age_jitter,
             },
             log_format: self.log_format,
         }
@@ -260,7 +317,9 @@ mod tests {
             "1",
         ])
         .expect("parses");
-        let Command::Run(run) = cli.command;
+        let Command::Run(run) = cli.command else {
+            panic!("parsed as run")
+        };
         let spec = run.into_spec();
         assert_eq!(spec.instances, Instances::Count(4));
         assert_eq!(spec.policy.kill_timeout, Duration::from_secs(2));

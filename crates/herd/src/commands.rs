@@ -90,10 +90,11 @@ pub fn status(home: &Path, name: &str, json: bool) -> anyhow::Result<u8> {
             Cell::new(pid),
             Cell::new(&w.state),
             Cell::new(duration(w.uptime_ms)),
-            Cell::new(w.restarts).set_alignment(CellAlignment::Right),
+            Cell::new(restarts(w.restarts, &w.restarts_by_reason)),
             Cell::new(format!("{:.1}%", w.cpu_percent)).set_alignment(CellAlignment::Right),
             Cell::new(bytes(w.memory_bytes)).set_alignment(CellAlignment::Right),
             Cell::new(w.connections).set_alignment(CellAlignment::Right),
+            Cell::new(w.health.as_deref().unwrap_or("-")),
             Cell::new(
                 w.last_exit
                     .as_deref()
@@ -179,8 +180,10 @@ pub fn logs(
     if out.flush().is_err() {
         return Ok(0);
     }
-    while follow {
-        let Some(raw) = client.next_line() else { break };
+    if !follow {
+        return Ok(0);
+    }
+    while let Some(raw) = client.next_line() {
         let text = serde_json::from_str::<herd_proto::control::LogLine>(&raw)
             .map(|l| l.text)
             .unwrap_or(raw);
@@ -294,6 +297,15 @@ pub fn start(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// `3 (crash 2, memory 1)`.
+fn restarts(total: u32, by_reason: &std::collections::BTreeMap<String, u32>) -> String {
+    if by_reason.is_empty() {
+        return total.to_string();
+    }
+    let parts: Vec<String> = by_reason.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    format!("{total} ({})", parts.join(", "))
 }
 
 fn bytes(n: u64) -> String {

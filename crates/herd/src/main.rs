@@ -9,6 +9,7 @@ mod balance;
 mod cli;
 mod commands;
 mod control;
+mod health;
 mod logs;
 mod node;
 mod paths;

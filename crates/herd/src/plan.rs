@@ -165,6 +165,25 @@ pub fn plan(spec: Spec) -> Result<Plan, PlanError> {
         WorkerKind::Node => Ready::Listening,
         WorkerKind::SocketActivation => Ready::Delay(std::time::Duration::from_secs(1)),
     });
+    if spec.health.max_requests.is_some() && balance == Balance::Shared {
+        return Err(SpecError::Invalid {
+            flag: "--max-requests",
+            problem: "herd counts the connections it hands out, which needs --balance round-robin or sticky (Node workers)".into(),
+        }
+        .into());
+    }
+    if let Some(check) = &spec.health.check {
+        if !check.path.starts_with('/') {
+            return Err(SpecError::Invalid {
+                flag: "--health-check",
+                problem: format!(
+                    "`{}` must be a path starting with /, like /health",
+                    check.path
+                ),
+            }
+            .into());
+        }
+    }
     let mut listeners = Vec::with_capacity(spec.listen.len());
     for (i, addr) in spec.listen.iter().enumerate() {
         let name = if i == 0 {
@@ -296,7 +315,7 @@ mod tests {
     #[test]
     fn a_port_in_use_is_named() {
         let (_held, addr) = bind(&"127.0.0.1:0".parse().expect("addr")).expect("bind");
-        let err = bind(&addr).err().expect("second bind fails").to_string();
+        let err = bind(&addr).expect_err("second bind fails").to_string();
         assert!(err.contains("already in use"), "{err}");
         assert!(err.contains(&addr.to_string()), "{err}");
     }

@@ -253,7 +253,65 @@ pub struct Spec {
     pub balance: Option<Balance>,
     pub ready: Option<Ready>,
     pub policy: Policy,
+    pub health: Health,
     pub log_format: LogFormat,
+}
+
+/// Health checks and limits (`--watchdog`, `--health-check`, `--max-*`). All off by default.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Health {
+    /// A ready worker silent this long (no `WATCHDOG=1`, no answer to herd's event-loop
+    /// ping, a hand-off not acknowledged) is hung.
+    pub watchdog: Option<Duration>,
+    pub check: Option<HealthCheck>,
+    /// Resident memory in bytes, sampled every second.
+    pub max_memory: Option<u64>,
+    /// Connections herd handed to one worker (round-robin, sticky).
+    pub max_requests: Option<u64>,
+    /// Up to this many more, chosen per worker, so workers do not all recycle together.
+    pub max_requests_jitter: u64,
+    pub max_age: Option<Duration>,
+    pub max_age_jitter: Duration,
+}
+
+/// `--health-check PATH`: an HTTP GET to each worker individually.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthCheck {
+    pub path: String,
+    /// Between probes of one worker (default 10s).
+    pub interval: Duration,
+    /// For one probe's answer (default 2s).
+    pub timeout: Duration,
+    /// Failures in a row before the worker is replaced (default 3).
+    pub failures: u32,
+}
+
+/// Parses `300M`, `1G`, `512K`, `1000000` (bytes).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let scale: f64 = match unit.to_ascii_uppercase().trim_end_matches('B') {
+        "" => 1.0,
+        "K" => 1024.0,
+        "M" => 1024.0 * 1024.0,
+        "G" => 1024.0 * 1024.0 * 1024.0,
+        _ => {
+            return Err(format!(
+                "`{s}`: unknown unit `{unit}`; write a size like 300M or 1G"
+            ))
+        }
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like 300M or 1G"))?;
+    let bytes = value * scale;
+    if !(1.0..=1e15).contains(&bytes) {
+        return Err(format!("`{s}` is out of range"));
+    }
+    Ok(bytes as u64)
 }
 
 /// Parses `KEY=VALUE` for `--env`.
@@ -379,6 +437,18 @@ mod tests {
         assert!(parse_env("A").is_err());
         assert!(parse_env("1A=x").is_err());
         assert!(parse_env("A-B=x").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("300M"), Ok(300 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("512k"), Ok(512 << 10));
+        assert_eq!(parse_size("1.5GB"), Ok(3 << 29));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert!(parse_size("3X").unwrap_err().contains("unknown unit"));
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("0").is_err());
     }
 
     #[test]

@@ -16,6 +16,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::rc::Rc;
+use std::time::Instant;
 
 use herd_proto::fdpass;
 use herd_proto::node::{self, Lines, Message, QueryServer};
@@ -39,14 +40,27 @@ pub enum Out {
     },
     /// Any other line, with an fd that its owner keeps open.
     Line { bytes: Vec<u8>, fd: Option<RawFd> },
+    /// herd's event-loop ping: a `NODE_HANDLE` without an fd, which Node's IPC code answers
+    /// with `NODE_HANDLE_NACK` from inside the worker's event loop (spec §4). The inner
+    /// message is internal (`NODE_…`), so the app never sees it.
+    Ping,
 }
+
+const PING: &[u8] =
+    b"{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Native\",\"msg\":{\"cmd\":\"NODE_HERD_PING\"}}\n";
 
 impl Out {
     fn fd(&self) -> Option<RawFd> {
         match self {
             Out::NewConn { fd, .. } => Some(*fd),
             Out::Line { fd, .. } => *fd,
+            Out::Ping => None,
         }
+    }
+
+    /// Waits for `NODE_HANDLE_ACK`/`NACK` before anything else is written.
+    fn gates(&self) -> bool {
+        self.fd().is_some() || matches!(self, Out::Ping)
     }
 }
 
@@ -62,8 +76,11 @@ pub struct Channel {
     sock: Rc<UnixStream>,
     seq: u64,
     queue: VecDeque<Out>,
-    /// An fd message sent and not yet acknowledged.
+    /// An fd message (or ping) sent and not yet answered, and since when.
     gated: Option<Out>,
+    gated_since: Option<Instant>,
+    /// Pings answered so far.
+    pongs: u64,
     nacks: u8,
     /// Bytes of the queue's front already written.
     partial: usize,
@@ -77,6 +94,8 @@ impl Channel {
             seq: 0,
             queue: VecDeque::new(),
             gated: None,
+            gated_since: None,
+            pongs: 0,
             nacks: 0,
             partial: 0,
             scratch: Vec::with_capacity(256),
@@ -126,22 +145,39 @@ impl Channel {
         self.push(Out::Line { bytes, fd: None })
     }
 
+    /// Queues an event-loop ping; [`Channel::pongs`] counts the answers.
+    pub fn ping(&mut self) -> io::Result<Flush> {
+        self.push(Out::Ping)
+    }
+
+    pub fn pongs(&self) -> u64 {
+        self.pongs
+    }
+
+    /// How long the message in flight has waited for its ACK, if one is.
+    pub fn waiting_since(&self) -> Option<Instant> {
+        self.gated_since
+    }
+
     /// The worker acknowledged the fd message in flight.
     pub fn on_ack(&mut self) -> io::Result<Flush> {
         self.gated = None;
+        self.gated_since = None;
         self.nacks = 0;
         self.flush()
     }
 
     /// The worker got the last fd message without its fd: send it again, a few times.
     pub fn on_nack(&mut self) -> io::Result<Flush> {
-        if let Some(out) = self.gated.take() {
-            if self.nacks < MAX_NACKS {
+        self.gated_since = None;
+        match self.gated.take() {
+            Some(Out::Ping) => self.pongs += 1,
+            Some(out) if self.nacks < MAX_NACKS => {
                 self.nacks += 1;
                 self.queue.push_front(out);
-            } else {
-                self.nacks = 0;
             }
+            Some(_) => self.nacks = 0,
+            None => {}
         }
         self.flush()
     }
@@ -162,6 +198,7 @@ impl Channel {
                     &self.scratch
                 }
                 Out::Line { bytes, .. } => bytes,
+                Out::Ping => PING,
             };
             let fd = if self.partial == 0 { front.fd() } else { None };
             let rest = &bytes[self.partial..];
@@ -178,8 +215,9 @@ impl Channel {
                     if self.partial == total {
                         self.partial = 0;
                         let out = self.queue.pop_front().expect("front exists");
-                        if out.fd().is_some() {
+                        if out.gates() {
                             self.gated = Some(out);
+                            self.gated_since = Some(Instant::now());
                         }
                     }
                 }
@@ -285,6 +323,8 @@ async fn read_until_end(
                 lines.filled(spare_len, 0);
                 continue;
             }
+            // A killed worker's socket can report a reset instead of a clean EOF.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(()),
             Err(e) => return Err(format!("reading its IPC channel: {e}")),
         };
         lines.filled(spare_len, n);

@@ -26,6 +26,7 @@
 //! Stopping a worker takes it out of routing first, then asks it to close: in-flight
 //! requests finish. Each worker is its own process group, and the whole group is signalled.
 
+mod health;
 pub mod ops;
 pub mod restart;
 pub mod status;
@@ -103,6 +104,12 @@ pub enum Event {
         id: WorkerId,
         signal: rustix::process::Signal,
     },
+    /// Once a second, when a health check or limit is on.
+    Tick,
+    Probe {
+        id: WorkerId,
+        result: Result<u16, String>,
+    },
     Signal(SignalKind),
     Control {
         request: Request,
@@ -136,6 +143,8 @@ struct Slot {
     retiring: bool,
     /// Restart: start a new worker once the current one is gone.
     respawn: bool,
+    /// Replacements by reason (`crash`, `hung`, `memory`, `reload`, …).
+    reasons: std::collections::BTreeMap<&'static str, u32>,
 }
 
 impl Slot {
@@ -150,6 +159,7 @@ impl Slot {
             last_exit: None,
             retiring: false,
             respawn: false,
+            reasons: Default::default(),
         }
     }
 }
@@ -173,6 +183,10 @@ pub struct Supervisor {
     all_ready: bool,
     run_dir: PathBuf,
     op: Option<ops::Op>,
+    /// Graceful replacements (health, limits) waiting their turn.
+    replacements: std::collections::VecDeque<(WorkerId, &'static str)>,
+    /// herd's end of Node health probes.
+    probe_listener: Option<std::net::TcpListener>,
     stop_replies: Vec<oneshot::Sender<Response>>,
     started: std::time::Instant,
 }
@@ -203,6 +217,8 @@ impl Supervisor {
             all_ready: false,
             run_dir,
             op: None,
+            replacements: std::collections::VecDeque::new(),
+            probe_listener: None,
             stop_replies: Vec::new(),
             started: std::time::Instant::now(),
         };
@@ -247,6 +263,7 @@ impl Supervisor {
         for instance in 0..self.slots.len() {
             self.start_worker(instance, false);
         }
+        self.start_health();
     }
 
     /// The exit code once the supervisor is done.
@@ -352,6 +369,8 @@ impl Supervisor {
             Event::KillDue { id, signal } => self.kill_due(id, signal),
             Event::Signal(kind) => self.on_signal(kind),
             Event::Control { request, reply } => self.on_control(request, reply),
+            Event::Tick => self.on_tick(),
+            Event::Probe { id, result } => self.on_probe(id, result),
         }
     }
 
@@ -669,6 +688,8 @@ impl Supervisor {
             self.check_op();
             return;
         }
+        let cause = if w.hung { "hung" } else { "crash" };
+        *slot.reasons.entry(cause).or_default() += 1;
         self.after_exit(instance, who, uptime, &how, reason, &fields);
         self.check_op();
     }
@@ -769,6 +790,9 @@ impl Supervisor {
         }
         for f in std::mem::take(&mut w.inflight) {
             let mut conn = f.conn;
+            if conn.probe {
+                continue;
+            }
             conn.attempts += 1;
             self.route(f.server, conn);
         }
@@ -776,17 +800,27 @@ impl Supervisor {
 
     fn on_ipc_closed(&mut self, id: WorkerId, reason: Option<String>) {
         if let Some(reason) = reason {
-            if let Some(w) = self.workers.get_mut(&id) {
+            if let Some(w) = self.workers.get_mut(&id).filter(|w| !w.stopping && !w.hung) {
                 w.channel = None;
                 let who = w.who();
                 self.logger.event(
                     "ipc_error",
                     Some(who),
-                    &format!("IPC channel broken: {reason} — replacing the worker"),
+                    &format!(
+                        "IPC channel broken: {reason} — killing the worker; its slot restarts"
+                    ),
                     &[],
                 );
+                signal_group(w.pid, rustix::process::Signal::TERM);
+                let grace = self.plan.spec.policy.kill_timeout.min(TERM_GRACE);
+                self.after(
+                    grace,
+                    Event::KillDue {
+                        id,
+                        signal: rustix::process::Signal::KILL,
+                    },
+                );
             }
-            self.stop_worker(id);
         }
         // EOF: the worker is leaving (disconnect, crash or exit). Route around it now; its
         // exit decides what happens to the slot.
@@ -805,6 +839,7 @@ impl Supervisor {
             return;
         }
         w.ready = true;
+        w.last_watchdog = std::time::Instant::now();
         let who = w.who();
         let servers = w.servers.clone();
         let promote = w.incoming.then_some(w.instance);
@@ -867,6 +902,16 @@ impl Supervisor {
                         w.status = Some(text);
                     }
                 }
+                Notify::Watchdog => {
+                    if let Some(w) = self.workers.get_mut(&id) {
+                        w.last_watchdog = std::time::Instant::now();
+                    }
+                }
+                Notify::Stopping => {
+                    if let Some(w) = self.workers.get_mut(&id) {
+                        w.leaving = true;
+                    }
+                }
                 Notify::Errno(n) => {
                     self.logger.event(
                         "notify",
@@ -896,7 +941,7 @@ impl Supervisor {
                     return;
                 };
                 let f = w.inflight.swap_remove(i);
-                if accepted == Some(false) {
+                if accepted == Some(false) && !f.conn.probe {
                     let mut conn = f.conn;
                     conn.attempts += 1;
                     self.route_avoiding(f.server, conn, Some(id));
@@ -1154,6 +1199,15 @@ impl Supervisor {
         if let Err(conn) = w.hand_off(&self.tx, server, &key_json, conn) {
             // The channel just broke; the worker is on its way out. Try the others.
             self.route_avoiding(server, conn, Some(id));
+            return;
+        }
+        let health = &self.plan.spec.health;
+        if let Some(max) = health.max_requests {
+            let limit = max + crate::health::jitter(id, health.max_requests_jitter);
+            if w.connections >= limit && !w.replacing {
+                let why = format!("{} connections >= --max-requests {limit}", w.connections);
+                self.queue_replacement(id, "requests", why);
+            }
         }
     }
 

@@ -24,9 +24,18 @@ use crate::spec::WorkerKind;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpKind {
-    Reload { parallel: usize },
+    Reload {
+        parallel: usize,
+    },
     Restart,
-    Scale { to: usize },
+    Scale {
+        to: usize,
+    },
+    /// One worker replaced for a health reason (`memory`, `unhealthy`, …).
+    Replace {
+        instance: usize,
+        reason: &'static str,
+    },
 }
 
 impl OpKind {
@@ -35,6 +44,7 @@ impl OpKind {
             OpKind::Reload { .. } => "reload",
             OpKind::Restart => "restart",
             OpKind::Scale { .. } => "scale",
+            OpKind::Replace { .. } => "replace",
         }
     }
 }
@@ -89,6 +99,27 @@ impl Supervisor {
         if self.phase != Phase::Running {
             return refuse(reply, "the app is stopping".into());
         }
+        // A reload asked for while a health replacement runs takes it over: the reload
+        // replaces that worker too.
+        let live = self.live_slots();
+        if let (Some(op), OpKind::Reload { .. }) = (&mut self.op, kind) {
+            if matches!(op.kind, OpKind::Replace { .. }) {
+                let busy: Vec<usize> = op.active.clone();
+                op.kind = kind;
+                op.reply = reply;
+                op.todo = (0..live).filter(|i| !busy.contains(i)).collect();
+                self.replacements.clear();
+                self.logger.event(
+                    "reloading",
+                    None,
+                    "reloading every worker (takes over a replacement in progress)",
+                    &[],
+                );
+                self.step_reload();
+                self.check_op();
+                return;
+            }
+        }
         if let Some(op) = &self.op {
             let message = format!(
                 "a {} is already in progress (started {} ago); wait for it to finish",
@@ -118,6 +149,11 @@ impl Supervisor {
                 op.todo = (0..live).collect();
                 self.logger
                     .event("reloading", None, &format!("reloading {live} workers"), &[]);
+                self.op = Some(op);
+                self.step_reload();
+            }
+            OpKind::Replace { instance, .. } => {
+                op.todo = [instance].into();
                 self.op = Some(op);
                 self.step_reload();
             }
@@ -189,8 +225,10 @@ impl Supervisor {
     fn step_reload(&mut self) {
         loop {
             let Some(op) = self.op.as_mut() else { return };
-            let OpKind::Reload { parallel } = op.kind else {
-                return;
+            let parallel = match op.kind {
+                OpKind::Reload { parallel } => parallel,
+                OpKind::Replace { .. } => 1,
+                OpKind::Restart | OpKind::Scale { .. } => return,
             };
             if op.active.len() >= parallel.max(1) {
                 return;
@@ -219,6 +257,12 @@ impl Supervisor {
             w.incoming = false;
         }
         if let Some(op) = self.op.as_mut() {
+            let reason = match op.kind {
+                OpKind::Replace { reason, .. } => reason,
+                _ => "reload",
+            };
+            *slot.reasons.entry(reason).or_default() += 1;
+            slot.restarts += 1;
             op.active.retain(|&i| i != instance);
             op.replaced += 1;
             if let Some(old) = old {
@@ -269,6 +313,7 @@ impl Supervisor {
         if let Some(reply) = op.reply.take() {
             let _ = reply.send(Response::error(message));
         }
+        self.next_replacement();
     }
 
     /// Finishes the current operation if its goal is reached.
@@ -281,7 +326,7 @@ impl Supervisor {
                 .is_some_and(|w| w.ready)
         };
         let done = match op.kind {
-            OpKind::Reload { .. } => {
+            OpKind::Reload { .. } | OpKind::Replace { .. } => {
                 op.todo.is_empty()
                     && op.active.is_empty()
                     && op.retired.iter().all(|id| !workers.contains_key(id))
@@ -307,6 +352,13 @@ impl Supervisor {
                 format!("restarted {} workers in {took}", self.slots.len() - errored),
             ),
             OpKind::Scale { to } => (errored == 0, format!("scaled to {to} workers in {took}")),
+            OpKind::Replace { instance, reason } => (
+                true,
+                format!(
+                    "replaced {}[{instance}] ({reason}) in {took}",
+                    self.plan.spec.name
+                ),
+            ),
         };
         let message = if errored > 0 {
             format!("{message}; {errored} slots errored (see herd logs)")
@@ -321,6 +373,7 @@ impl Supervisor {
                 Response::error(message)
             });
         }
+        self.next_replacement();
     }
 
     /// Removes retired slots at the end once their workers are gone.

@@ -4,7 +4,7 @@
 
 use herd_proto::control::{AppStatus, WorkerStatus};
 
-use super::{Phase, Supervisor};
+use super::{Phase, Slot, Supervisor};
 use crate::procfs::{self, CpuSample};
 use crate::spec::WorkerKind;
 
@@ -47,6 +47,8 @@ impl Supervisor {
                     memory_bytes: procfs::rss_bytes(w.pid).unwrap_or(0),
                     connections: w.connections,
                     status_text: w.status.clone(),
+                    health: w.health.clone(),
+                    restarts_by_reason: reasons(slot),
                 });
             }
             if !any {
@@ -67,6 +69,8 @@ impl Supervisor {
                     memory_bytes: 0,
                     connections: 0,
                     status_text: None,
+                    health: None,
+                    restarts_by_reason: reasons(slot),
                 });
             }
         }
@@ -89,6 +93,8 @@ impl Supervisor {
                     memory_bytes: procfs::rss_bytes(w.pid).unwrap_or(0),
                     connections: w.connections,
                     status_text: w.status.clone(),
+                    health: w.health.clone(),
+                    restarts_by_reason: Default::default(),
                 });
             }
         }
@@ -143,4 +149,11 @@ impl Supervisor {
             workers,
         }
     }
+}
+
+fn reasons(slot: &Slot) -> std::collections::BTreeMap<String, u32> {
+    slot.reasons
+        .iter()
+        .map(|(k, v)| ((*k).to_string(), *v))
+        .collect()
 }

@@ -25,6 +25,8 @@ pub struct InFlight {
     pub seq: u64,
     pub server: ServerId,
     pub conn: crate::balance::Pending,
+    /// When it was handed over (hang detection).
+    pub at: Instant,
 }
 
 pub struct Worker {
@@ -45,6 +47,21 @@ pub struct Worker {
     pub connections: u64,
     /// The last CPU reading, for `herd status`.
     pub cpu: Option<crate::procfs::CpuSample>,
+    /// Declared hung: being killed.
+    pub hung: bool,
+    /// A graceful replacement is queued or running.
+    pub replacing: bool,
+    /// The last `WATCHDOG=1` (or when it became ready).
+    pub last_watchdog: Instant,
+    /// An event-loop ping in flight: when it was sent and the pong count then.
+    pub ping: Option<(Instant, u64)>,
+    pub probe_due: Option<Instant>,
+    pub probing: bool,
+    pub probe_failures: u32,
+    /// The last probe's outcome, for `herd status`.
+    pub health: Option<String>,
+    /// Socket activation with --health-check: its private `health` listener's port.
+    pub health_port: Option<u16>,
     /// Node: the IPC channel, until it closes.
     pub channel: Option<Channel>,
     pub inflight: Vec<InFlight>,
@@ -117,7 +134,12 @@ impl Worker {
         };
         let seq = chan.next_seq();
         let fd = conn.fd.as_raw_fd();
-        self.inflight.push(InFlight { seq, server, conn });
+        self.inflight.push(InFlight {
+            seq,
+            server,
+            conn,
+            at: Instant::now(),
+        });
         let key_json = Rc::clone(key_json);
         if self.send(tx, |c| c.push(Out::NewConn { key_json, seq, fd })) {
             self.connections += 1;
@@ -214,11 +236,26 @@ impl Launcher {
         set("NOTIFY_SOCKET", notify_path.to_string_lossy().into_owned());
 
         let mut ipc = None;
-        let fds: Vec<BorrowedFd<'_>>;
+        let mut fds: Vec<BorrowedFd<'_>>;
+        let mut health_port = None;
+        let health_listener;
         let listen_pid = match plan.kind {
             WorkerKind::SocketActivation => {
                 fds = plan.listeners.iter().map(|l| l.socket.as_fd()).collect();
-                let names: Vec<&str> = plan.listeners.iter().map(|l| l.name.as_str()).collect();
+                let mut names: Vec<&str> = plan.listeners.iter().map(|l| l.name.as_str()).collect();
+                if plan.spec.health.check.is_some() {
+                    let socket = crate::plan::bind_tcp(
+                        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+                        true,
+                    )?;
+                    health_port = socket.local_addr()?.as_socket().map(|a| a.port());
+                    health_listener = socket;
+                    fds.push(health_listener.as_fd());
+                    names.push("health");
+                }
+                if let Some(watchdog) = plan.spec.health.watchdog {
+                    set("WATCHDOG_USEC", watchdog.as_micros().to_string());
+                }
                 set("LISTEN_FDS", fds.len().to_string());
                 set("LISTEN_FDNAMES", names.join(":"));
                 !fds.is_empty()
@@ -306,6 +343,15 @@ impl Launcher {
             incoming: false,
             connections: 0,
             cpu: None,
+            hung: false,
+            replacing: false,
+            last_watchdog: Instant::now(),
+            ping: None,
+            probe_due: None,
+            probing: false,
+            probe_failures: 0,
+            health: None,
+            health_port,
             channel,
             inflight: Vec::new(),
             servers: Vec::new(),

@@ -1,0 +1,117 @@
+//! Probing one worker over HTTP, and the per-worker jitter of the recycling limits.
+//!
+//! A probe must reach *that* worker, not whichever one the kernel or the balancer picks:
+//!
+//! - Node workers (every balancing mode): herd opens a loopback TCP connection to a private
+//!   listener of its own, and hands the server side of it to the worker as a `newconn`, so
+//!   the app's server sees an ordinary connection. herd speaks HTTP on the client side.
+//! - Socket-activation workers: each gets one more listening socket, named `health` in
+//!   `LISTEN_FDNAMES` (after the app's own), bound to `127.0.0.1:0` for that worker alone.
+//!   The program must serve HTTP on it too; `herd-worker`'s `listeners()` returns it like
+//!   the others, and servers that serve every inherited socket need nothing more.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// GETs `path` and returns the status code, or why there is none.
+pub async fn probe(stream: TcpStream, path: &str, timeout: Duration) -> Result<u16, String> {
+    match tokio::time::timeout(timeout, exchange(stream, path)).await {
+        Ok(result) => result,
+        Err(_) => Err(format!(
+            "no answer within {}",
+            crate::supervisor::human(timeout)
+        )),
+    }
+}
+
+async fn exchange(mut stream: TcpStream, path: &str) -> Result<u16, String> {
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: herd-health\r\nConnection: close\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("sending the probe: {e}"))?;
+    let mut buf = [0u8; 256];
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = stream
+            .read(&mut buf[filled..])
+            .await
+            .map_err(|e| format!("reading the answer: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+        if buf[..filled].windows(2).any(|w| w == b"\r\n") {
+            break;
+        }
+    }
+    parse_status(&buf[..filled])
+}
+
+/// The status code of an HTTP/1.x status line.
+pub fn parse_status(head: &[u8]) -> Result<u16, String> {
+    let line = head
+        .split(|&b| b == b'\r' || b == b'\n')
+        .next()
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(line);
+    let mut parts = text.split_ascii_whitespace();
+    match (
+        parts.next(),
+        parts.next().and_then(|c| c.parse::<u16>().ok()),
+    ) {
+        (Some(v), Some(code)) if v.starts_with("HTTP/") => Ok(code),
+        _ if head.is_empty() => Err("connection closed without an answer".into()),
+        _ => Err(format!(
+            "not an HTTP answer: {:?}",
+            text.chars().take(40).collect::<String>()
+        )),
+    }
+}
+
+/// A per-worker amount in `0..=max`, so that limits with jitter do not recycle every worker
+/// at once. Derived from the worker id: stable for a worker, different across workers.
+pub fn jitter(worker_id: u64, max: u64) -> u64 {
+    if max == 0 {
+        return 0;
+    }
+    let mut z = worker_id.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 31)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    (z ^ (z >> 29)) % (max + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_lines() {
+        assert_eq!(parse_status(b"HTTP/1.1 200 OK\r\n"), Ok(200));
+        assert_eq!(
+            parse_status(b"HTTP/1.0 503 Service Unavailable\r\nx"),
+            Ok(503)
+        );
+        assert!(parse_status(b"").unwrap_err().contains("without an answer"));
+        assert!(parse_status(b"SSH-2.0-OpenSSH")
+            .unwrap_err()
+            .contains("not an HTTP"));
+    }
+
+    #[test]
+    fn jitter_stays_in_range_and_varies() {
+        let values: Vec<u64> = (1..=50).map(|id| jitter(id, 10)).collect();
+        assert!(values.iter().all(|&v| v <= 10));
+        assert!(
+            values
+                .iter()
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+                > 5
+        );
+        assert_eq!(jitter(7, 0), 0);
+    }
+}

@@ -1,0 +1,353 @@
+//! Health: hang detection, HTTP probes and the recycling limits, checked on a one-second
+//! tick and on probe results. A worker over a limit or failing its probes is *replaced* the
+//! reload way (its successor is ready before it is drained), one slot at a time, so capacity
+//! never drops below N-1. A hung worker cannot drain: it is taken out of routing at once,
+//! sent SIGABRT (a core or stack trace can be had) and then SIGKILL, and its slot restarts.
+//!
+//! Every replacement has a reason (`crash`, `hung`, `unhealthy`, `memory`, `requests`,
+//! `age`, `reload`), counted per slot and shown by `herd status`.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::ops::OpKind;
+use super::{human, Event, Supervisor, WorkerId};
+use crate::balance::Pending;
+use crate::health;
+use crate::procfs;
+use crate::spec::WorkerKind;
+
+/// How long a hung worker gets between SIGABRT and SIGKILL.
+const ABORT_GRACE: Duration = Duration::from_secs(1);
+
+impl Supervisor {
+    /// Starts the one-second tick if any check needs it.
+    pub(super) fn start_health(&self) {
+        let h = &self.plan.spec.health;
+        let needed = h.watchdog.is_some()
+            || h.check.is_some()
+            || h.max_memory.is_some()
+            || h.max_age.is_some();
+        if !needed {
+            return;
+        }
+        let tx = self.tx.clone();
+        tokio::task::spawn_local(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if tx.send(Event::Tick).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    pub(super) fn on_tick(&mut self) {
+        let now = Instant::now();
+        let health = self.plan.spec.health.clone();
+        let mut hung = Vec::new();
+        let mut replace = Vec::new();
+        let mut probes = Vec::new();
+        for w in self.workers.values_mut() {
+            if !w.ready || w.stopping || w.hung {
+                continue;
+            }
+            if let Some(limit) = health.watchdog {
+                if self.plan.kind == WorkerKind::SocketActivation
+                    && now.duration_since(w.last_watchdog) > limit
+                {
+                    hung.push((
+                        w.id,
+                        format!(
+                            "no WATCHDOG=1 for {}",
+                            human(now.duration_since(w.last_watchdog))
+                        ),
+                    ));
+                    continue;
+                }
+                let (waiting, pongs) = match &w.channel {
+                    Some(c) => (c.waiting_since(), Some(c.pongs())),
+                    None => (None, None),
+                };
+                if let Some(pongs) = pongs {
+                    let unanswered = w.inflight.iter().map(|f| f.at).min();
+                    let oldest = waiting.into_iter().chain(unanswered).min();
+                    if let Some(since) = oldest.filter(|s| now.duration_since(*s) > limit) {
+                        hung.push((
+                            w.id,
+                            format!(
+                                "a hand-off unanswered for {}",
+                                human(now.duration_since(since))
+                            ),
+                        ));
+                        continue;
+                    }
+                    if let Some((sent, before)) = w.ping {
+                        if pongs > before {
+                            w.ping = None;
+                        } else if now.duration_since(sent) > limit {
+                            let silent = human(now.duration_since(sent));
+                            hung.push((
+                                w.id,
+                                format!("its event loop did not answer herd's ping for {silent}"),
+                            ));
+                            continue;
+                        }
+                    }
+                    if w.ping.is_none() && w.send(&self.tx, |c| c.ping()) {
+                        w.ping = Some((now, pongs));
+                    }
+                }
+            }
+            if w.replacing {
+                continue;
+            }
+            if let Some(max) = health.max_memory {
+                if let Some(rss) = procfs::rss_bytes(w.pid).filter(|&rss| rss > max) {
+                    replace.push((
+                        w.id,
+                        "memory",
+                        format!("memory {} MB > --max-memory {} MB", rss >> 20, max >> 20),
+                    ));
+                    continue;
+                }
+            }
+            if let Some(max_age) = health.max_age {
+                let limit = max_age
+                    + Duration::from_millis(health::jitter(
+                        w.id,
+                        health.max_age_jitter.as_millis() as u64,
+                    ));
+                if w.started.elapsed() > limit {
+                    replace.push((
+                        w.id,
+                        "age",
+                        format!(
+                            "up {} > --max-age {}",
+                            human(w.started.elapsed()),
+                            human(limit)
+                        ),
+                    ));
+                    continue;
+                }
+            }
+            if let Some(check) = &health.check {
+                if w.probe_due.is_none_or(|due| now >= due) && !w.probing {
+                    w.probe_due = Some(now + check.interval);
+                    probes.push(w.id);
+                }
+            }
+        }
+        for (id, why) in hung {
+            self.hung(id, why);
+        }
+        for (id, reason, why) in replace {
+            self.queue_replacement(id, reason, why);
+        }
+        for id in probes {
+            self.start_probe(id);
+        }
+    }
+
+    /// A worker that stopped answering: out of routing now, then SIGABRT and SIGKILL.
+    fn hung(&mut self, id: WorkerId, why: String) {
+        let Some(mut w) = self.workers.remove(&id) else {
+            return;
+        };
+        w.hung = true;
+        let who = w.who();
+        self.logger.event(
+            "hung",
+            Some(who),
+            &format!("hung: {why} (--watchdog) — killing it (SIGABRT, then SIGKILL) and starting a replacement"),
+            &[("reason", json!("hung")), ("detail", json!(why))],
+        );
+        super::signal_group(w.pid, rustix::process::Signal::ABORT);
+        self.detach(&mut w);
+        self.workers.insert(id, w);
+        self.after(
+            ABORT_GRACE,
+            Event::KillDue {
+                id,
+                signal: rustix::process::Signal::KILL,
+            },
+        );
+    }
+
+    /// Queues a graceful replacement; they run one at a time, between other operations.
+    pub(super) fn queue_replacement(&mut self, id: WorkerId, reason: &'static str, why: String) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        if w.replacing || w.stopping || w.incoming {
+            return;
+        }
+        w.replacing = true;
+        let who = w.who();
+        self.logger.event(
+            "replacing",
+            Some(who),
+            &format!("will be replaced ({reason}): {why}"),
+            &[("reason", json!(reason)), ("detail", json!(why))],
+        );
+        self.replacements.push_back((id, reason));
+        self.next_replacement();
+    }
+
+    /// Starts the next queued replacement when nothing else is running.
+    pub(super) fn next_replacement(&mut self) {
+        if self.op.is_some() || self.phase != super::Phase::Running {
+            return;
+        }
+        while let Some((id, reason)) = self.replacements.pop_front() {
+            let Some(w) = self.workers.get(&id) else {
+                continue;
+            };
+            if w.stopping {
+                continue;
+            }
+            let instance = w.instance;
+            if self
+                .slots
+                .get(instance)
+                .is_none_or(|s| s.worker != Some(id) || s.retiring)
+            {
+                continue;
+            }
+            self.begin(OpKind::Replace { instance, reason }, None);
+            return;
+        }
+    }
+
+    fn start_probe(&mut self, id: WorkerId) {
+        let Some(check) = self.plan.spec.health.check.clone() else {
+            return;
+        };
+        let tx = self.tx.clone();
+        let pair = if self
+            .workers
+            .get(&id)
+            .is_some_and(|w| w.health_port.is_none())
+        {
+            Some(self.probe_pair())
+        } else {
+            None
+        };
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        w.probing = true;
+        if let Some(port) = w.health_port {
+            tokio::task::spawn_local(async move {
+                let result = match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                    Ok(stream) => health::probe(stream, &check.path, check.timeout).await,
+                    Err(e) => Err(format!("cannot connect to its health socket: {e}")),
+                };
+                let _ = tx.send(Event::Probe { id, result });
+            });
+            return;
+        }
+        // Node: hand the worker one end of a loopback connection on a server it holds.
+        let pair = pair.expect("made above for workers without a health port");
+        let server = w
+            .servers
+            .iter()
+            .copied()
+            .find(|&s| self.servers.get(s).is_some_and(|s| s.sockname.is_some()));
+        let (Some(server), Ok((client, served))) = (server, pair) else {
+            let _ = tx.send(Event::Probe {
+                id,
+                result: Err("it holds no TCP server herd can reach".into()),
+            });
+            return;
+        };
+        let key_json = match self.servers.get(server) {
+            Some(s) => std::rc::Rc::clone(&s.key_json),
+            None => return,
+        };
+        let conn = Pending {
+            fd: served,
+            peer: 0,
+            attempts: 0,
+            probe: true,
+        };
+        if w.hand_off(&self.tx, server, &key_json, conn).is_err() {
+            let _ = tx.send(Event::Probe {
+                id,
+                result: Err("its IPC channel is closed".into()),
+            });
+            return;
+        }
+        tokio::task::spawn_local(async move {
+            let result = match tokio::net::TcpStream::from_std(client) {
+                Ok(stream) => health::probe(stream, &check.path, check.timeout).await,
+                Err(e) => Err(e.to_string()),
+            };
+            let _ = tx.send(Event::Probe { id, result });
+        });
+    }
+
+    /// A connected loopback pair: (herd's client end, the end for the worker).
+    fn probe_pair(&mut self) -> std::io::Result<(std::net::TcpStream, std::os::fd::OwnedFd)> {
+        if self.probe_listener.is_none() {
+            self.probe_listener = Some(std::net::TcpListener::bind(("127.0.0.1", 0))?);
+        }
+        let listener = self.probe_listener.as_ref().expect("just set");
+        let client = std::net::TcpStream::connect(listener.local_addr()?)?;
+        // The handshake completed inside the kernel: the connection is already queued.
+        let (served, _) = listener.accept()?;
+        served.set_nonblocking(true)?;
+        client.set_nonblocking(true)?;
+        Ok((client, served.into()))
+    }
+
+    pub(super) fn on_probe(&mut self, id: WorkerId, result: Result<u16, String>) {
+        let Some(check) = self.plan.spec.health.check.clone() else {
+            return;
+        };
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        w.probing = false;
+        let who = w.who();
+        match result {
+            Ok(code) if (200..400).contains(&code) => {
+                if w.probe_failures > 0 {
+                    self.logger.event(
+                        "healthy",
+                        Some(who),
+                        &format!("healthy again ({code})"),
+                        &[],
+                    );
+                }
+                w.probe_failures = 0;
+                w.health = Some(format!("ok ({code})"));
+            }
+            failure => {
+                let why = match failure {
+                    Ok(code) => format!("status {code}"),
+                    Err(e) => e,
+                };
+                w.probe_failures += 1;
+                let n = w.probe_failures;
+                w.health = Some(format!("failing {n}/{}: {why}", check.failures));
+                self.logger.event(
+                    "probe_failed",
+                    Some(who),
+                    &format!("GET {} failed ({n}/{}): {why}", check.path, check.failures),
+                    &[("failures", json!(n))],
+                );
+                if n >= check.failures {
+                    self.queue_replacement(
+                        id,
+                        "unhealthy",
+                        format!("{n} failed probes in a row, last: {why}"),
+                    );
+                }
+            }
+        }
+    }
+}
