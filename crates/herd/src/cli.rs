@@ -101,6 +101,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "DIR")]
     pub cwd: Option<PathBuf>,
 
+    /// Run the workers as this user (and its primary group); herd must run as root.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+
     /// How long a stopping worker gets before SIGKILL.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = spec::parse_duration)]
     pub kill_timeout: Duration,
@@ -219,6 +223,7 @@ impl RunArgs {
             listen: self.listen,
             env: self.env,
             cwd: self.cwd,
+            user: self.user,
             balance: self.balance,
             ready,
             policy: Policy {

@@ -122,7 +122,12 @@ fn run(args: cli::RunArgs) -> anyhow::Result<u8> {
     let name = spec.name.clone();
     let home = paths::herd_home().map_err(anyhow::Error::msg)?;
     paths::private_dir(&home).map_err(anyhow::Error::msg)?;
-    let run_dir = home.join(format!("{name}-{}", std::process::id()));
+    // Notify sockets live here. Workers run as another user (`--user`) cannot enter the
+    // private HERD_HOME, so theirs get a directory of their own, handed to that user.
+    let run_dir = match spec.user {
+        Some(_) => std::env::temp_dir().join(format!("herd-{name}-{}", std::process::id())),
+        None => home.join(format!("{name}-{}", std::process::id())),
+    };
     paths::private_dir(&run_dir).map_err(anyhow::Error::msg)?;
     let control = match control::bind(&home, &name) {
         Ok(listener) => listener,

@@ -51,6 +51,47 @@ pub struct Plan {
     pub ready: Ready,
     pub listeners: Vec<Listener>,
     pub cwd: Option<PathBuf>,
+    /// `--user`: who the workers run as.
+    pub user: Option<User>,
+}
+
+/// A user the workers drop to.
+#[derive(Debug, Clone)]
+pub struct User {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: PathBuf,
+}
+
+/// Looks a user up in the password database.
+pub fn lookup_user(name: &str) -> Result<User, String> {
+    let cname = std::ffi::CString::new(name).map_err(|_| format!("`{name}` is not a user name"))?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: getpwnam_r writes into `pwd` and `buf`, both valid for the given sizes.
+    unsafe {
+        let mut pwd: libc::passwd = std::mem::zeroed();
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        let rc = libc::getpwnam_r(
+            cname.as_ptr(),
+            &mut pwd,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        );
+        if rc != 0 || result.is_null() {
+            return Err(format!("no user named `{name}` on this machine"));
+        }
+        let home = std::ffi::CStr::from_ptr(pwd.pw_dir)
+            .to_string_lossy()
+            .into_owned();
+        Ok(User {
+            name: name.to_string(),
+            uid: pwd.pw_uid,
+            gid: pwd.pw_gid,
+            home: PathBuf::from(home),
+        })
+    }
 }
 
 impl Plan {
@@ -184,6 +225,24 @@ pub fn plan(spec: Spec) -> Result<Plan, PlanError> {
             .into());
         }
     }
+    let user = match &spec.user {
+        Some(name) => {
+            let user = lookup_user(name).map_err(|problem| SpecError::Invalid {
+                flag: "--user",
+                problem,
+            })?;
+            let me = rustix::process::geteuid().as_raw();
+            if me != 0 && me != user.uid {
+                return Err(SpecError::Invalid {
+                    flag: "--user",
+                    problem: format!("running workers as `{name}` needs herd to run as root"),
+                }
+                .into());
+            }
+            Some(user)
+        }
+        None => None,
+    };
     let mut listeners = Vec::with_capacity(spec.listen.len());
     for (i, addr) in spec.listen.iter().enumerate() {
         let name = if i == 0 {
@@ -214,6 +273,7 @@ pub fn plan(spec: Spec) -> Result<Plan, PlanError> {
         ready,
         listeners,
         cwd,
+        user,
     })
 }
 

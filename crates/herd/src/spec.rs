@@ -250,6 +250,8 @@ pub struct Spec {
     pub listen: Vec<ListenAddr>,
     pub env: Vec<(String, String)>,
     pub cwd: Option<PathBuf>,
+    /// `--user`: the workers' user name.
+    pub user: Option<String>,
     pub balance: Option<Balance>,
     pub ready: Option<Ready>,
     pub policy: Policy,

@@ -542,14 +542,30 @@ impl Supervisor {
                     worker_id: id,
                     pid: 0,
                 };
-                self.logger.event(
-                    "spawn_failed",
-                    Some(who),
-                    &format!("could not start: {e}"),
-                    &[],
+                let as_user = match &self.plan.user {
+                    Some(u) => format!(" as user {}", u.name),
+                    None => String::new(),
+                };
+                let reason = format!(
+                    "could not start {}{as_user}: {e}",
+                    self.plan.program.display()
                 );
-                if !incoming {
-                    let reason = format!("could not start: {e}");
+                self.logger.event("spawn_failed", Some(who), &reason, &[]);
+                // Retrying cannot fix a program that is missing or not executable for us.
+                let hopeless = matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied
+                ) || e.raw_os_error() == Some(libc::ENOEXEC);
+                if hopeless && !incoming {
+                    self.logger.event(
+                        "errored",
+                        Some(who),
+                        &format!("errored: {reason}"),
+                        &[("reason", json!(reason))],
+                    );
+                    self.slots[instance].errored = Some(reason);
+                    self.check_all_errored();
+                } else if !incoming {
                     self.after_exit(instance, who, Duration::ZERO, &reason, reason.clone(), &[]);
                 }
                 None

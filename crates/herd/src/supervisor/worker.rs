@@ -203,6 +203,14 @@ impl Launcher {
             .filter(|(k, _)| !NOT_INHERITED.iter().any(|n| k == n))
             .filter(|(k, _)| !(k == "PORT" && plan.first_port().is_some()))
             .collect();
+        if let Some(user) = &plan.user {
+            for (key, value) in [("USER", &user.name), ("LOGNAME", &user.name)] {
+                base_env.retain(|(k, _)| k != key);
+                base_env.push((key.into(), value.into()));
+            }
+            base_env.retain(|(k, _)| k != "HOME");
+            base_env.push(("HOME".into(), user.home.clone().into()));
+        }
         for (key, value) in &plan.spec.env {
             base_env.retain(|(k, _)| k != key.as_str());
             base_env.push((key.into(), value.into()));
@@ -232,6 +240,11 @@ impl Launcher {
         let notify_path = self.run_dir.join(format!("w{id}.notify"));
         let _ = std::fs::remove_file(&notify_path);
         let notify = UnixDatagram::bind(&notify_path)?;
+        if let Some(user) = &plan.user {
+            // The worker must reach its notify socket: its directory and the socket are its.
+            std::os::unix::fs::chown(&self.run_dir, Some(user.uid), Some(user.gid))?;
+            std::os::unix::fs::chown(&notify_path, Some(user.uid), Some(user.gid))?;
+        }
         notify.set_nonblocking(true)?;
         set("NOTIFY_SOCKET", notify_path.to_string_lossy().into_owned());
 
@@ -281,8 +294,8 @@ impl Launcher {
             listen_pid,
             fds: &fds,
             cwd: plan.cwd.as_deref(),
-            uid: None,
-            gid: None,
+            uid: plan.user.as_ref().map(|u| u.uid),
+            gid: plan.user.as_ref().map(|u| u.gid),
         })?;
         drop(fds);
         let pid = child.id().unwrap_or(0);
