@@ -15,6 +15,7 @@ mod node;
 mod paths;
 mod plan;
 mod procfs;
+mod sdnotify;
 mod spawn;
 mod spec;
 mod supervisor;

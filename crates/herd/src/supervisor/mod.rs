@@ -189,6 +189,8 @@ pub struct Supervisor {
     probe_listener: Option<std::net::TcpListener>,
     stop_replies: Vec<oneshot::Sender<Response>>,
     started: std::time::Instant,
+    /// herd's own service manager (systemd `Type=notify`), if any.
+    manager: Option<crate::sdnotify::Manager>,
 }
 
 impl Supervisor {
@@ -221,6 +223,7 @@ impl Supervisor {
             probe_listener: None,
             stop_replies: Vec::new(),
             started: std::time::Instant::now(),
+            manager: crate::sdnotify::Manager::from_env(),
         };
         (sup, rx)
     }
@@ -490,7 +493,15 @@ impl Supervisor {
         }
     }
 
+    /// Tells herd's own service manager something, if there is one.
+    fn tell_manager(&self, text: &str) {
+        if let Some(m) = &self.manager {
+            m.send(text);
+        }
+    }
+
     fn stop_all(&mut self, code: i32) {
+        self.tell_manager("STOPPING=1");
         self.phase = Phase::Stopping {
             code,
             forced: false,
@@ -883,6 +894,7 @@ impl Supervisor {
             .count();
         if !self.all_ready && ready == self.slots.len() {
             self.all_ready = true;
+            self.tell_manager(&format!("READY=1\nSTATUS={ready} workers ready"));
             self.logger.event(
                 "all_ready",
                 None,

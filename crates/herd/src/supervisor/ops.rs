@@ -147,6 +147,7 @@ impl Supervisor {
         match kind {
             OpKind::Reload { .. } => {
                 op.todo = (0..live).collect();
+                self.tell_manager("RELOADING=1");
                 self.logger
                     .event("reloading", None, &format!("reloading {live} workers"), &[]);
                 self.op = Some(op);
@@ -310,6 +311,9 @@ impl Supervisor {
             self.live_slots()
         );
         self.logger.event("op_failed", None, &message, &[]);
+        if matches!(op.kind, OpKind::Reload { .. }) {
+            self.tell_manager("READY=1");
+        }
         if let Some(reply) = op.reply.take() {
             let _ = reply.send(Response::error(message));
         }
@@ -366,6 +370,9 @@ impl Supervisor {
             message
         };
         self.logger.event(op.kind.name(), None, &message, &[]);
+        if matches!(op.kind, OpKind::Reload { .. }) {
+            self.tell_manager("READY=1");
+        }
         if let Some(reply) = op.reply.take() {
             let _ = reply.send(if ok {
                 Response::ok(message)
