@@ -26,8 +26,10 @@ use crate::spec::LogFormat;
 pub const MAX_LINE: usize = 16 * 1024;
 /// Lines kept per worker to explain a crash.
 const TAIL_LINES: usize = 10;
-/// Lines kept for `herd logs` (about 1 MiB at typical line lengths).
+/// Lines kept for `herd logs`: at most this many, and at most [`RING_BYTES`] of text, so a
+/// worker printing long lines cannot make the ring large.
 const RING_LINES: usize = 5000;
+const RING_BYTES: usize = 2 << 20;
 
 /// Which worker a line or event is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,8 +67,8 @@ struct LoggerInner {
     app: String,
     format: LogFormat,
     color: bool,
-    /// Recent lines, uncoloured, for `herd logs`.
-    ring: RefCell<VecDeque<LogLine>>,
+    /// Recent lines, uncoloured, for `herd logs`, and their total size.
+    ring: RefCell<(VecDeque<LogLine>, usize)>,
     /// `herd logs -f` subscribers.
     follow: broadcast::Sender<LogLine>,
 }
@@ -78,13 +80,13 @@ impl Logger {
         let color = format == LogFormat::Text
             && std::io::stdout().is_terminal()
             && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-        let (follow, _) = broadcast::channel(1024);
+        let (follow, _) = broadcast::channel(256);
         Logger {
             inner: Rc::new(LoggerInner {
                 app: app.to_string(),
                 format,
                 color,
-                ring: RefCell::new(VecDeque::with_capacity(256)),
+                ring: RefCell::new((VecDeque::with_capacity(256), 0)),
                 follow,
             }),
         }
@@ -100,6 +102,7 @@ impl Logger {
         let rx = self.inner.follow.subscribe();
         let ring = self.inner.ring.borrow();
         let mut lines: Vec<LogLine> = ring
+            .0
             .iter()
             .rev()
             .filter(|l| instance.is_none() || l.instance == instance)
@@ -116,10 +119,15 @@ impl Logger {
             let _ = self.inner.follow.send(line.clone());
         }
         let mut ring = self.inner.ring.borrow_mut();
-        if ring.len() == RING_LINES {
-            ring.pop_front();
+        let (lines, bytes) = &mut *ring;
+        *bytes += line.text.len();
+        lines.push_back(line);
+        while lines.len() > RING_LINES || *bytes > RING_BYTES {
+            match lines.pop_front() {
+                Some(old) => *bytes -= old.text.len(),
+                None => break,
+            }
         }
-        ring.push_back(line);
     }
 
     /// One line a worker printed.
