@@ -858,6 +858,18 @@ impl Supervisor {
         self.workers.insert(id, w);
     }
 
+    /// Slots whose current worker is ready and not stopping.
+    fn ready_slots(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| {
+                s.worker
+                    .and_then(|id| self.workers.get(&id))
+                    .is_some_and(|w| w.ready && !w.stopping)
+            })
+            .count()
+    }
+
     fn mark_ready(&mut self, id: WorkerId, via: &str) {
         let Some(w) = self.workers.get_mut(&id) else {
             return;
@@ -883,15 +895,7 @@ impl Supervisor {
         for s in servers {
             self.drain(s);
         }
-        let ready = self
-            .slots
-            .iter()
-            .filter(|s| {
-                s.worker
-                    .and_then(|id| self.workers.get(&id))
-                    .is_some_and(|w| w.ready)
-            })
-            .count();
+        let ready = self.ready_slots();
         if !self.all_ready && ready == self.slots.len() {
             self.all_ready = true;
             self.tell_manager(&format!("READY=1\nSTATUS={ready} workers ready"));

@@ -98,15 +98,7 @@ impl Supervisor {
                 });
             }
         }
-        let ready = self
-            .slots
-            .iter()
-            .filter(|s| {
-                s.worker
-                    .and_then(|id| self.workers.get(&id))
-                    .is_some_and(|w| w.ready && !w.stopping)
-            })
-            .count();
+        let ready = self.ready_slots();
         let state = match (&self.phase, &self.op) {
             (Phase::Stopping { .. }, _) => "stopping".to_string(),
             (Phase::Running, Some(op)) => format!("{}ing", op.kind.name().trim_end_matches('e')),
