@@ -286,8 +286,21 @@ pub fn start(
                 println!("{name}: started {} workers (supervisor pid {}, logs: herd logs {name}, file {})", s.ready, s.pid, log_path.display());
                 return Ok(0);
             }
-            if s.state == "errored" {
-                eprintln!("error: {name}: every worker failed to start; see herd logs {name}");
+            let crashing = s
+                .workers
+                .iter()
+                .find(|w| w.restarts >= 2 && w.state != "ready");
+            if s.state == "errored" || crashing.is_some() {
+                let why = crashing
+                    .or_else(|| s.workers.first())
+                    .and_then(|w| {
+                        w.last_exit
+                            .clone()
+                            .map(|e| format!("{name}[{}] {e}", w.instance))
+                    })
+                    .unwrap_or_else(|| "see herd logs".into());
+                eprintln!("error: {name} did not start: its workers keep exiting. {why}");
+                let _ = request(home, name, &Request::Stop, Some(Duration::from_secs(30)));
                 return Ok(FAILED);
             }
         }

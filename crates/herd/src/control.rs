@@ -73,17 +73,19 @@ async fn client(stream: UnixStream, tx: UnboundedSender<Event>, logger: Logger) 
         Ok(cred) => peer_allowed(cred.uid(), our_uid),
         Err(_) => false,
     };
+    // The request is read even from a refused client (bounded), so that it is still reading
+    // when the refusal comes and sees the reason rather than a broken pipe.
+    let mut reader = TokioBufReader::new(read.take(MAX_REQUEST as u64));
+    let mut line = String::new();
+    if reader.read_line(&mut line).await.is_err() {
+        return;
+    }
     if !allowed {
         let _ = reply(
             &mut write,
             &Response::error("permission denied: this app belongs to another user"),
         )
         .await;
-        return;
-    }
-    let mut reader = TokioBufReader::new(read.take(MAX_REQUEST as u64));
-    let mut line = String::new();
-    if reader.read_line(&mut line).await.is_err() {
         return;
     }
     let request: Request = match serde_json::from_str(line.trim_end()) {

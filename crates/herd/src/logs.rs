@@ -25,7 +25,7 @@ use crate::spec::LogFormat;
 /// Longest worker line herd writes whole (16 KiB); the rest of a longer line is dropped.
 pub const MAX_LINE: usize = 16 * 1024;
 /// Lines kept per worker to explain a crash.
-const TAIL_LINES: usize = 10;
+const TAIL_LINES: usize = 40;
 /// Lines kept for `herd logs`: at most this many, and at most [`RING_BYTES`] of text, so a
 /// worker printing long lines cannot make the ring large.
 const RING_LINES: usize = 5000;
@@ -374,5 +374,62 @@ mod tests {
         assert_eq!(civil_from_days(20_420), (2025, 11, 28));
         assert_eq!(civil_from_days(11_016), (2000, 2, 29));
         assert_eq!(timestamp().len(), 24);
+    }
+}
+
+/// The part of a worker's last output that explains its exit: from the last line that looks
+/// like an error (`Error`, `Exception`, `panicked`, `Traceback`, `error:`) on, at most a few
+/// lines, else the last few lines. A Node stack trace buries its error line under ten
+/// frames, so "the last N lines" alone would miss it.
+pub fn explain(tail: &[String]) -> Vec<String> {
+    const SHOWN: usize = 6;
+    let looks_like_error = |l: &String| {
+        [
+            "Error",
+            "Exception",
+            "panicked",
+            "Traceback",
+            "error:",
+            "FATAL",
+            "fatal",
+        ]
+        .iter()
+        .any(|w| l.contains(w))
+    };
+    let start = match tail
+        .iter()
+        .rposition(|l| looks_like_error(l) && !l.trim_start().starts_with("at "))
+    {
+        Some(i) => i,
+        None => tail.len().saturating_sub(SHOWN),
+    };
+    tail[start..].iter().take(SHOWN).cloned().collect()
+}
+
+#[cfg(test)]
+mod explain_tests {
+    use super::explain;
+
+    #[test]
+    fn node_errors_are_found_above_their_stack() {
+        let mut tail: Vec<String> = vec![
+            "/app/dep.js:1".into(),
+            "throw new Error('x')".into(),
+            "^".into(),
+            "".into(),
+        ];
+        tail.push("Error: broken dependency: dep-1234".into());
+        for i in 0..10 {
+            tail.push(format!(
+                "    at Module._compile (node:internal/modules/cjs/loader:{i})"
+            ));
+        }
+        tail.push("".into());
+        tail.push("Node.js v20.20.2".into());
+        let shown = explain(&tail);
+        assert_eq!(shown[0], "Error: broken dependency: dep-1234");
+        assert!(shown.len() <= 6);
+        let plain: Vec<String> = (0..20).map(|i| format!("line {i}")).collect();
+        assert_eq!(explain(&plain).last().map(String::as_str), Some("line 19"));
     }
 }

@@ -152,7 +152,8 @@ fn run(args: cli::RunArgs) -> anyhow::Result<u8> {
     let local = tokio::task::LocalSet::new();
     let code = local.block_on(&runtime, async move {
         let logger = logs::Logger::new(&name, log_format);
-        let (sup, rx) = Supervisor::new(plan, logger, run_dir);
+        let (mut sup, rx) = Supervisor::new(plan, logger, run_dir);
+        sup.set_control_path(control_path.clone());
         let tx = sup.sender();
         forward_signals(tx.clone())?;
         let control = tokio::net::UnixListener::from_std(control)?;
@@ -161,7 +162,8 @@ fn run(args: cli::RunArgs) -> anyhow::Result<u8> {
         serving.abort();
         anyhow::Ok(code)
     });
-    let _ = std::fs::remove_file(&control_path);
+    // The supervisor removed its control socket before answering `herd stop`; removing it
+    // here could delete the socket of a new supervisor of the same name.
     let code = code?;
     Ok(u8::try_from(code).unwrap_or(1))
 }

@@ -191,6 +191,7 @@ pub struct Supervisor {
     started: std::time::Instant,
     /// herd's own service manager (systemd `Type=notify`), if any.
     manager: Option<crate::sdnotify::Manager>,
+    control_path: Option<PathBuf>,
 }
 
 impl Supervisor {
@@ -224,6 +225,7 @@ impl Supervisor {
             stop_replies: Vec::new(),
             started: std::time::Instant::now(),
             manager: crate::sdnotify::Manager::from_env(),
+            control_path: None,
         };
         (sup, rx)
     }
@@ -234,6 +236,11 @@ impl Supervisor {
 
     pub fn logger(&self) -> Logger {
         self.logger.clone()
+    }
+
+    /// The control socket to remove when the app stops, before `herd stop` is answered.
+    pub fn set_control_path(&mut self, path: PathBuf) {
+        self.control_path = Some(path);
     }
 
     /// Starts every slot's first worker.
@@ -300,6 +307,9 @@ impl Supervisor {
     }
 
     fn cleanup(&mut self) {
+        if let Some(path) = &self.control_path {
+            let _ = std::fs::remove_file(path);
+        }
         self.servers.clear();
         self.plan.remove_socket_files();
         let _ = std::fs::remove_dir_all(&self.run_dir);
@@ -667,10 +677,11 @@ impl Supervisor {
         self.detach(&mut w);
         let instance = w.instance;
         let tail: Vec<String> = w.tail.borrow().iter().cloned().collect();
-        let reason = if tail.is_empty() {
+        let shown = crate::logs::explain(&tail);
+        let reason = if shown.is_empty() {
             how.clone()
         } else {
-            format!("{how}; last output: {}", tail.join(" ⏎ "))
+            format!("{how}; last output: {}", shown.join(" ⏎ "))
         };
         let Some(slot) = self.slots.get_mut(instance) else {
             self.logger.event(
@@ -683,7 +694,11 @@ impl Supervisor {
         };
         if slot.worker == Some(id) {
             slot.worker = None;
-            slot.last_exit = Some(how.clone());
+            slot.last_exit = Some(if w.stopping {
+                how.clone()
+            } else {
+                reason.clone()
+            });
             self.all_ready = false;
         }
         if w.incoming && !w.stopping {
