@@ -161,8 +161,6 @@ pub fn bind_for(
     let kind = query.kind().map_err(|e| (-libc::EINVAL, e.to_string()))?;
     let address = query.address.as_deref();
     let port = query.port.unwrap_or(0);
-    let port16 =
-        u16::try_from(port).map_err(|_| (-libc::EINVAL, format!("port {port} is out of range")))?;
     let stream_mode = balance;
     match kind {
         ServerKind::Fd => Err((
@@ -195,6 +193,7 @@ pub fn bind_for(
             })
         }
         ServerKind::Tcp4 | ServerKind::Tcp6 => {
+            let port16 = port_of(port)?;
             if port16 != 0 {
                 let matching = cli.iter().find(|l| match &l.addr {
                     ListenAddr::Tcp(a) => {
@@ -250,6 +249,7 @@ pub fn bind_for(
             Err((errno, plan::describe_bind_error(&e, &addr.to_string())))
         }
         ServerKind::Udp4 | ServerKind::Udp6 => {
+            let port16 = port_of(port)?;
             let ip: IpAddr = match (address, kind) {
                 (Some(h), _) => h
                     .parse()
@@ -289,6 +289,11 @@ pub fn bind_for(
             })
         }
     }
+}
+
+/// A TCP/UDP port from queryServer (unix sockets send -1, so this is not checked for them).
+fn port_of(port: i64) -> Result<u16, (i32, String)> {
+    u16::try_from(port).map_err(|_| (-libc::EINVAL, format!("port {port} is out of range")))
 }
 
 fn reuse(l: &Listener, mode: Balance, sockname: Option<String>) -> Result<Bound, (i32, String)> {

@@ -865,7 +865,22 @@ impl Supervisor {
             }
         }
         // EOF: the worker is leaving (disconnect, crash or exit). Route around it now; its
-        // exit decides what happens to the slot.
+        // exit decides what happens to the slot. Node workers exit when their channel
+        // closes; one that does not is made to, so its slot does not sit idle.
+        if self
+            .workers
+            .get(&id)
+            .is_some_and(|w| !w.stopping && !w.hung)
+        {
+            let grace = self.plan.spec.policy.kill_timeout;
+            self.after(
+                grace,
+                Event::KillDue {
+                    id,
+                    signal: rustix::process::Signal::TERM,
+                },
+            );
+        }
         let Some(mut w) = self.workers.remove(&id) else {
             return;
         };

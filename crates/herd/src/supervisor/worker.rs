@@ -141,8 +141,11 @@ impl Worker {
             at: Instant::now(),
         });
         let key_json = Rc::clone(key_json);
+        let counted = !self.inflight.last().is_some_and(|f| f.conn.probe);
         if self.send(tx, |c| c.push(Out::NewConn { key_json, seq, fd })) {
-            self.connections += 1;
+            if counted {
+                self.connections += 1;
+            }
             Ok(())
         } else {
             let f = self.inflight.pop().expect("pushed above");
