@@ -1,0 +1,147 @@
+//! Node servers other than plain TCP HTTP: HTTPS and unix sockets.
+
+use std::collections::BTreeSet;
+use std::process::{Command, Stdio};
+
+use super::start_node;
+use crate::util::{get_unix, pid_in, TempDir};
+
+fn have(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+        || Command::new(tool)
+            .arg("version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+}
+
+/// A self-signed certificate for localhost in `dir`: (cert, key).
+fn self_signed(dir: &TempDir) -> (String, String) {
+    let cert = dir.join("cert.pem").to_string_lossy().into_owned();
+    let key = dir.join("key.pem").to_string_lossy().into_owned();
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args(["-days", "1", "-keyout", &key, "-out", &cert])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
+
+fn https_serves(balance: &str) {
+    if !have("openssl") || !have("curl") {
+        eprintln!("SKIPPED: the HTTPS test needs the openssl and curl command-line tools");
+        return;
+    }
+    let dir = TempDir::new();
+    let (cert, key) = self_signed(&dir);
+    let (cert, key) = (format!("CERT={cert}"), format!("KEY={key}"));
+    let herd = start_node(
+        2,
+        &[
+            "--balance",
+            balance,
+            "-e",
+            "HTTPS=1",
+            "-e",
+            &cert,
+            "-e",
+            &key,
+        ],
+    );
+    herd.wait_ready();
+    let bound = herd.wait_named("bound");
+    assert_eq!(bound["balance"], balance, "{bound}");
+    let port = herd.port();
+    let workers: BTreeSet<u64> = herd.worker_pids().into_iter().map(u64::from).collect();
+    let mut answered = BTreeSet::new();
+    for _ in 0..4 {
+        let out = Command::new("curl")
+            .args(["-sk", "--max-time", "10"])
+            .arg(format!("https://127.0.0.1:{port}/"))
+            .stdin(Stdio::null())
+            .output()
+            .expect("run curl");
+        assert!(out.status.success(), "curl: {out:?}\n{}", herd.dump());
+        let report: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("JSON over HTTPS");
+        let pid = report["pid"].as_u64().expect("pid");
+        assert!(workers.contains(&pid), "{pid} not in {workers:?}");
+        answered.insert(pid);
+    }
+    if balance == "round-robin" {
+        assert_eq!(answered, workers, "round-robin reaches every worker");
+    }
+}
+
+#[test]
+fn https_serves_in_round_robin() {
+    https_serves("round-robin");
+}
+
+#[test]
+fn https_serves_in_shared() {
+    https_serves("shared");
+}
+
+#[test]
+fn a_node_unix_socket_server_works_in_round_robin_and_is_removed_on_stop() {
+    let dir = TempDir::new();
+    let sock = dir.join("n.sock");
+    let env = format!("SOCK={}", sock.display());
+    let mut herd = start_node(2, &["-e", &env]);
+    let outcome = herd.wait_event("all_ready or a listen_error", |e| {
+        e["event"] == "all_ready" || e["event"] == "listen_error"
+    });
+    assert_eq!(
+        outcome["event"],
+        "all_ready",
+        "herd refused the worker's listen({}): {outcome}",
+        sock.display()
+    );
+    let bound = herd.wait_named("bound");
+    assert_eq!(
+        bound["address"],
+        format!("unix:{}", sock.display()),
+        "{bound}"
+    );
+    assert_eq!(bound["balance"], "round-robin", "{bound}");
+    let mut answered = BTreeSet::new();
+    for _ in 0..6 {
+        let r = get_unix(&sock, "/").expect("request over the unix socket");
+        assert_eq!(r.status, 200);
+        answered.insert(pid_in(&r));
+    }
+    assert_eq!(
+        answered.len(),
+        2,
+        "round-robin reaches both workers: {answered:?}"
+    );
+    let status = herd.stop();
+    assert_eq!(status.code(), Some(0), "{}", herd.dump());
+    assert!(
+        !sock.exists(),
+        "{} is left after herd stopped",
+        sock.display()
+    );
+    herd.assert_no_worker_left();
+}

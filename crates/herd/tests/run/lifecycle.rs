@@ -1,0 +1,118 @@
+//! Crash loops, graceful stop and the forced stop of socket-activation workers.
+
+use std::time::{Duration, Instant};
+
+use super::start_inherit;
+use crate::util::{fixture, get, pid_alive, Herd};
+
+#[test]
+fn a_crash_loop_errors_every_slot_and_exits_non_zero_with_the_exit_code() {
+    let app = fixture("exit3.sh");
+    let mut herd = Herd::start(&[
+        "-i",
+        "2",
+        "--restart-delay",
+        "10ms",
+        "--max-restarts",
+        "3",
+        &app,
+    ]);
+    let started = Instant::now();
+    let status = herd.expect_exit();
+    eprintln!("crash loop: herd exited after {:?}", started.elapsed());
+    assert_eq!(status.code(), Some(1), "{}", herd.dump());
+    let events = herd.events();
+    for instance in 0..2u64 {
+        let errored = events
+            .iter()
+            .find(|e| e["event"] == "errored" && e["instance"] == instance)
+            .unwrap_or_else(|| panic!("no errored event for slot {instance}\n{}", herd.dump()));
+        let message = errored["message"].as_str().expect("message");
+        assert!(message.contains("code 3"), "{errored}");
+        let reason = errored["reason"].as_str().expect("reason");
+        assert!(reason.contains("code 3"), "{errored}");
+        assert!(
+            reason.contains("failing on purpose"),
+            "the last output explains it: {errored}"
+        );
+    }
+    let restarts = events.iter().filter(|e| e["event"] == "restarting").count();
+    assert_eq!(
+        restarts,
+        2 * 3,
+        "3 restarts per slot, then it gives up\n{}",
+        herd.dump()
+    );
+    herd.assert_no_worker_left();
+}
+
+#[test]
+fn sigterm_lets_the_request_in_flight_finish() {
+    let mut herd = start_inherit(2, &[]);
+    herd.wait_ready();
+    let port = herd.port();
+    let mark = herd.mark();
+    let request = std::thread::spawn(move || get(port, "/slow?ms=1500"));
+    herd.wait_line_after(mark, "slow start");
+    herd.signal(libc::SIGTERM);
+    let response = request
+        .join()
+        .expect("request thread")
+        .expect("the slow request completes");
+    assert_eq!(response.status, 200);
+    assert_eq!(response.json()["slept_ms"], 1500);
+    let status = herd.expect_exit();
+    assert_eq!(status.code(), Some(0), "{}", herd.dump());
+    herd.assert_no_worker_left();
+    assert!(herd.not_json().is_empty(), "{:?}", herd.not_json());
+    assert!(
+        herd.stderr().is_empty(),
+        "nothing on herd's stderr: {}",
+        herd.stderr()
+    );
+    let exited: Vec<_> = herd
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "exited")
+        .collect();
+    assert_eq!(exited.len(), 2, "{exited:?}");
+    for e in exited {
+        assert_eq!(e["expected"], true, "{e}");
+        assert_eq!(e["code"], 0, "{e}");
+    }
+}
+
+#[test]
+fn a_second_sigint_kills_workers_that_ignore_sigterm_at_once() {
+    let mut herd = start_inherit(2, &["--kill-timeout", "60s", "-e", "IGNORE_TERM=1"]);
+    herd.wait_ready();
+    let mark = herd.mark();
+    herd.signal(libc::SIGINT);
+    herd.wait_named_after("stopping", mark);
+    // The workers ignore SIGTERM and the grace period is a minute: herd is still waiting.
+    assert!(
+        herd.wait_exit(Duration::from_millis(500)).is_none(),
+        "{}",
+        herd.dump()
+    );
+    for pid in herd.worker_pids() {
+        assert!(pid_alive(pid), "worker {pid} should still be running");
+    }
+    let second = Instant::now();
+    herd.signal(libc::SIGINT);
+    let status = herd.expect_exit();
+    let took = second.elapsed();
+    eprintln!("second SIGINT → herd exited ({status}) after {took:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "took {took:?}\n{}",
+        herd.dump()
+    );
+    herd.assert_no_worker_left();
+    let killed = herd
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "exited" && e["signal"] == libc::SIGKILL)
+        .count();
+    assert_eq!(killed, 2, "{}", herd.dump());
+}

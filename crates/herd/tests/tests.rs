@@ -1,0 +1,10 @@
+//! herd's integration tests: the real binary, real workers (Python socket-activation
+//! fixtures, real Node), real sockets on port 0. One test binary, as ripgrep does; the
+//! harness is in `util/`, the fixture apps in `fixtures/`.
+
+mod control;
+mod errors;
+mod health;
+mod node;
+mod run;
+mod util;
