@@ -136,6 +136,11 @@ pub enum Message<'a> {
     },
     Online,
     QueryServer(Box<QueryServer>),
+    /// A `queryServer` herd cannot read; `seq` to answer it with an error, if there is one.
+    BadQueryServer {
+        seq: Option<i64>,
+        detail: String,
+    },
     Listening,
     Close {
         key: Cow<'a, str>,
@@ -170,7 +175,8 @@ pub struct QueryServer {
     pub address_type: Option<serde_json::Value>,
     pub fd: Option<i64>,
     pub flags: Option<i64>,
-    pub backlog: Option<i64>,
+    /// A number, or `false` (Node 20 sends `false` for `listen(port, host, cb)`). Unused.
+    pub backlog: Option<serde_json::Value>,
     pub readable_all: Option<bool>,
     pub writable_all: Option<bool>,
 }
@@ -286,14 +292,15 @@ pub fn parse(line: &[u8]) -> Result<Message<'_>, ProtoError> {
                 accepted: fields.accepted,
             },
             (_, Some("online")) => Message::Online,
-            (_, Some("queryServer")) => {
-                let query: QueryServer =
-                    serde_json::from_str(text).map_err(|e| ProtoError::Malformed {
-                        what: "queryServer",
-                        detail: e.to_string(),
-                    })?;
-                Message::QueryServer(Box::new(query))
-            }
+            (_, Some("queryServer")) => match serde_json::from_str::<QueryServer>(text) {
+                Ok(query) => Message::QueryServer(Box::new(query)),
+                // Answer it anyway (with an error) so the app's listen() fails loudly
+                // instead of waiting forever for a reply.
+                Err(e) => Message::BadQueryServer {
+                    seq: fields.seq,
+                    detail: e.to_string(),
+                },
+            },
             (_, Some("listening")) => Message::Listening,
             (_, Some("close")) => Message::Close {
                 key: fields.key.ok_or(missing("close", "key"))?,
@@ -442,7 +449,7 @@ mod tests {
             parse(br#"{"cmd":"NODE_CLUSTER","act":"online","seq":0}"#),
             Ok(Message::Online)
         );
-        let q = br#"{"cmd":"NODE_CLUSTER","act":"queryServer","index":0,"data":null,"address":null,"port":3000,"addressType":4,"backlog":0,"seq":1}"#;
+        let q = br#"{"cmd":"NODE_CLUSTER","act":"queryServer","index":0,"data":null,"address":null,"port":3000,"addressType":4,"backlog":false,"seq":1}"#;
         let Ok(Message::QueryServer(q)) = parse(q) else {
             panic!("queryServer")
         };

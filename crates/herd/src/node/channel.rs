@@ -243,6 +243,10 @@ pub enum Ipc {
     },
     Online,
     QueryServer(Box<QueryServer>),
+    BadQueryServer {
+        seq: Option<i64>,
+        detail: String,
+    },
     Listening,
     Close {
         key: String,
@@ -272,6 +276,7 @@ fn to_owned(msg: Message<'_>) -> Option<Ipc> {
         },
         Message::Online => Ipc::Online,
         Message::QueryServer(q) => Ipc::QueryServer(q),
+        Message::BadQueryServer { seq, detail } => Ipc::BadQueryServer { seq, detail },
         Message::Listening => Ipc::Listening,
         Message::Close { key } => Ipc::Close {
             key: key.into_owned(),

@@ -22,7 +22,17 @@ use crate::spec::WorkerKind;
 const ABORT_GRACE: Duration = Duration::from_secs(1);
 
 impl Supervisor {
-    /// Starts the one-second tick if any check needs it.
+    /// How often the health tick runs: every second, or a quarter of `--watchdog` when that
+    /// is shorter (at least 100ms), so a hang is found within about `watchdog` + a quarter.
+    pub(super) fn tick_period(&self) -> Duration {
+        let second = Duration::from_secs(1);
+        match self.plan.spec.health.watchdog {
+            Some(w) => (w / 4).clamp(Duration::from_millis(100), second),
+            None => second,
+        }
+    }
+
+    /// Starts the health tick if any check needs it.
     pub(super) fn start_health(&self) {
         let h = &self.plan.spec.health;
         let needed = h.watchdog.is_some()
@@ -33,8 +43,9 @@ impl Supervisor {
             return;
         }
         let tx = self.tx.clone();
+        let period = self.tick_period();
         tokio::task::spawn_local(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
@@ -48,6 +59,14 @@ impl Supervisor {
     pub(super) fn on_tick(&mut self) {
         let now = Instant::now();
         let health = self.plan.spec.health.clone();
+        let period = self.tick_period();
+        // /proc is read once a second, whatever the tick.
+        let sample = self
+            .last_sample
+            .is_none_or(|t| now.duration_since(t) + period / 2 >= Duration::from_secs(1));
+        if sample {
+            self.last_sample = Some(now);
+        }
         let mut hung = Vec::new();
         let mut replace = Vec::new();
         let mut probes = Vec::new();
@@ -79,7 +98,7 @@ impl Supervisor {
                         hung.push((
                             w.id,
                             format!(
-                                "a hand-off unanswered for {}",
+                                "it did not answer herd (event-loop ping or connection hand-off) for {}",
                                 human(now.duration_since(since))
                             ),
                         ));
@@ -98,11 +117,26 @@ impl Supervisor {
                         }
                     }
                     if w.ping.is_none() && w.send(&self.tx, |c| c.ping()) {
+                        // One ping per tick at most: the answer of the last one came back.
                         w.ping = Some((now, pongs));
                     }
                 }
             }
             if w.replacing {
+                continue;
+            }
+            if let Some(check) = &health.check {
+                // Keep the cadence of the schedule, not of the ticks that notice it.
+                if w.probe_due.is_none_or(|due| now + period / 2 >= due) && !w.probing {
+                    let due = w
+                        .probe_due
+                        .unwrap_or(now)
+                        .max(now.checked_sub(period).unwrap_or(now));
+                    w.probe_due = Some(due + check.interval);
+                    probes.push(w.id);
+                }
+            }
+            if !sample {
                 continue;
             }
             if let Some(max) = health.max_memory {
@@ -132,12 +166,6 @@ impl Supervisor {
                         ),
                     ));
                     continue;
-                }
-            }
-            if let Some(check) = &health.check {
-                if w.probe_due.is_none_or(|due| now >= due) && !w.probing {
-                    w.probe_due = Some(now + check.interval);
-                    probes.push(w.id);
                 }
             }
         }
@@ -183,6 +211,9 @@ impl Supervisor {
             return;
         };
         if w.replacing || w.stopping || w.incoming {
+            return;
+        }
+        if w.replace_not_before.is_some_and(|t| Instant::now() < t) {
             return;
         }
         w.replacing = true;

@@ -192,6 +192,8 @@ pub struct Supervisor {
     /// herd's own service manager (systemd `Type=notify`), if any.
     manager: Option<crate::sdnotify::Manager>,
     control_path: Option<PathBuf>,
+    /// When the health tick last read /proc.
+    last_sample: Option<std::time::Instant>,
 }
 
 impl Supervisor {
@@ -226,6 +228,7 @@ impl Supervisor {
             started: std::time::Instant::now(),
             manager: crate::sdnotify::Manager::from_env(),
             control_path: None,
+            last_sample: None,
         };
         (sup, rx)
     }
@@ -1048,6 +1051,22 @@ impl Supervisor {
                 );
             }
             Ipc::QueryServer(query) => self.query_server(id, *query),
+            Ipc::BadQueryServer { seq, detail } => {
+                let who = w.who();
+                self.logger.event(
+                    "listen_error",
+                    Some(who),
+                    &format!("cannot listen: herd cannot read this listen() request ({detail}); answering EINVAL"),
+                    &[],
+                );
+                if let Some(seq) = seq {
+                    let fields = format!(
+                        r#""errno":{},"key":"herd:invalid:{seq}","ack":{seq},"data":null"#,
+                        -libc::EINVAL
+                    );
+                    w.send(&self.tx, |c| c.cluster(&fields));
+                }
+            }
             Ipc::Listening => {
                 if self.plan.ready == Ready::Listening {
                     self.mark_ready(id, "listening");

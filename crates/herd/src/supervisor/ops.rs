@@ -20,7 +20,6 @@ use herd_proto::control::Response;
 use tokio::sync::oneshot;
 
 use super::{human, Phase, Slot, Supervisor, WorkerId};
-use crate::spec::WorkerKind;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpKind {
@@ -48,6 +47,9 @@ impl OpKind {
         }
     }
 }
+
+/// The least time before a failed health replacement is tried again.
+const REPLACE_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub struct Op {
     pub kind: OpKind,
@@ -299,17 +301,31 @@ impl Supervisor {
                 self.stop_worker(id);
             }
         }
-        let kept = match self.plan.kind {
-            WorkerKind::Node | WorkerKind::SocketActivation => {
-                self.slots.iter().filter(|s| s.worker.is_some()).count()
-            }
+        let kept = self.slots.iter().filter(|s| s.worker.is_some()).count();
+        // Workers that were due for a health replacement stay due: their checks resume, and
+        // the replacement is tried again after a pause rather than in a tight loop.
+        let retry = Instant::now() + REPLACE_RETRY.max(self.plan.spec.policy.listen_timeout);
+        for w in self
+            .workers
+            .values_mut()
+            .filter(|w| w.replacing && !w.stopping)
+        {
+            w.replacing = false;
+            w.replace_not_before = Some(retry);
+        }
+        let message = match op.kind {
+            OpKind::Replace { instance, reason } => format!(
+                "replacing {}[{instance}] ({reason}) failed: {message}. The current worker keeps running; herd tries again in {}.",
+                self.plan.spec.name,
+                human(REPLACE_RETRY.max(self.plan.spec.policy.listen_timeout))
+            ),
+            _ => format!(
+                "{} failed after replacing {} of {} workers: {message}. {kept} workers keep running the previous version.",
+                op.kind.name(),
+                op.replaced,
+                self.live_slots()
+            ),
         };
-        let message = format!(
-            "{} failed after replacing {} of {} workers: {message}. {kept} workers keep running the previous version.",
-            op.kind.name(),
-            op.replaced,
-            self.live_slots()
-        );
         self.logger.event("op_failed", None, &message, &[]);
         if matches!(op.kind, OpKind::Reload { .. }) {
             self.tell_manager("READY=1");

@@ -51,6 +51,8 @@ pub struct Worker {
     pub hung: bool,
     /// A graceful replacement is queued or running.
     pub replacing: bool,
+    /// After a failed replacement: not before this.
+    pub replace_not_before: Option<Instant>,
     /// The last `WATCHDOG=1` (or when it became ready).
     pub last_watchdog: Instant,
     /// An event-loop ping in flight: when it was sent and the pong count then.
@@ -361,6 +363,7 @@ impl Launcher {
             cpu: None,
             hung: false,
             replacing: false,
+            replace_not_before: None,
             last_watchdog: Instant::now(),
             ping: None,
             probe_due: None,
