@@ -33,7 +33,7 @@ use crate::node::servers::ServerId;
 use crate::supervisor::Event;
 
 /// Hand-offs a worker may leave unanswered before it stops counting as free.
-pub const MAX_UNACKED: usize = 2;
+pub const MAX_UNACKED: usize = 8;
 /// Connections herd queues per server before it stops accepting.
 pub const MAX_QUEUED: usize = 4096;
 

@@ -1,8 +1,9 @@
 //! One Node worker's IPC channel: herd's end of the socketpair.
 //!
-//! Writing ([`Channel`]) keeps Node's own discipline: after a message that carries an fd,
-//! every later message waits until the worker answers `NODE_HANDLE_ACK`; a `NODE_HANDLE_NACK`
-//! (the fd did not arrive) retransmits, at most [`MAX_NACKS`] times. Messages are written
+//! Writing ([`Channel`]) keeps Node's discipline with a window: each message that carries an
+//! fd must be answered with `NODE_HANDLE_ACK`, and once [`WINDOW`] are unanswered every later
+//! message waits; a `NODE_HANDLE_NACK` (the fd did not arrive) retransmits, at most
+//! [`MAX_NACKS`] times. Messages are written
 //! inline when the channel is idle and queued otherwise; a queued channel asks the supervisor
 //! to call [`Channel::flush`] again once the socket is writable. The round-robin hand-off
 //! (`newconn`) is queued as a small [`Out::NewConn`] record and encoded into a reused buffer,
@@ -28,6 +29,13 @@ use crate::supervisor::{Event, WorkerId};
 
 /// Retransmissions of one fd message after NACKs, as Node does.
 pub const MAX_NACKS: u8 = 3;
+
+/// fd messages herd lets a worker leave unanswered before it holds the rest back. Node's
+/// own primary allows 1 (it waits for each ACK). On Linux a `recvmsg` never returns two
+/// fds' segments at once, so several in flight are safe (spec §4: 18 were seen working),
+/// and a window lets one wake-up of herd hand over a burst of connections instead of one,
+/// which is most of the supervisor's cost per connection under load.
+pub const WINDOW: usize = 8;
 
 /// A message waiting to be written.
 pub enum Out {
@@ -77,8 +85,9 @@ pub struct Channel {
     seq: u64,
     queue: VecDeque<Out>,
     /// An fd message (or ping) sent and not yet answered, and since when.
-    gated: Option<Out>,
-    gated_since: Option<Instant>,
+    /// fd messages (and pings) sent and not yet answered, oldest first, with when they went.
+    /// The worker answers them in order, so each ACK/NACK belongs to the front.
+    unanswered: VecDeque<(Out, Instant)>,
     /// Pings answered so far.
     pongs: u64,
     nacks: u8,
@@ -93,8 +102,7 @@ impl Channel {
             sock,
             seq: 0,
             queue: VecDeque::new(),
-            gated: None,
-            gated_since: None,
+            unanswered: VecDeque::new(),
             pongs: 0,
             nacks: 0,
             partial: 0,
@@ -156,21 +164,19 @@ impl Channel {
 
     /// How long the message in flight has waited for its ACK, if one is.
     pub fn waiting_since(&self) -> Option<Instant> {
-        self.gated_since
+        self.unanswered.front().map(|(_, at)| *at)
     }
 
     /// The worker acknowledged the fd message in flight.
     pub fn on_ack(&mut self) -> io::Result<Flush> {
-        self.gated = None;
-        self.gated_since = None;
+        self.unanswered.pop_front();
         self.nacks = 0;
         self.flush()
     }
 
     /// The worker got the last fd message without its fd: send it again, a few times.
     pub fn on_nack(&mut self) -> io::Result<Flush> {
-        self.gated_since = None;
-        match self.gated.take() {
+        match self.unanswered.pop_front().map(|(out, _)| out) {
             Some(Out::Ping) => self.pongs += 1,
             Some(out) if self.nacks < MAX_NACKS => {
                 self.nacks += 1;
@@ -185,7 +191,7 @@ impl Channel {
     /// Writes queued messages until the queue is empty, an fd message awaits its ACK, or the
     /// socket is full.
     pub fn flush(&mut self) -> io::Result<Flush> {
-        while self.gated.is_none() {
+        while self.unanswered.len() < WINDOW {
             let Some(front) = self.queue.front() else {
                 return Ok(Flush::Done);
             };
@@ -216,8 +222,7 @@ impl Channel {
                         self.partial = 0;
                         let out = self.queue.pop_front().expect("front exists");
                         if out.gates() {
-                            self.gated = Some(out);
-                            self.gated_since = Some(Instant::now());
+                            self.unanswered.push_back((out, Instant::now()));
                         }
                     }
                 }

@@ -1,0 +1,452 @@
+//! A worker's life in its slot: start, readiness, stop, exit, and the restart decision.
+
+use std::io;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use herd_proto::notify::Message as Notify;
+use serde_json::{json, Value};
+
+use super::*;
+use crate::logs::Who;
+use crate::spec::Ready;
+use restart::Verdict;
+
+impl Supervisor {
+    /// Starts a worker in `instance`: its current worker, or (reload) its incoming one.
+    pub(super) fn start_worker(&mut self, instance: usize, incoming: bool) -> Option<WorkerId> {
+        let id = self.next_id;
+        self.next_id += 1;
+        match self.launcher.launch(id, instance) {
+            Ok(mut worker) => {
+                let who = worker.who();
+                worker.incoming = incoming;
+                let what = if incoming { "replacement " } else { "" };
+                self.logger.event(
+                    "spawned",
+                    Some(who),
+                    &format!("started {what}(worker {id})"),
+                    &[],
+                );
+                if incoming {
+                    self.slots[instance].incoming = Some(id);
+                } else {
+                    self.slots[instance].worker = Some(id);
+                }
+                self.workers.insert(id, worker);
+                let policy = &self.plan.spec.policy;
+                if let Ready::Delay(delay) = self.plan.ready {
+                    self.after(delay, Event::ReadyDue { id });
+                }
+                self.after(policy.listen_timeout, Event::ReadyTimeout { id });
+                Some(id)
+            }
+            Err(e) => {
+                let who = Who {
+                    instance,
+                    worker_id: id,
+                    pid: 0,
+                };
+                let as_user = match &self.plan.user {
+                    Some(u) => format!(" as user {}", u.name),
+                    None => String::new(),
+                };
+                let reason = format!(
+                    "could not start {}{as_user}: {e}",
+                    self.plan.program.display()
+                );
+                self.logger.event("spawn_failed", Some(who), &reason, &[]);
+                // Retrying cannot fix a program that is missing or not executable for us.
+                let hopeless = matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied
+                ) || e.raw_os_error() == Some(libc::ENOEXEC);
+                if hopeless && !incoming {
+                    self.logger.event(
+                        "errored",
+                        Some(who),
+                        &format!("errored: {reason}"),
+                        &[("reason", json!(reason))],
+                    );
+                    self.slots[instance].errored = Some(reason);
+                    self.check_all_errored();
+                } else if !incoming {
+                    self.after_exit(instance, who, Duration::ZERO, &reason, reason.clone(), &[]);
+                }
+                None
+            }
+        }
+    }
+
+    pub(super) fn stop_worker(&mut self, id: WorkerId) {
+        let kill_timeout = self.plan.spec.policy.kill_timeout;
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        if w.stopping {
+            return;
+        }
+        w.stopping = true;
+        let asked = w.send(&self.tx, |c| c.cluster(r#""act":"disconnect""#));
+        let next = if asked {
+            rustix::process::Signal::TERM
+        } else {
+            signal_group(w.pid, rustix::process::Signal::TERM);
+            rustix::process::Signal::KILL
+        };
+        self.after(kill_timeout, Event::KillDue { id, signal: next });
+    }
+
+    pub(super) fn kill_due(&mut self, id: WorkerId, signal: rustix::process::Signal) {
+        let Some(w) = self.workers.get(&id) else {
+            return;
+        };
+        let who = w.who();
+        let sig = if signal == rustix::process::Signal::TERM {
+            "SIGTERM"
+        } else {
+            "SIGKILL"
+        };
+        self.logger.event(
+            "kill",
+            Some(who),
+            &format!("still running after --kill-timeout — sending {sig}"),
+            &[],
+        );
+        signal_group(w.pid, signal);
+        if signal == rustix::process::Signal::TERM {
+            self.after(
+                TERM_GRACE,
+                Event::KillDue {
+                    id,
+                    signal: rustix::process::Signal::KILL,
+                },
+            );
+        }
+    }
+
+    pub(super) fn on_exit(&mut self, id: WorkerId, status: io::Result<ExitStatus>) {
+        let Some(mut w) = self.workers.remove(&id) else {
+            return;
+        };
+        // Whatever the worker left in its process group goes with it.
+        signal_group(w.pid, rustix::process::Signal::KILL);
+        let who = w.who();
+        let uptime = w.started.elapsed();
+        let how = match &status {
+            Ok(s) => describe_status(s),
+            Err(e) => format!("lost ({e})"),
+        };
+        let (code, signal) = match &status {
+            Ok(s) => {
+                use std::os::unix::process::ExitStatusExt;
+                (s.code(), s.signal())
+            }
+            Err(_) => (None, None),
+        };
+        let fields = [
+            ("code", json!(code)),
+            ("signal", json!(signal)),
+            ("uptime_ms", json!(uptime.as_millis() as u64)),
+            ("expected", json!(w.stopping)),
+        ];
+        self.detach(&mut w);
+        let instance = w.instance;
+        let tail: Vec<String> = w.tail.borrow().iter().cloned().collect();
+        let shown = crate::logs::explain(&tail);
+        let reason = if shown.is_empty() {
+            how.clone()
+        } else {
+            format!("{how}; last output: {}", shown.join(" ⏎ "))
+        };
+        let Some(slot) = self.slots.get_mut(instance) else {
+            self.logger.event(
+                "exited",
+                Some(who),
+                &format!("stopped: {how} after {}", human(uptime)),
+                &fields,
+            );
+            return;
+        };
+        if slot.worker == Some(id) {
+            slot.worker = None;
+            slot.last_exit = Some(if w.stopping {
+                how.clone()
+            } else {
+                reason.clone()
+            });
+            self.all_ready = false;
+        }
+        if w.incoming && !w.stopping {
+            self.logger.event(
+                "exited",
+                Some(who),
+                &format!(
+                    "replacement exited ({how}) after {} before it was ready",
+                    human(uptime)
+                ),
+                &fields,
+            );
+            self.incoming_failed(id, instance, format!("exited ({reason})"));
+            return;
+        }
+        if w.stopping || self.phase != Phase::Running || slot.retiring {
+            self.logger.event(
+                "exited",
+                Some(who),
+                &format!("stopped: {how} after {}", human(uptime)),
+                &fields,
+            );
+            let respawn = slot.respawn && slot.worker.is_none() && self.phase == Phase::Running;
+            if respawn {
+                slot.respawn = false;
+                self.start_worker(instance, false);
+            }
+            self.trim_slots();
+            self.check_op();
+            return;
+        }
+        let cause = if w.hung { "hung" } else { "crash" };
+        *slot.reasons.entry(cause).or_default() += 1;
+        self.after_exit(instance, who, uptime, &how, reason, &fields);
+        self.check_op();
+    }
+
+    /// Decides whether a slot whose worker just died restarts or gives up.
+    pub(super) fn after_exit(
+        &mut self,
+        instance: usize,
+        who: Who,
+        uptime: Duration,
+        how: &str,
+        reason: String,
+        fields: &[(&str, Value)],
+    ) {
+        let policy = self.plan.spec.policy.clone();
+        let slot = &mut self.slots[instance];
+        if !policy.autorestart {
+            self.logger.event(
+                "exited",
+                Some(who),
+                &format!(
+                    "exited ({how}) after {} — not restarting (--no-autorestart)",
+                    human(uptime)
+                ),
+                fields,
+            );
+            slot.errored = Some(reason);
+            self.check_all_errored();
+            return;
+        }
+        match slot.backoff.on_exit(uptime, &policy) {
+            Verdict::Restart(delay) => {
+                slot.restarts += 1;
+                slot.restart_pending = true;
+                self.logger.event(
+                    "exited",
+                    Some(who),
+                    &format!(
+                        "exited ({how}) after {} — restarting in {}",
+                        human(uptime),
+                        human(delay)
+                    ),
+                    fields,
+                );
+                self.logger.event(
+                    "restarting",
+                    Some(who),
+                    &format!("restarting in {}", human(delay)),
+                    &[("delay_ms", json!(delay.as_millis() as u64))],
+                );
+                self.after(delay, Event::RestartDue { instance });
+            }
+            Verdict::GiveUp => {
+                let unstable = slot.backoff.unstable;
+                self.logger.event(
+                    "exited",
+                    Some(who),
+                    &format!("exited ({how}) after {}", human(uptime)),
+                    fields,
+                );
+                self.logger.event(
+                    "errored",
+                    Some(who),
+                    &format!(
+                        "errored: {} restarts in a row each died before --min-uptime {}; giving up on this slot. Last exit: {reason}",
+                        unstable - 1,
+                        human(policy.min_uptime)
+                    ),
+                    &[("reason", json!(reason))],
+                );
+                slot.errored = Some(reason);
+                self.check_all_errored();
+                self.check_op();
+            }
+        }
+    }
+
+    pub(super) fn check_all_errored(&mut self) {
+        if self.phase == Phase::Running
+            && self
+                .slots
+                .iter()
+                .all(|s| s.errored.is_some() && s.incoming.is_none())
+        {
+            self.logger
+                .event("errored", None, "every worker slot errored — exiting", &[]);
+            self.stop_all(1);
+        }
+    }
+
+    pub(super) fn on_ipc_closed(&mut self, id: WorkerId, reason: Option<String>) {
+        if let Some(reason) = reason {
+            if let Some(w) = self.workers.get_mut(&id).filter(|w| !w.stopping && !w.hung) {
+                w.channel = None;
+                let who = w.who();
+                self.logger.event(
+                    "ipc_error",
+                    Some(who),
+                    &format!(
+                        "IPC channel broken: {reason} — killing the worker; its slot restarts"
+                    ),
+                    &[],
+                );
+                signal_group(w.pid, rustix::process::Signal::TERM);
+                let grace = self.plan.spec.policy.kill_timeout.min(TERM_GRACE);
+                self.after(
+                    grace,
+                    Event::KillDue {
+                        id,
+                        signal: rustix::process::Signal::KILL,
+                    },
+                );
+            }
+        }
+        // EOF: the worker is leaving (disconnect, crash or exit). Route around it now; its
+        // exit decides what happens to the slot. Node workers exit when their channel
+        // closes; one that does not is made to, so its slot does not sit idle.
+        if self
+            .workers
+            .get(&id)
+            .is_some_and(|w| !w.stopping && !w.hung)
+        {
+            let grace = self.plan.spec.policy.kill_timeout;
+            self.after(
+                grace,
+                Event::KillDue {
+                    id,
+                    signal: rustix::process::Signal::TERM,
+                },
+            );
+        }
+        let Some(mut w) = self.workers.remove(&id) else {
+            return;
+        };
+        self.detach(&mut w);
+        self.workers.insert(id, w);
+    }
+
+    /// Slots whose current worker is ready and not stopping.
+    pub(super) fn ready_slots(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| {
+                s.worker
+                    .and_then(|id| self.workers.get(&id))
+                    .is_some_and(|w| w.ready && !w.stopping)
+            })
+            .count()
+    }
+
+    pub(super) fn mark_ready(&mut self, id: WorkerId, via: &str) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        if w.ready || w.stopping {
+            return;
+        }
+        w.ready = true;
+        w.last_watchdog = std::time::Instant::now();
+        let who = w.who();
+        let servers = w.servers.clone();
+        let promote = w.incoming.then_some(w.instance);
+        let ms = w.started.elapsed().as_millis() as u64;
+        self.logger.event(
+            "ready",
+            Some(who),
+            &format!("ready ({via}) in {ms}ms"),
+            &[("via", json!(via)), ("ms", json!(ms))],
+        );
+        if let Some(instance) = promote {
+            self.promote(id, instance);
+        }
+        for s in servers {
+            self.drain(s);
+        }
+        let ready = self.ready_slots();
+        if !self.all_ready && ready == self.slots.len() {
+            self.all_ready = true;
+            self.tell_manager(&format!("READY=1\nSTATUS={ready} workers ready"));
+            self.logger.event(
+                "all_ready",
+                None,
+                &format!("all {ready} workers ready"),
+                &[("ready", json!(ready))],
+            );
+        }
+        self.check_op();
+    }
+
+    pub(super) fn on_notify(
+        &mut self,
+        id: WorkerId,
+        messages: Vec<Notify>,
+        malformed: Vec<String>,
+    ) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        let who = w.who();
+        for m in malformed {
+            self.logger.event(
+                "notify_error",
+                Some(who),
+                &format!("ignored a malformed notify message: {m}"),
+                &[],
+            );
+        }
+        for message in messages {
+            match message {
+                Notify::Ready => {
+                    if matches!(self.plan.ready, Ready::Notify | Ready::Delay(_)) {
+                        self.mark_ready(id, "notify");
+                    }
+                }
+                Notify::Status(text) => {
+                    if let Some(w) = self.workers.get_mut(&id) {
+                        w.status = Some(text);
+                    }
+                }
+                Notify::Watchdog => {
+                    if let Some(w) = self.workers.get_mut(&id) {
+                        w.last_watchdog = std::time::Instant::now();
+                    }
+                }
+                Notify::Stopping => {
+                    if let Some(w) = self.workers.get_mut(&id) {
+                        w.leaving = true;
+                    }
+                }
+                Notify::Errno(n) => {
+                    self.logger.event(
+                        "notify",
+                        Some(who),
+                        &format!("reports errno {n}"),
+                        &[("errno", json!(n))],
+                    );
+                }
+                _ => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! Round-robin and sticky routing of accepted connections to workers, the queue of
+//! connections waiting for a free worker, and re-routing when a worker goes away.
+
+use std::rc::Rc;
+
+use super::*;
+use crate::balance::{self, Pending};
+use crate::node::servers::ServerId;
+use crate::spec::Balance;
+use worker::Worker;
+
+impl Supervisor {
+    /// Takes a worker out of routing and out of every server; re-routes what it held.
+    pub(super) fn detach(&mut self, w: &mut Worker) {
+        w.channel = None;
+        for server in std::mem::take(&mut w.servers) {
+            if let Some(s) = self.servers.get_mut(server) {
+                s.workers.retain(|&x| x != w.id);
+            }
+        }
+        for f in std::mem::take(&mut w.inflight) {
+            let mut conn = f.conn;
+            if conn.probe {
+                continue;
+            }
+            conn.attempts += 1;
+            self.route(f.server, conn);
+        }
+    }
+
+    /// Sends a connection to a worker, or queues it.
+    pub(super) fn route(&mut self, server: ServerId, conn: Pending) {
+        self.route_avoiding(server, conn, None)
+    }
+
+    pub(super) fn route_avoiding(
+        &mut self,
+        server: ServerId,
+        conn: Pending,
+        avoid: Option<WorkerId>,
+    ) {
+        let Some(s) = self.servers.get_mut(server) else {
+            return;
+        };
+        let limit = s.workers.len().max(1) + 2;
+        if usize::from(conn.attempts) > limit {
+            return; // Refused everywhere: closing it is all that is left.
+        }
+        let workers = &self.workers;
+        let pick = match s.mode {
+            Balance::RoundRobin | Balance::Shared => {
+                balance::next_free(&s.workers, &mut s.cursor, |id| {
+                    Some(id) != avoid
+                        && workers.get(&id).is_some_and(|w| {
+                            w.routable() && w.unacked(server) < balance::MAX_UNACKED
+                        })
+                })
+            }
+            Balance::Sticky => s
+                .workers
+                .iter()
+                .copied()
+                .filter(|&id| Some(id) != avoid && workers.get(&id).is_some_and(Worker::routable))
+                .max_by_key(|id| balance::sticky_score(conn.peer, workers[id].instance)),
+        };
+        let Some(id) = pick else {
+            s.pending.push_back(conn);
+            if s.pending.len() >= balance::MAX_QUEUED {
+                if let Some(gate) = &s.gate {
+                    gate.pause();
+                }
+            }
+            return;
+        };
+        let key_json = Rc::clone(&s.key_json);
+        let w = self.workers.get_mut(&id).expect("picked from workers");
+        if let Err(conn) = w.hand_off(&self.tx, server, &key_json, conn) {
+            // The channel just broke; the worker is on its way out. Try the others.
+            self.route_avoiding(server, conn, Some(id));
+            return;
+        }
+        let health = &self.plan.spec.health;
+        if let Some(max) = health.max_requests {
+            let limit = max + crate::health::jitter(id, health.max_requests_jitter);
+            if w.connections >= limit && !w.replacing {
+                let why = format!("{} connections >= --max-requests {limit}", w.connections);
+                self.queue_replacement(id, "requests", why);
+            }
+        }
+    }
+
+    /// Hands queued connections to workers that can take them.
+    pub(super) fn drain(&mut self, server: ServerId) {
+        loop {
+            let Some(s) = self.servers.get_mut(server) else {
+                return;
+            };
+            if s.pending.is_empty() {
+                if let Some(gate) = &s.gate {
+                    gate.resume();
+                }
+                return;
+            }
+            let before = s.pending.len();
+            let workers = &self.workers;
+            let any_free = s.workers.iter().any(|id| {
+                workers.get(id).is_some_and(|w| {
+                    w.routable()
+                        && (s.mode == Balance::Sticky || w.unacked(server) < balance::MAX_UNACKED)
+                })
+            });
+            if !any_free {
+                return;
+            }
+            let conn = s.pending.pop_front().expect("not empty");
+            self.route(server, conn);
+            let after = self.servers.get(server).map_or(0, |s| s.pending.len());
+            if after >= before {
+                return;
+            }
+        }
+    }
+}
