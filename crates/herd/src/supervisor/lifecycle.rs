@@ -149,6 +149,18 @@ impl Supervisor {
             ("signal", json!(signal)),
             ("uptime_ms", json!(uptime.as_millis() as u64)),
             ("expected", json!(w.stopping)),
+            // Why it is gone: asked to stop (stop, reload, scale, a health replacement), or
+            // on its own (crash), or killed as hung.
+            (
+                "reason",
+                json!(if w.hung {
+                    "hung"
+                } else if w.stopping {
+                    "stopped"
+                } else {
+                    "crash"
+                }),
+            ),
         ];
         self.detach(&mut w);
         let instance = w.instance;
