@@ -146,6 +146,12 @@ pub struct RunArgs {
     #[arg(long)]
     pub wait_ready: bool,
 
+    /// Node: do not load herd's keep-alive drain into workers (by default a stopping worker
+    /// answers with `Connection: close` and closes idle keep-alive sockets after a grace,
+    /// instead of Node's immediate close that races with clients' next requests).
+    #[arg(long)]
+    pub no_keepalive_drain: bool,
+
     /// How long a new worker may take to become ready.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = spec::parse_duration)]
     pub listen_timeout: Duration,
@@ -248,6 +254,7 @@ impl RunArgs {
                 max_age: self.max_age,
                 max_age_jitter: self.max_age_jitter,
             },
+            keepalive_drain: !self.no_keepalive_drain,
             log_format: self.log_format,
         }
     }

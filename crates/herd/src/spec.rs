@@ -256,6 +256,8 @@ pub struct Spec {
     pub ready: Option<Ready>,
     pub policy: Policy,
     pub health: Health,
+    /// Node: load herd's keep-alive drain (`--no-keepalive-drain` turns it off).
+    pub keepalive_drain: bool,
     pub log_format: LogFormat,
 }
 

@@ -176,7 +176,12 @@ pub struct Launcher {
     base_env: Vec<(OsString, OsString)>,
     /// Private directory for notify sockets.
     run_dir: PathBuf,
+    /// The command line, with herd's keep-alive drain preloaded for Node workers.
+    argv: Vec<OsString>,
 }
+
+/// herd's keep-alive drain for Node workers (see the file's header).
+const DRAIN_JS: &str = include_str!("../node/drain.js");
 
 /// Variables herd sets for each worker, or that would confuse it if inherited from herd's
 /// own parent (a herd under systemd must not pass its LISTEN_FDS or NOTIFY_SOCKET on).
@@ -220,12 +225,31 @@ impl Launcher {
             base_env.retain(|(k, _)| k != key.as_str());
             base_env.push((key.into(), value.into()));
         }
+        let mut argv = plan.argv.clone();
+        if plan.kind == WorkerKind::Node && plan.spec.keepalive_drain {
+            let path = run_dir.join("herd-drain.js");
+            match std::fs::write(&path, DRAIN_JS) {
+                Ok(()) => {
+                    argv.splice(1..1, [OsString::from("--require"), path.into_os_string()]);
+                    let grace =
+                        (plan.spec.policy.kill_timeout / 2).min(std::time::Duration::from_secs(1));
+                    base_env.push(("HERD_DRAIN_MS".into(), grace.as_millis().to_string().into()));
+                }
+                Err(e) => logger.event(
+                    "warning",
+                    None,
+                    &format!("keep-alive drain not loaded: {e}"),
+                    &[],
+                ),
+            }
+        }
         Launcher {
             plan,
             logger,
             tx,
             base_env,
             run_dir,
+            argv,
         }
     }
 
@@ -294,7 +318,7 @@ impl Launcher {
 
         let mut child = spawn::spawn(&SpawnRequest {
             program: &plan.program,
-            argv: &plan.argv,
+            argv: &self.argv,
             env: &env,
             listen_pid,
             fds: &fds,

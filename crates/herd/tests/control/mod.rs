@@ -3,6 +3,7 @@
 //! same (SIGHUP, SIGTTIN, SIGTTOU). Every command runs as a real `herd` subprocess with the
 //! app's `HERD_HOME`; every app has its own name and its own `HERD_HOME`.
 
+mod keepalive;
 mod lifecycle;
 mod logs;
 mod reload;
