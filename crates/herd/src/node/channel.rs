@@ -191,7 +191,12 @@ impl Channel {
     /// Writes queued messages until the queue is empty, an fd message awaits its ACK, or the
     /// socket is full.
     pub fn flush(&mut self) -> io::Result<Flush> {
-        while self.unanswered.len() < WINDOW {
+        // Nothing follows a ping until it is answered: the kernel may deliver the ping's line
+        // and the next fd message's line in one read, and Node then pins that fd on the
+        // first NODE_HANDLE it parses (the ping), ACKs the ping and NACKs the hand-off.
+        while self.unanswered.len() < WINDOW
+            && !matches!(self.unanswered.back(), Some((Out::Ping, _)))
+        {
             let Some(front) = self.queue.front() else {
                 return Ok(Flush::Done);
             };
@@ -373,5 +378,74 @@ async fn read_until_end(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (Channel, std::os::unix::net::UnixStream) {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        ours.set_nonblocking(true).expect("nonblocking");
+        let sock = UnixStream::from_std(ours).expect("tokio stream");
+        (Channel::new(Rc::new(sock)), theirs)
+    }
+
+    fn read_all(theirs: &std::os::unix::net::UnixStream) -> String {
+        theirs.set_nonblocking(true).expect("nonblocking");
+        let mut buf = [0u8; 4096];
+        let mut fds = Vec::new();
+        let n = fdpass::recv(theirs, &mut buf, &mut fds).unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn nothing_follows_a_ping_until_it_is_answered() {
+        let (mut chan, theirs) = pair();
+        chan.socket().writable().await.expect("writable");
+        chan.ping().expect("ping");
+        let file = std::fs::File::open("/dev/null").expect("an fd to pass");
+        chan.cluster_with_fd(r#""act":"x""#, file.as_fd())
+            .expect("queued");
+        let first = read_all(&theirs);
+        assert!(first.contains("NODE_HERD_PING"), "{first}");
+        assert!(
+            !first.contains(r#""act":"x""#),
+            "the fd message waited: {first}"
+        );
+        chan.on_nack().expect("pong");
+        assert_eq!(chan.pongs(), 1);
+        let second = read_all(&theirs);
+        assert!(
+            second.contains(r#""act":"x""#),
+            "sent once the ping was answered: {second}"
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn answers_match_fd_messages_in_order_and_nacks_retransmit() {
+        let (mut chan, theirs) = pair();
+        chan.socket().writable().await.expect("writable");
+        let file = std::fs::File::open("/dev/null").expect("an fd to pass");
+        chan.cluster_with_fd(r#""n":1"#, file.as_fd())
+            .expect("sent");
+        chan.cluster_with_fd(r#""n":2"#, file.as_fd())
+            .expect("sent");
+        let mut seen = String::new();
+        for _ in 0..2 {
+            seen += &read_all(&theirs);
+        }
+        assert!(
+            seen.contains(r#""n":1"#) && seen.contains(r#""n":2"#),
+            "a window, not one at a time: {seen}"
+        );
+        chan.on_nack().expect("the first is sent again");
+        let again = read_all(&theirs);
+        assert!(again.contains(r#""n":1"#), "{again}");
+        assert!(chan.waiting_since().is_some());
+        chan.on_ack().expect("ack");
+        chan.on_ack().expect("ack");
+        assert!(chan.waiting_since().is_none(), "every fd message answered");
     }
 }

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::support::{
-    env_arg, home_of, index_of, is, start_python, status, wait_status, worker_in, workers, CliRun,
-    Client,
+    env_arg, home_of, index_of, is, spawn_cli, start_python, status, wait_status, worker_in,
+    workers, Client,
 };
 use crate::util::{get, Herd, TempDir, WAIT};
 
@@ -154,7 +154,7 @@ fn reload_waits_for_each_new_workers_ready_1_before_stopping_the_old_one() {
     let client = Client::start(port, "/", None);
     client.wait_more(10);
     let mark = herd.mark();
-    let reload = CliRun::start(&home, &["reload", name]).finish(WAIT);
+    let reload = spawn_cli(&home, &["reload", name]).finish(WAIT);
     assert_eq!(reload.code, Some(0), "{reload:?}\n{}", herd.dump());
     herd.wait_named_after("reload", mark);
     client.wait_more(10);

@@ -3,9 +3,7 @@
 //! keeps every outcome, and reading replacements out of herd's event stream.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -13,45 +11,20 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::util::{fixture, get, herd_bin, Herd, WAIT};
-
-/// Variables of the test's own environment that would change what herd does.
-const SCRUBBED_ENV: [&str; 12] = [
-    "PORT",
-    "HERD_HOME",
-    "HERD_APP",
-    "HERD_WORKER_ID",
-    "HERD_INSTANCE",
-    "NODE_APP_INSTANCE",
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-    "NOTIFY_SOCKET",
-    "NODE_UNIQUE_ID",
-    "NODE_CHANNEL_FD",
-];
+use crate::util::{get, start_named_listener, start_named_node, wait_requests, Herd, WAIT};
+pub use crate::util::{home_of, spawn_cli, status, wait_status, workers};
 
 // ---- starting the fixtures ----
 
 /// `herd run … -i N -e PORT=0 --name NAME EXTRA… fixtures/health_app.js` (Node).
 pub fn start_node(name: &str, instances: usize, extra: &[&str]) -> Herd {
-    let app = fixture("health_app.js");
-    let n = instances.to_string();
-    let mut args = vec!["-i", &n, "-e", "PORT=0", "--name", name];
-    args.extend_from_slice(extra);
-    args.push(&app);
-    Herd::start(&args)
+    start_named_node("health_app.js", name, instances, extra)
 }
 
 /// `herd run … -i N --listen 127.0.0.1:0 --name NAME EXTRA… fixtures/health_server.py`
 /// (socket activation).
 pub fn start_python(name: &str, instances: usize, extra: &[&str]) -> Herd {
-    let app = fixture("health_server.py");
-    let n = instances.to_string();
-    let mut args = vec!["-i", &n, "--listen", "127.0.0.1:0", "--name", name];
-    args.extend_from_slice(extra);
-    args.push(&app);
-    Herd::start(&args)
+    start_named_listener("health_server.py", name, instances, extra)
 }
 
 /// `-e KEY=VALUE` with a path value.
@@ -59,154 +32,7 @@ pub fn env_arg(key: &str, path: &Path) -> String {
     format!("{key}={}", path.display())
 }
 
-// ---- the CLI ----
-
-/// The `HERD_HOME` the harness gave a [`Herd`]: read from the supervisor's environment.
-pub fn home_of(herd: &Herd) -> PathBuf {
-    let raw = std::fs::read(format!("/proc/{}/environ", herd.pid()))
-        .unwrap_or_else(|e| panic!("reading herd's environment: {e}\n{}", herd.dump()));
-    raw.split(|&b| b == 0)
-        .find_map(|var| var.strip_prefix(b"HERD_HOME="))
-        .map(|v| PathBuf::from(String::from_utf8_lossy(v).into_owned()))
-        .expect("the harness sets HERD_HOME")
-}
-
-/// What a finished `herd COMMAND …` printed.
-#[derive(Debug)]
-pub struct CliOutput {
-    pub code: Option<i32>,
-    pub stdout: String,
-    #[allow(dead_code)] // Shown (Debug) when a test fails.
-    pub stderr: String,
-    /// How long it ran.
-    pub took: Duration,
-}
-
-/// A `herd COMMAND …` still running; killed on drop.
-pub struct CliRun {
-    args: Vec<String>,
-    child: Child,
-    started: Instant,
-    stdout: Option<JoinHandle<Vec<u8>>>,
-    stderr: Option<JoinHandle<Vec<u8>>>,
-}
-
-impl CliRun {
-    /// Starts `herd ARGS…` with `HERD_HOME=home`.
-    pub fn start(home: &Path, args: &[&str]) -> CliRun {
-        let mut cmd = Command::new(herd_bin());
-        cmd.args(args);
-        for var in SCRUBBED_ENV {
-            cmd.env_remove(var);
-        }
-        cmd.env("HERD_HOME", home)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let started = Instant::now();
-        let mut child = cmd.spawn().expect("start the herd CLI");
-        let drain = |mut r: Box<dyn Read + Send>| {
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                let _ = r.read_to_end(&mut buf);
-                buf
-            })
-        };
-        let stdout = child.stdout.take().map(|s| drain(Box::new(s)));
-        let stderr = child.stderr.take().map(|s| drain(Box::new(s)));
-        CliRun {
-            args: args.iter().map(|s| s.to_string()).collect(),
-            child,
-            started,
-            stdout,
-            stderr,
-        }
-    }
-
-    /// Waits for it to exit, up to `timeout` (then kills it and panics).
-    pub fn finish(mut self, timeout: Duration) -> CliOutput {
-        let deadline = self.started + timeout;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                break status;
-            }
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                let out = self.collect(None);
-                panic!(
-                    "herd {:?} did not exit within {timeout:?}: {out:?}",
-                    self.args
-                );
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        self.collect(status.code())
-    }
-
-    fn collect(&mut self, code: Option<i32>) -> CliOutput {
-        let took = self.started.elapsed();
-        let text = |h: Option<JoinHandle<Vec<u8>>>| {
-            h.and_then(|h| h.join().ok())
-                .map(|b| String::from_utf8_lossy(&b).into_owned())
-                .unwrap_or_default()
-        };
-        CliOutput {
-            code,
-            stdout: text(self.stdout.take()),
-            stderr: text(self.stderr.take()),
-            took,
-        }
-    }
-}
-
-impl Drop for CliRun {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// Runs `herd ARGS…` to its end (bounded by [`WAIT`]).
-pub fn cli(home: &Path, args: &[&str]) -> CliOutput {
-    CliRun::start(home, args).finish(WAIT)
-}
-
 // ---- status ----
-
-/// `herd status NAME --json`, parsed; panics unless it exits 0.
-pub fn status(home: &Path, name: &str) -> Value {
-    let out = cli(home, &["status", name, "--json"]);
-    assert_eq!(
-        out.code,
-        Some(0),
-        "herd status {name} --json failed: {out:?}"
-    );
-    serde_json::from_str(&out.stdout)
-        .unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {out:?}"))
-}
-
-/// Polls `herd status NAME --json` until `done` holds (bounded by [`WAIT`]).
-pub fn wait_status(home: &Path, name: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let s = status(home, name);
-        if done(&s) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {WAIT:?} waiting for {what}; last status:\n{s:#}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-pub fn workers(status: &Value) -> &Vec<Value> {
-    status["workers"].as_array().expect("workers array")
-}
 
 /// The worker a status shows for `instance` in state `state` (the slot's current one when
 /// `state` is `ready`).
@@ -346,15 +172,7 @@ impl Client {
 
     /// Waits until `n` requests finished (bounded by `timeout`).
     pub fn wait_for(&self, n: usize, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while self.done() < n {
-            assert!(
-                Instant::now() < deadline,
-                "the client made only {} of {n} requests in {timeout:?}",
-                self.done()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_requests("the client", n, timeout, || self.done());
     }
 
     /// Waits for `n` more requests than now (bounded by [`WAIT`]).

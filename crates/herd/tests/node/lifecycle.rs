@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use super::start_node;
-use crate::util::{get, kill, pid_in, poll_until, WAIT};
+use crate::util::{get, kill, pid_in, poll_until, sigterm_with_a_slow_request_in_flight, WAIT};
 
 #[test]
 fn killing_a_worker_during_a_stream_of_requests_fails_at_most_the_one_in_flight() {
@@ -64,21 +64,7 @@ fn killing_a_worker_during_a_stream_of_requests_fails_at_most_the_one_in_flight(
 #[test]
 fn a_slow_request_in_flight_completes_when_herd_is_stopped() {
     let mut herd = start_node(2, &[]);
-    herd.wait_ready();
-    let port = herd.port();
-    let mark = herd.mark();
-    let request = std::thread::spawn(move || get(port, "/slow?ms=1500"));
-    herd.wait_line_after(mark, "slow start");
-    herd.signal(libc::SIGTERM);
-    let response = request
-        .join()
-        .expect("request thread")
-        .expect("the slow request completes");
-    assert_eq!(response.status, 200);
-    assert_eq!(response.json()["slept_ms"], 1500);
-    let status = herd.expect_exit();
-    assert_eq!(status.code(), Some(0), "{}", herd.dump());
-    herd.assert_no_worker_left();
+    sigterm_with_a_slow_request_in_flight(&mut herd);
     for e in herd.events().iter().filter(|e| e["event"] == "exited") {
         assert_eq!(e["expected"], true, "{e}");
     }

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use super::start_inherit;
-use crate::util::{fixture, get, pid_alive, Herd};
+use crate::util::{fixture, pid_alive, sigterm_with_a_slow_request_in_flight, Herd};
 
 #[test]
 fn a_crash_loop_errors_every_slot_and_exits_non_zero_with_the_exit_code() {
@@ -49,21 +49,7 @@ fn a_crash_loop_errors_every_slot_and_exits_non_zero_with_the_exit_code() {
 #[test]
 fn sigterm_lets_the_request_in_flight_finish() {
     let mut herd = start_inherit(2, &[]);
-    herd.wait_ready();
-    let port = herd.port();
-    let mark = herd.mark();
-    let request = std::thread::spawn(move || get(port, "/slow?ms=1500"));
-    herd.wait_line_after(mark, "slow start");
-    herd.signal(libc::SIGTERM);
-    let response = request
-        .join()
-        .expect("request thread")
-        .expect("the slow request completes");
-    assert_eq!(response.status, 200);
-    assert_eq!(response.json()["slept_ms"], 1500);
-    let status = herd.expect_exit();
-    assert_eq!(status.code(), Some(0), "{}", herd.dump());
-    herd.assert_no_worker_left();
+    sigterm_with_a_slow_request_in_flight(&mut herd);
     assert!(herd.not_json().is_empty(), "{:?}", herd.not_json());
     assert!(
         herd.stderr().is_empty(),

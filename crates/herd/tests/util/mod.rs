@@ -19,6 +19,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod cli;
+
+pub use cli::{
+    all_pids, cli, cli_command, home_of, ready_pids, spawn_cli, spawn_command, status, wait_status,
+    workers, CliOutput,
+};
+
 /// The bound for every wait on herd: generous, because the suite runs in parallel on
 /// small machines. A state that never comes fails the test after this long.
 pub const WAIT: Duration = Duration::from_secs(30);
@@ -54,6 +61,34 @@ pub fn fixture(name: &str) -> String {
         .join(name);
     assert!(path.exists(), "missing fixture {}", path.display());
     path.to_string_lossy().into_owned()
+}
+
+/// `herd run … -i N -e PORT=0 --name NAME EXTRA… fixtures/APP`: a Node fixture whose
+/// workers `listen(0)`.
+pub fn start_named_node(app: &str, name: &str, instances: usize, extra: &[&str]) -> Herd {
+    start_fixture(app, instances, &["-e", "PORT=0", "--name", name], extra)
+}
+
+/// `herd run … -i N --listen 127.0.0.1:0 --name NAME EXTRA… fixtures/APP`: a
+/// socket-activation fixture.
+pub fn start_named_listener(app: &str, name: &str, instances: usize, extra: &[&str]) -> Herd {
+    start_fixture(
+        app,
+        instances,
+        &["--listen", "127.0.0.1:0", "--name", name],
+        extra,
+    )
+}
+
+/// `herd run … -i N OPTIONS… EXTRA… fixtures/APP`.
+fn start_fixture(app: &str, instances: usize, options: &[&str], extra: &[&str]) -> Herd {
+    let app = fixture(app);
+    let n = instances.to_string();
+    let mut args = vec!["-i", n.as_str()];
+    args.extend_from_slice(options);
+    args.extend_from_slice(extra);
+    args.push(&app);
+    Herd::start(&args)
 }
 
 /// A fresh directory `/tmp/herd-t-<pid>-<n>`, short enough for unix socket paths, removed
@@ -366,13 +401,19 @@ fn kill_worker(pid: u32) {
     }
 }
 
-fn herd_command(home: &Path, args: &[&str]) -> Command {
+/// `herd` with [`SCRUBBED_ENV`] removed from its environment and `HERD_HOME=herd_home`.
+fn herd_with_home(herd_home: &Path) -> Command {
     let mut cmd = Command::new(herd_bin());
-    cmd.arg("run").arg("--log-format").arg("json").args(args);
     for var in SCRUBBED_ENV {
         cmd.env_remove(var);
     }
-    cmd.env("HERD_HOME", home.join("home"));
+    cmd.env("HERD_HOME", herd_home);
+    cmd
+}
+
+fn herd_command(home: &Path, args: &[&str]) -> Command {
+    let mut cmd = herd_with_home(&home.join("home"));
+    cmd.arg("run").arg("--log-format").arg("json").args(args);
     cmd
 }
 
@@ -404,8 +445,9 @@ pub fn run_to_end(args: &[&str]) -> (Output, TempDir) {
     (child.wait_with_output().expect("output"), home)
 }
 
-fn read_stdout(stdout: impl Read, shared: &Shared) {
-    let mut reader = BufReader::new(stdout);
+/// Calls `each` with every line `r` gives (its newline kept), until end of file or an error.
+fn for_each_line(r: impl Read, mut each: impl FnMut(&[u8])) {
+    let mut reader = BufReader::new(r);
     let mut buf = Vec::new();
     loop {
         buf.clear();
@@ -413,7 +455,13 @@ fn read_stdout(stdout: impl Read, shared: &Shared) {
             Ok(0) | Err(_) => break,
             Ok(_) => {}
         }
-        let text = String::from_utf8_lossy(&buf);
+        each(&buf);
+    }
+}
+
+fn read_stdout(stdout: impl Read, shared: &Shared) {
+    for_each_line(stdout, |buf| {
+        let text = String::from_utf8_lossy(buf);
         let text = text.trim_end_matches('\n');
         let mut state = shared.lock();
         match serde_json::from_str::<Value>(text) {
@@ -437,27 +485,20 @@ fn read_stdout(stdout: impl Read, shared: &Shared) {
         }
         drop(state);
         shared.changed.notify_all();
-    }
+    });
     shared.lock().stdout_closed = true;
     shared.changed.notify_all();
 }
 
 fn read_stderr(stderr: impl Read, shared: &Shared) {
-    let mut reader = BufReader::new(stderr);
-    let mut buf = Vec::new();
-    loop {
-        buf.clear();
-        match reader.read_until(b'\n', &mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
+    for_each_line(stderr, |buf| {
         let mut state = shared.lock();
         if state.stderr.len() < 1 << 20 {
-            state.stderr.push_str(&String::from_utf8_lossy(&buf));
+            state.stderr.push_str(&String::from_utf8_lossy(buf));
         }
         drop(state);
         shared.changed.notify_all();
-    }
+    });
 }
 
 fn describe(state: &State) -> String {
@@ -638,4 +679,41 @@ pub fn poll_until<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Waits until `done()` (requests finished so far) reaches `n`, checking every 5 ms, or
+/// panics after `timeout` saying that `who` made too few.
+pub fn wait_requests(who: &str, n: usize, timeout: Duration, done: impl Fn() -> usize) {
+    let deadline = Instant::now() + timeout;
+    while done() < n {
+        assert!(
+            Instant::now() < deadline,
+            "{who} made only {} of {n} requests in {timeout:?}",
+            done()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+// ---- scenarios shared by several modules ----
+
+/// Waits for `herd` to be ready, sends it SIGTERM while a 1.5 s request (`/slow?ms=1500`)
+/// is in flight, and checks that the request completes, herd exits 0 and no worker
+/// outlives it.
+pub fn sigterm_with_a_slow_request_in_flight(herd: &mut Herd) {
+    herd.wait_ready();
+    let port = herd.port();
+    let mark = herd.mark();
+    let request = std::thread::spawn(move || get(port, "/slow?ms=1500"));
+    herd.wait_line_after(mark, "slow start");
+    herd.signal(libc::SIGTERM);
+    let response = request
+        .join()
+        .expect("request thread")
+        .expect("the slow request completes");
+    assert_eq!(response.status, 200);
+    assert_eq!(response.json()["slept_ms"], 1500);
+    let status = herd.expect_exit();
+    assert_eq!(status.code(), Some(0), "{}", herd.dump());
+    herd.assert_no_worker_left();
 }
