@@ -666,8 +666,8 @@ def section_health(args, logdir: Path) -> tuple[str, dict]:
         B.log(f"health: ({key}) done")
     md = [f"## 3. Health detection (ms from the trigger; {args.trials} trials each, -i 1)", "",
           "Trigger = the moment this script sent the request (or created the fail file); events "
-          "are herd's, timestamped by herd. herd checks limits, pings and probe schedules on a "
-          "1 s tick.", "",
+          "are herd's, timestamped by herd. herd checks pings and probe schedules on a tick of "
+          "a quarter of --watchdog (at most 1 s) and reads /proc once a second.", "",
           table(["case", "trials", "event", "median", "max", "then", "median", "max", "notes"],
                 rows)]
     if raw["notes"]:
