@@ -145,3 +145,42 @@ fn a_node_unix_socket_server_works_in_round_robin_and_is_removed_on_stop() {
     );
     herd.assert_no_worker_left();
 }
+
+#[test]
+fn a_node_udp_socket_is_shared_by_every_worker() {
+    use crate::util::{fixture, port_of, Herd};
+    use std::net::UdpSocket;
+    use std::time::{Duration, Instant};
+
+    let app = fixture("udp.js");
+    let herd = Herd::start(&["-i", "2", &app]);
+    herd.wait_ready();
+    let bound = herd.wait_event("the UDP bind", |e| {
+        e["event"] == "bound" && e["address"].as_str().is_some_and(|a| a.starts_with("udp "))
+    });
+    assert_eq!(bound["balance"], "shared", "UDP is always shared: {bound}");
+    let port = port_of(&bound);
+    let expected: BTreeSet<u32> = herd.worker_pids().into_iter().collect();
+    let mut pids = BTreeSet::new();
+    let deadline = Instant::now() + crate::util::WAIT;
+    // The kernel picks the receiving worker; new source ports spread the datagrams.
+    while pids != expected && Instant::now() < deadline {
+        let client = UdpSocket::bind("127.0.0.1:0").expect("client socket");
+        client
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .expect("timeout");
+        client.send_to(b"ping", ("127.0.0.1", port)).expect("send");
+        let mut buf = [0u8; 256];
+        if let Ok(n) = client.recv(&mut buf) {
+            let v: serde_json::Value = serde_json::from_slice(&buf[..n]).expect("json answer");
+            assert_eq!(v["got"], "ping", "{v}");
+            pids.insert(v["pid"].as_u64().expect("pid") as u32);
+        }
+    }
+    assert_eq!(
+        pids,
+        expected,
+        "every worker answered datagrams\n{}",
+        herd.dump()
+    );
+}
