@@ -7,6 +7,7 @@
 //! Every replacement has a reason (`crash`, `hung`, `unhealthy`, `memory`, `requests`,
 //! `age`, `reload`), counted per slot and shown by `herd status`.
 
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -58,7 +59,8 @@ impl Supervisor {
 
     pub(super) fn on_tick(&mut self) {
         let now = Instant::now();
-        let health = self.plan.spec.health.clone();
+        let plan = Rc::clone(&self.plan);
+        let health = &plan.spec.health;
         let period = self.tick_period();
         // /proc is read once a second, whatever the tick.
         let sample = self

@@ -328,6 +328,7 @@ impl Supervisor {
             Event::IpcClosed { id, reason } => self.on_ipc_closed(id, reason),
             Event::IpcWritable { id } => {
                 if let Some(w) = self.workers.get_mut(&id) {
+                    w.write_waiting = false;
                     w.send(&self.tx, |c| c.flush());
                 }
             }

@@ -45,6 +45,8 @@ pub struct Worker {
     pub incoming: bool,
     /// Connections herd handed to it.
     pub connections: u64,
+    /// A task waits for its full IPC socket to drain (see [`Worker::send`]).
+    pub write_waiting: bool,
     /// The last CPU reading, for `herd status`.
     pub cpu: Option<crate::procfs::CpuSample>,
     /// Declared hung: being killed.
@@ -105,7 +107,10 @@ impl Worker {
         };
         match f(chan) {
             Ok(channel::Flush::Done) => true,
+            Ok(channel::Flush::Blocked) if self.write_waiting => true,
             Ok(channel::Flush::Blocked) => {
+                // One waiter per worker: later messages join the queue it will flush.
+                self.write_waiting = true;
                 let sock = Rc::clone(chan.socket());
                 let tx = tx.clone();
                 let id = self.id;
@@ -136,6 +141,7 @@ impl Worker {
         };
         let seq = chan.next_seq();
         let fd = conn.fd.as_raw_fd();
+        let counted = !conn.probe;
         self.inflight.push(InFlight {
             seq,
             server,
@@ -143,7 +149,6 @@ impl Worker {
             at: Instant::now(),
         });
         let key_json = Rc::clone(key_json);
-        let counted = !self.inflight.last().is_some_and(|f| f.conn.probe);
         if self.send(tx, |c| c.push(Out::NewConn { key_json, seq, fd })) {
             if counted {
                 self.connections += 1;
@@ -384,6 +389,7 @@ impl Launcher {
             leaving: false,
             incoming: false,
             connections: 0,
+            write_waiting: false,
             cpu: None,
             hung: false,
             replacing: false,
