@@ -4,6 +4,7 @@
 
 mod control;
 mod errors;
+mod hardening;
 mod health;
 mod node;
 mod run;

@@ -1,0 +1,1 @@
+//! Hardening: see the module list in mod.rs.
