@@ -327,9 +327,12 @@ def time_command(argv: list[str], env: dict, runs: int, out_json: Path, warmup: 
     """Wall time of a short command: hyperfine if installed, else a Python loop. Bounded.
     Returns tool, runs, mean, median, min, max, stddev (seconds) and failed (non-zero exits)."""
     if shutil.which("hyperfine"):
-        cmd = " ".join(shlex.quote(str(a)) for a in argv) + " >/dev/null 2>&1"
-        cp = run_cmd(["hyperfine", "--warmup", str(warmup), "--runs", str(runs), "--ignore-failure",
-                      "--export-json", str(out_json), cmd], env, timeout=180)
+        # -N: no intermediate shell, so nothing is subtracted as "shell spawning time" (with a
+        # shell, a ~1 ms command comes out at 0.0 ms); output goes to /dev/null.
+        cmd = " ".join(shlex.quote(str(a)) for a in argv)
+        cp = run_cmd(["hyperfine", "-N", "--output=null", "--warmup", str(warmup), "--runs",
+                      str(runs), "--ignore-failure", "--export-json", str(out_json), cmd],
+                     env, timeout=180)
         if cp.returncode == 0 and out_json.exists():
             r = json.loads(out_json.read_text())["results"][0]
             return dict(tool="hyperfine", runs=len(r["times"]), mean=r["mean"], median=r["median"],
