@@ -28,18 +28,19 @@ Sections (--only, comma separated; default all):
     cpu      herd's CPU with 8 Node workers (hang.js) over --idle-seconds idle: no health options
              versus --watchdog 1s --max-memory 500M --health-check /health --health-interval 1s.
              CPU% of one core = (utime+stime delta) / wall; also the ns-precise figure from
-             /proc/PID/task/*/schedstat, and the workers' CPU.
+             /proc/PID/task/*/schedstat, and the workers' CPU. --rounds rounds, the two
+             configurations' order rotated.
 
 Times come from herd's own event timestamps (`--log-format json`, ms resolution) against this
 script's wall clock at the kill / request; "first answer" is when the response arrived here.
 Every figure is a median with its min–max: restart/health over --trials trials (default 5),
-RSS over --rounds rounds (default 3) of fresh starts, with the seven configurations' order
+RSS and CPU over --rounds rounds (default 3) of fresh starts, with the configurations' order
 rotated each round (round r starts the list at offset r).
 
 How to run (from the repository root)
     cargo build --release -p herd -p hello
     npm install --prefix bench                    # PM2, for the rss section's PM2 column
-    python3 bench/restart.py                      # everything, ~10 min on 2 cores
+    python3 bench/restart.py                      # everything, ~12 min on 2 cores
     python3 bench/restart.py --quick --only rss,restart  # smoke, ~1.5 min
     python3 bench/restart.py --only restart,health --trials 3
     python3 bench/restart.py --only cpu --idle-seconds 10
@@ -307,7 +308,8 @@ def rss_measure(pid: int, port: int, args, tag: str) -> dict:
     peak = max(s.peak_kib, B.rss_kib([pid]))
     time.sleep(1.0)
     after = B.rss_kib([pid])
-    return {"idle": idle, "peak": peak, "after": after, "rps": r["rps"], "errors": r["errors"]}
+    return {"idle": idle, "peak": peak, "after": after, "rps": r["rps"], "errors": r["errors"],
+            **{k: r[k] for k, _ in B.ERROR_KINDS}}
 
 
 def section_rss(args, logdir: Path) -> tuple[str, dict]:
@@ -351,7 +353,14 @@ def section_rss(args, logdir: Path) -> tuple[str, dict]:
         """a/b per round (both measured in the same round), median (min–max)."""
         by_a = {r["round"]: r for r in raw.get(a, [])}
         by_b = {r["round"]: r for r in raw.get(b, [])}
-        return B.fmt_ratio(B.stat(B.paired_ratios(by_a, by_b, field)))
+        both = set(by_a) & set(by_b)
+        marks = [B.error_mark(B.error_counts(by[k] for k in both), name)
+                 for by, name in ((by_a, a), (by_b, b))]
+        return B.fmt_ratio(B.stat(B.paired_ratios(by_a, by_b, field)), marks)
+
+    def rps(key):
+        mark = B.error_mark(B.error_counts(raw.get(key, [])))
+        return B.fmt_stat(B.stat([r["rps"] for r in raw.get(key, [])])) + (f" {mark}" if mark else "")
 
     rows = []
     for label, kw in herd_kinds(args):
@@ -359,8 +368,7 @@ def section_rss(args, logdir: Path) -> tuple[str, dict]:
         other = {"round-robin": "node-rr", "shared": "node-none"}.get(kw.get("balance"))
         pm2 = "pm2" if kw.get("balance") == "round-robin" else None
         rows.append([label, m(k, "idle"), m(k, "peak"), m(k, "after"),
-                     B.fmt_stat(B.stat([r["rps"] for r in raw.get(k, [])])),
-                     other or "–",
+                     rps(k), other or "–",
                      m(other, "idle") if other else "–",
                      m(other, "after") if other else "–",
                      m(pm2, "idle") if pm2 else "–",
@@ -376,15 +384,15 @@ def section_rss(args, logdir: Path) -> tuple[str, dict]:
           f"{' -H Connection: close' if args.conn == 'close' else ''} on GET /; after = 1 s "
           f"after the load. Node primary = bench/apps/node-cluster.js (rr for round-robin, none "
           f"for shared); PM2 = its God daemon (cluster mode = rr). Python and hello have no "
-          f"Node-cluster or PM2 equivalent. Ratios are per round, then median (min–max). Each "
-          f"round starts every configuration fresh.",
+          f"Node-cluster or PM2 equivalent. Ratios are per round, then median (min–max); ⚠ beside "
+          f"a req/s or a ratio names the wrk errors of the load behind it. Each round starts "
+          f"every configuration fresh.",
           "",
           table(["app", "herd idle", "herd peak (load)", "herd after", "herd req/s", "vs",
                  "Node primary idle", "Node primary after", "PM2 daemon idle", "PM2 daemon after",
                  "herd/Node idle", "herd/Node after", "herd/PM2 idle"], rows)]
     peaks = [[k, m(k, "idle"), m(k, "peak"), m(k, "after"),
-              B.fmt_stat(B.stat([r["rps"] for r in raw.get(k, [])])),
-              str(sum(r["errors"] for r in raw.get(k, [])))]
+              rps(k), str(sum(r["errors"] for r in raw.get(k, [])))]
              for k in ("node-rr", "node-none", "pm2") if k in raw]
     if peaks:
         md += ["", "The comparison primaries in full:", "",
@@ -759,67 +767,87 @@ def health_stop(h: HerdApp, trials: int) -> list[dict]:
 
 # ---------------------------------------------------------------- 4. sampling cost
 
+def cpu_once(args, logdir: Path, label: str, extra: list, windows: int) -> dict:
+    """One fresh herd with 8 idle Node workers, its CPU over --idle-seconds."""
+    h = HerdApp(args, logdir, "cpu-" + label.split()[0], instances=8, app=HANG_JS, extra=extra)
+    try:
+        h.start()
+        time.sleep(2.0)  # start-up work out of the window
+        workers = list(h.workers())
+        mark = h.events.mark()
+        win = []
+        c_start, s_start, w_start = (B.cpu_seconds([h.pid]), sched_ns(h.pid),
+                                     B.cpu_seconds(workers))
+        t_start = time.monotonic()
+        for _ in range(windows):
+            c0, s0, t0 = B.cpu_seconds([h.pid]), sched_ns(h.pid), time.monotonic()
+            time.sleep(args.idle_seconds / windows)
+            dt = time.monotonic() - t0
+            win.append({"stat_pct": (B.cpu_seconds([h.pid]) - c0) / dt * 100,
+                        "sched_pct": (sched_ns(h.pid) - s0) / 1e9 / dt * 100})
+        wall = time.monotonic() - t_start
+        res = {
+            "wall_s": wall,
+            "cpu_s": B.cpu_seconds([h.pid]) - c_start,
+            "sched_s": (sched_ns(h.pid) - s_start) / 1e9,
+            "workers_cpu_s": B.cpu_seconds(workers) - w_start,
+            "windows": win,
+            "threads": len(os.listdir(f"/proc/{h.pid}/task")),
+            "rss_kib": B.rss_kib([h.pid]),
+            "events": [e["event"] for e in h.events.since(mark, {
+                "hung", "replacing", "probe_failed", "exited", "spawned"})],
+        }
+        res["stat_pct"] = res["cpu_s"] / wall * 100
+        res["sched_pct"] = res["sched_s"] / wall * 100
+        res["workers_pct"] = res["workers_cpu_s"] / wall * 100
+        return res
+    finally:
+        h.stop()
+
+
 def section_cpu(args, logdir: Path) -> tuple[str, dict]:
-    W = 8
+    """--rounds rounds, the two configurations' order rotated each round."""
     configs = [("no health options", []),
                ("all checks", ["--watchdog", "1s", "--max-memory", "500M", "--health-check",
                                "/health", "--health-interval", "1s"])]
-    raw, rows, notes = {}, [], []
+    raw: dict[str, list] = {label: [] for label, _ in configs}
+    notes = []
     windows = max(1, args.cpu_windows)
-    for label, extra in configs:
-        h = HerdApp(args, logdir, "cpu-" + label.split()[0], instances=W, app=HANG_JS, extra=extra)
-        try:
-            h.start()
-            time.sleep(2.0)  # start-up work out of the window
-            workers = list(h.workers())
-            mark = h.events.mark()
-            win = []
-            c_start, s_start, w_start = (B.cpu_seconds([h.pid]), sched_ns(h.pid),
-                                         B.cpu_seconds(workers))
-            t_start = time.monotonic()
-            for _ in range(windows):
-                c0, s0, t0 = B.cpu_seconds([h.pid]), sched_ns(h.pid), time.monotonic()
-                time.sleep(args.idle_seconds / windows)
-                dt = time.monotonic() - t0
-                win.append({"stat_pct": (B.cpu_seconds([h.pid]) - c0) / dt * 100,
-                            "sched_pct": (sched_ns(h.pid) - s0) / 1e9 / dt * 100})
-            wall = time.monotonic() - t_start
-            threads = len(os.listdir(f"/proc/{h.pid}/task"))
-            res = {
-                "wall_s": wall,
-                "cpu_s": B.cpu_seconds([h.pid]) - c_start,
-                "sched_s": (sched_ns(h.pid) - s_start) / 1e9,
-                "workers_cpu_s": B.cpu_seconds(workers) - w_start,
-                "windows": win,
-                "threads": threads,
-                "rss_kib": B.rss_kib([h.pid]),
-                "events": [e["event"] for e in h.events.since(mark, {
-                    "hung", "replacing", "probe_failed", "exited", "spawned"})],
-            }
-            raw[label] = res
-            rows.append([label, f"{wall:.1f}", f"{res['cpu_s']:.2f}",
-                         f"{res['cpu_s'] / wall * 100:.3f}",
-                         f"{res['sched_s'] / wall * 100:.3f}",
-                         " / ".join(f"{w['sched_pct']:.3f}" for w in win),
-                         f"{res['workers_cpu_s'] / wall * 100:.2f}", threads,
-                         mib(res["rss_kib"]), len(res["events"])])
-        except (B.TargetFailed, B.SkipTarget) as e:
-            notes.append(f"{label}: {e}")
-        finally:
-            h.stop()
-        B.log(f"cpu: {label} done")
-    md = [f"## 4. Supervisor CPU, 8 idle Node workers (hang.js), {args.idle_seconds:g} s", "",
+    for rnd in range(args.rounds):
+        for label, extra in B.rotated(configs, rnd):
+            try:
+                res = cpu_once(args, logdir, label, extra, windows)
+                res["round"] = rnd
+                raw[label].append(res)
+            except (B.TargetFailed, B.SkipTarget) as e:
+                notes.append(f"round {rnd + 1} {label}: {e}")
+            B.log(f"cpu: round {rnd + 1}/{args.rounds} {label} done")
+    rows = []
+    for label, rs in raw.items():
+        if not rs:
+            rows.append([label, 0] + ["–"] * 8)
+            continue
+        st = lambda f, spec="{:.3f}": B.fmt_stat(B.stat([r[f] for r in rs]), spec)  # noqa: E731
+        rows.append([label, len(rs), st("wall_s", "{:.1f}"), st("cpu_s", "{:.2f}"), st("stat_pct"),
+                     st("sched_pct"),
+                     " / ".join(f"{w['sched_pct']:.3f}" for r in rs for w in r["windows"]),
+                     st("workers_pct", "{:.2f}"), B.fmt_stat(B.stat([r["threads"] for r in rs])),
+                     B.fmt_stat(B.stat([r["rss_kib"] for r in rs]), "{:.1f}", 1 / 1024),
+                     sum(len(r["events"]) for r in rs)])
+    md = [f"## 4. Supervisor CPU, 8 idle Node workers (hang.js), {args.idle_seconds:g} s; "
+          f"median (min–max) of {args.rounds} rounds, order rotated", "",
           "CPU% of one core. *stat* = utime+stime delta from /proc/PID/stat (10 ms ticks) ÷ wall; "
           "*schedstat* = the same from /proc/PID/task/*/schedstat (ns). All checks = `--watchdog 1s "
           "--max-memory 500M --health-check /health --health-interval 1s` (8 pings, 8 RSS reads "
           "and 8 probes a second). Health events = hung/replacing/probe_failed/exited/spawned "
-          "during the window (should be 0).", "",
-          table(["options", "wall s", "herd CPU s", "herd CPU % (stat)", "herd CPU % (schedstat)",
-                 f"per {args.idle_seconds / windows:g} s window (schedstat %)",
+          "during the windows, all rounds (should be 0).", "",
+          table(["options", "rounds", "wall s", "herd CPU s", "herd CPU % (stat)",
+                 "herd CPU % (schedstat)",
+                 f"every {args.idle_seconds / windows:g} s window, all rounds (schedstat %)",
                  "8 workers' CPU % (sum)", "herd threads", "herd RSS MiB", "health events"], rows)]
     if notes:
         md += ["", "Failures: " + "; ".join(notes)]
-    return "\n".join(md), raw
+    return "\n".join(md), {"raw": raw, "notes": notes}
 
 
 # ---------------------------------------------------------------- main
@@ -832,8 +860,8 @@ def main() -> int:
                     help=f"comma-separated sections: {','.join(SECTIONS)} (default all)")
     ap.add_argument("--trials", type=int, default=5, help="trials for restart and health (5)")
     ap.add_argument("--rounds", "--rss-trials", dest="rounds", type=int, default=3,
-                    help="rss: rounds, each starting every configuration fresh; round r starts "
-                         "the configuration list at offset r (3)")
+                    help="rss and cpu: rounds, each starting every configuration fresh; round r "
+                         "starts the configuration list at offset r (3)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: --rounds 2 --trials 2 --load-seconds 1 --idle-seconds 3 "
                          "--cpu-windows 1 (explicit options still win); code paths, not numbers")
