@@ -108,6 +108,9 @@ def measure(target: B.Target, args, close: bool) -> dict:
     # A worker that crashed (and was replaced) during the run is a different run from one where
     # none did: count pids that vanished, as reported by the supervisor itself.
     r["workers_lost"] = len(set(pids_before) - set(pids_after))
+    # Fewer workers than asked for (or a supervisor that would not say) is marked too: the
+    # pid comparison above cannot see a worker that was never reported.
+    r["workers_missing"] = max(0, target.expected_workers() - len(pids_after))
     if primary:
         r["primary_cpu_s"] = cpu1 - cpu0
         r["primary_cpu_per_10k"] = (cpu1 - cpu0) / (r["requests"] / 10_000) if r["requests"] else None
@@ -200,9 +203,15 @@ def marks_of(cfg: str, a: dict, rounds=None) -> str:
     workers replaced during a run."""
     runs = [r for k, r in a["runs"].items() if rounds is None or k in rounds]
     m = B.error_mark(B.error_counts(runs), cfg)
+    extra = []
     lost = sum(r.get("workers_lost", 0) for r in runs)
     if lost:
-        m = (m + f", {lost} worker(s) replaced mid-run") if m else f"⚠ {cfg}: {lost} worker(s) replaced mid-run"
+        extra.append(f"{lost} worker(s) replaced mid-run")
+    missing = sum(r.get("workers_missing", 0) for r in runs)
+    if missing:
+        extra.append(f"{missing} worker(s) not reported after a run")
+    if extra:
+        m = (m + ", " if m else f"⚠ {cfg}: ") + ", ".join(extra)
     return m
 
 
@@ -253,6 +262,9 @@ def render(results: list[dict], args, versions: dict, started: str) -> str:
             err_cell = ", ".join(f"{errs[k]} {lbl}" for k, lbl in B.ERROR_KINDS if errs.get(k)) or "0"
             if lost:
                 err_cell += f"; {lost} worker(s) replaced"
+            missing = sum(r.get("workers_missing", 0) for r in runs)
+            if missing:
+                err_cell += f"; {missing} worker(s) not reported"
             out.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
                 ("⚠ " if mark else "") + name, len(runs), B.fmt_stat(st("rps")),
                 "1×" if name == BASELINE else B.fmt_ratio(vs, paired_marks(name, a, BASELINE, base)),
