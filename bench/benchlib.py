@@ -15,6 +15,16 @@
   runs every registered stop and a last sweep of the run's tag; the scripts call it in a
   `finally`, and SIGTERM/SIGHUP are turned into KeyboardInterrupt so Ctrl-C, kill and errors
   all end up there. Nothing is killed by name: only pids found by our own tag or group.
+- Rounds: rotated() gives round r's contender order (the list started at offset r, so nobody is
+  always first or last); stat()/fmt_stat() give "median (min–max)" over the rounds.
+- Errors beside ratios: error_counts()/error_mark() turn wrk's error counts into a "⚠ 50
+  timeouts" mark, and fmt_ratio() puts it next to every ratio computed from runs with errors.
+- Worker pids, one check for every contender: Target.worker_pids() asks the supervisor itself
+  (herd: `herd status NAME --json`; PM2: `pm2 jlist`; Node's cluster primary: its child
+  processes, from /proc) — never HTTP probes, which only see the workers that happen to answer.
+- CLI start-up: time_command() times a short command (hyperfine if installed, else a loop);
+  Target.cli_noop_argv() is the no-op (`herd --version`, `pm2 --version`) whose time is what any
+  command of that CLI pays before doing its work.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import shlex
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,6 +75,84 @@ class SkipTarget(Exception):
 
 class TargetFailed(Exception):
     """The target was tried and did not come up (or died)."""
+
+
+# ---------------------------------------------------------------- rounds and statistics
+
+def rotated(items, r: int) -> list:
+    """Round r's order: the list started at offset r (round 0 as given, round 1 from the second
+    item, ...), so every contender runs first, in the middle and last equally often."""
+    items = list(items)
+    if not items:
+        return items
+    k = r % len(items)
+    return items[k:] + items[:k]
+
+
+def stat(xs) -> dict | None:
+    """Median, min, max and count of the values that are not None (None if there are none)."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def fmt_stat(s: dict | None, spec: str = "{:.0f}", scale: float = 1.0, unit: str = "") -> str:
+    """"median (min–max)" — just the value when there was one round; "–" when there was none."""
+    if not s:
+        return "–"
+    m = spec.format(s["median"] * scale) + unit
+    if s["n"] == 1:
+        return m
+    return f"{m} ({spec.format(s['min'] * scale)}–{spec.format(s['max'] * scale)})"
+
+
+# wrk's error kinds, as named in the marks
+ERROR_KINDS = (("connect", "connect"), ("read", "read"), ("write", "write"),
+               ("timeout", "timeouts"), ("status", "http>399"))
+
+
+def error_counts(runs) -> dict:
+    """Sum of wrk's error counts over runs (dicts from wrk_finish); kinds with 0 left out."""
+    total = {}
+    for r in runs:
+        for k, _ in ERROR_KINDS:
+            if r.get(k):
+                total[k] = total.get(k, 0) + r[k]
+    return total
+
+
+def error_mark(counts: dict, who: str = "") -> str:
+    """"⚠ 50 timeouts, 3 read" (with "who: " in front when given); "" when there were none."""
+    parts = [f"{counts[k]} {label}" for k, label in ERROR_KINDS if counts.get(k)]
+    if not parts:
+        return ""
+    return "⚠ " + (f"{who}: " if who else "") + ", ".join(parts)
+
+
+def fmt_ratio(s: dict | None, marks=(), spec: str = "{:.2f}") -> str:
+    """A ratio "median× (min–max)" with every non-empty mark beside it:
+    `1.18× (1.10–1.25; ⚠ herd-rr: 50 timeouts)`. A ratio from runs with errors is never bare."""
+    if not s:
+        return "–"
+    m = spec.format(s["median"]) + "×"
+    inside = []
+    if s["n"] > 1:
+        inside.append(f"{spec.format(s['min'])}–{spec.format(s['max'])}")
+    inside += [m_ for m_ in marks if m_]
+    return f"{m} ({'; '.join(inside)})" if inside else m
+
+
+def paired_ratios(a_runs: dict, b_runs: dict, field: str) -> list[float]:
+    """Per-round ratios a/b of `field`, only for rounds where both sides have a value
+    (a_runs, b_runs: round -> result dict). Paired, so a slow round affects both sides."""
+    out = []
+    for rnd, a in a_runs.items():
+        b = b_runs.get(rnd)
+        if b is None or a.get(field) is None or not b.get(field):
+            continue
+        out.append(a[field] / b[field])
+    return out
 
 
 # ---------------------------------------------------------------- /proc readings
@@ -107,6 +196,16 @@ def pid_alive(pid: int | None) -> bool:
         return False
     f = _stat_fields(pid)
     return bool(f) and f[0] != "Z"
+
+
+def children_of(ppid: int) -> list[int]:
+    """Live child processes of ppid (field 4 of /proc/PID/stat), e.g. Node's cluster workers."""
+    kids = []
+    for pid in _all_pids():
+        f = _stat_fields(pid)
+        if f and f[0] != "Z" and f[1] == str(ppid):
+            kids.append(pid)
+    return sorted(kids)
 
 
 def _all_pids():
@@ -222,6 +321,34 @@ def run_cmd(argv, env, timeout: float) -> subprocess.CompletedProcess:
         p.wait()
         raise
     return subprocess.CompletedProcess(argv, p.returncode, out, err)
+
+
+def time_command(argv: list[str], env: dict, runs: int, out_json: Path, warmup: int = 2) -> dict:
+    """Wall time of a short command: hyperfine if installed, else a Python loop. Bounded.
+    Returns tool, runs, mean, median, min, max, stddev (seconds) and failed (non-zero exits)."""
+    if shutil.which("hyperfine"):
+        # -N: no intermediate shell, so nothing is subtracted as "shell spawning time" (with a
+        # shell, a ~1 ms command comes out at 0.0 ms); output goes to /dev/null.
+        cmd = " ".join(shlex.quote(str(a)) for a in argv)
+        cp = run_cmd(["hyperfine", "-N", "--output=null", "--warmup", str(warmup), "--runs",
+                      str(runs), "--ignore-failure", "--export-json", str(out_json), cmd],
+                     env, timeout=180)
+        if cp.returncode == 0 and out_json.exists():
+            r = json.loads(out_json.read_text())["results"][0]
+            return dict(tool="hyperfine", runs=len(r["times"]), mean=r["mean"], median=r["median"],
+                        min=r["min"], max=r["max"], stddev=r.get("stddev"),
+                        failed=sum(1 for c in r.get("exit_codes", []) if c))
+        log(f"hyperfine failed ({cp.stderr.strip()[-200:]}); timing in Python")
+    times, failed = [], 0
+    for i in range(runs + warmup):
+        t = time.perf_counter()
+        cp = run_cmd([str(a) for a in argv], env, timeout=30)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+            failed += cp.returncode != 0
+    return dict(tool="python loop", runs=len(times), mean=statistics.mean(times),
+                median=statistics.median(times), min=min(times), max=max(times),
+                stddev=statistics.stdev(times) if len(times) > 1 else None, failed=failed)
 
 
 def _killpg(pgid: int, sig) -> None:
@@ -422,6 +549,14 @@ class Target:
     def alive(self) -> bool:
         return True
 
+    def worker_pids(self) -> list[int]:
+        """The worker pids as the supervisor itself knows them (see the module doc)."""
+        return []
+
+    def cli_noop_argv(self) -> tuple[list[str], dict] | None:
+        """(argv, env) of this contender's CLI doing nothing (its start-up cost), or None."""
+        return None
+
     def stop(self) -> None:
         raise NotImplementedError
 
@@ -475,6 +610,9 @@ class NodeSingle(_ProcTarget):
     def primary_pids(self):
         return []  # no primary: the one process is the worker
 
+    def worker_pids(self):
+        return [self.proc.pid] if self.alive() else []
+
 
 class NodeCluster(_ProcTarget):
     kind = "node"
@@ -491,6 +629,11 @@ class NodeCluster(_ProcTarget):
 
     def _env(self):
         return {"WORKERS": self.workers, "NODE_CLUSTER_SCHED_POLICY": self.policy}
+
+    def worker_pids(self):
+        # Node's primary has no CLI to ask; its workers are exactly its child processes
+        # (cluster.fork), which the kernel reports in /proc.
+        return children_of(self.proc.pid) if self.alive() else []
 
 
 class Herd(_ProcTarget):
@@ -517,14 +660,34 @@ class Herd(_ProcTarget):
         super().start(port, work_ms)
 
     def _env(self):
-        return {"XDG_RUNTIME_DIR": self.runtime_dir}
+        return {"XDG_RUNTIME_DIR": self.runtime_dir, "HERD_HOME": self.runtime_dir}
 
     def _argv(self):
         return [self.herd_bin, "run", "-i", self.workers, "--balance", self.balance,
                 "-n", APP_NAME, APP_JS]
 
     def control_env(self) -> dict:
-        return tagged_env(self.tag, XDG_RUNTIME_DIR=self.runtime_dir)
+        return tagged_env(self.tag, XDG_RUNTIME_DIR=self.runtime_dir, HERD_HOME=self.runtime_dir)
+
+    def status(self, timeout: float = 30) -> dict:
+        """`herd status NAME --json` (raises TargetFailed if it fails or is not JSON)."""
+        cp = run_cmd([str(self.herd_bin), "status", APP_NAME, "--json"], self.control_env(), timeout)
+        if cp.returncode != 0:
+            raise TargetFailed(f"herd status exited {cp.returncode}: {cp.stderr.strip()[-300:]}")
+        try:
+            return json.loads(cp.stdout)
+        except ValueError as e:
+            raise TargetFailed(f"herd status --json: not JSON ({e})") from None
+
+    def worker_pids(self):
+        try:
+            return sorted(w["pid"] for w in self.status().get("workers", [])
+                          if w.get("pid") and w.get("state") == "ready")
+        except (TargetFailed, subprocess.TimeoutExpired, KeyError, TypeError):
+            return []
+
+    def cli_noop_argv(self):
+        return [str(self.herd_bin), "--version"], self.control_env()
 
     def control_argv(self, template: str) -> list[str]:
         return [a.format(herd=self.herd_bin, name=APP_NAME, pid=self.proc.pid if self.proc else 0)
@@ -584,11 +747,17 @@ class Pm2(Target):
         return pid_alive(self.daemon_pid)
 
     def worker_pids(self) -> list[int]:
-        cp = self.pm2("jlist", timeout=30)
         try:
-            return [p["pid"] for p in json.loads(cp.stdout) if p.get("pid")]
-        except ValueError:
+            cp = self.pm2("jlist", timeout=30)
+            return sorted(p["pid"] for p in json.loads(cp.stdout)
+                          if p.get("pid") and p.get("pm2_env", {}).get("status") == "online")
+        except (ValueError, KeyError, TypeError, AttributeError, subprocess.TimeoutExpired):
             return []
+
+    def cli_noop_argv(self):
+        # With this run's daemon up, `pm2 --version` starts Node, loads PM2's CLI, connects to
+        # the daemon (as every pm2 command does), prints the version and exits.
+        return [str(self.pm2_bin), "--version"], self.env()
 
     def reload(self, timeout: float = 120) -> subprocess.CompletedProcess:
         return self.pm2("reload", APP_NAME, timeout=timeout)

@@ -5,18 +5,29 @@ What it measures
     1. Reload under load. For each target (pm2: `pm2 start app.js -i N` then `pm2 reload
        bench-app`; herd: `herd run -i N --balance MODE app.js` then `herd reload bench-app`)
        and for keep-alive and `Connection: close` connections: start the app fresh on N workers
-       (--workers, default 2), warm up, start wrk for --duration seconds (default 10), fire ONE
-       reload at --reload-at of the way through (default 0.5 = the middle), let wrk finish.
+       (--workers, default 2), time the CLI's no-op (see 3), warm up, start wrk for --duration
+       seconds (default 10), fire ONE reload at --reload-at of the way through (default 0.5 =
+       the middle), let wrk finish.
        Reported: requests, req/s, errors by kind as wrk counts them (connect, read, write,
-       timeout, HTTP status > 399), p99 and max latency, how long the reload command took, and
-       whether the workers really were replaced (the pids answering GET / before and after).
-       A zero-downtime reload shows 0 errors. The app (bench/apps/app.js) drains politely when
-       stopped (closes idle keep-alive sockets, answers in-flight requests with
+       timeout, HTTP status > 399), p99 and max latency, how long the reload command took (and
+       that net of the CLI's start-up), and whether the workers really were replaced. That
+       check is the same for both: the worker pids the supervisor itself reports (`herd status
+       bench-app --json`, `pm2 jlist`) before the load and after the reload must be N and
+       disjoint. A zero-downtime reload shows 0 errors. The app (bench/apps/app.js) drains
+       politely when stopped (closes idle keep-alive sockets, answers in-flight requests with
        `Connection: close`, exits within 1.5 s), so errors are the supervisor's doing.
        --app-drain node makes it stop like a typical app instead (Node's stock server.close(),
        which destroys idle keep-alive sockets at once and so races with requests in flight).
     2. `pm2 ls` vs `herd ls` wall time with the app running (hyperfine if installed, else a
        Python loop of --ls-runs runs): what a user waits for each time they look.
+    3. CLI start-up, separately: `pm2 --version` (Node starts, loads PM2's CLI, connects to the
+       daemon, exits) and `herd --version`, timed the same way. Every `pm2 ls`/`pm2 reload`
+       pays PM2's; the tables show it beside the ls and reload times and the times net of it.
+
+    Everything --rounds times (default 3); in round r the targets run in the --only order
+    started at offset r. Every figure is the median over the rounds (min–max); herd/pm2 ratios
+    are per round, then summarised; a figure from runs with errors (or a reload that did not
+    replace every worker) is marked ⚠ with the errors beside it.
 
     The herd side is pluggable while herd grows: --herd-reload-cmd and --herd-ls-cmd are
     command templates ({herd} = binary, {name} = app name, {pid} = herd's pid; e.g.
@@ -25,8 +36,9 @@ What it measures
 
 How to run (from the repository root)
     apt-get install -y wrk hyperfine && npm install --prefix bench   # once
-    cargo build --release                                            # for herd (else skipped)
-    python3 bench/reload.py                                          # ~1.5 min
+    cargo build --release -p herd                                    # for herd (else skipped)
+    python3 bench/reload.py                                          # 3 rounds, ~6 min
+    python3 bench/reload.py --quick --conn close                     # smoke, ~40 s
     python3 bench/reload.py --duration 5 --only pm2 --conn close
     python3 bench/reload.py --herd-reload-cmd 'kill -HUP {pid}'
     python3 bench/reload.py --app-drain node --no-ls       # with a typical app's stop
@@ -39,9 +51,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import shutil
-import statistics
+import os
 import subprocess
 import sys
 import time
@@ -63,25 +73,36 @@ def make_target(name: str, args, logdir: Path) -> B.Target:
     return t
 
 
-def probe_pids(port: int, tries: int = 40) -> set:
-    """The pids that answer GET / on fresh connections (bounded number of tries)."""
-    seen = set()
-    for _ in range(tries):
-        try:
-            status, body = B.http_get(port)
-            if status == 200:
-                seen.add(json.loads(body)["pid"])
-        except (OSError, ValueError, KeyError, IndexError):
-            pass
-    return seen
+def settled_pids(target: B.Target, want: int, timeout: float = 10.0) -> list[int]:
+    """The worker pids as the supervisor reports them, polled (bounded) until `want` are up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = target.worker_pids()
+        if len(pids) >= want or time.monotonic() > deadline:
+            return pids
+        time.sleep(0.2)
 
 
-def reload_run(target: B.Target, args, close: bool) -> dict:
-    """wrk for args.duration seconds with one reload at args.reload_at of the way through."""
+def cli_startup(target: B.Target, runs: int, out_json: Path) -> dict | None:
+    """The contender's CLI doing nothing (`pm2 --version`, `herd --version`), timed: what every
+    `ls` and `reload` pays before it does any work."""
+    noop = target.cli_noop_argv()
+    if noop is None or runs <= 0:
+        return None
+    argv, env = noop
+    return B.time_command(argv, env, runs, out_json, warmup=1)
+
+
+def reload_run(target: B.Target, args, close: bool, logdir: Path, key: str) -> dict:
+    """wrk for args.duration seconds with one reload at args.reload_at of the way through.
+    Replacement is judged the same way for every contender: the worker pids its supervisor
+    reports (herd status --json / pm2 jlist) before the load and after the reload."""
     row = {}
-    before = set(target.worker_pids()) if isinstance(target, B.Pm2) else probe_pids(target.port)
+    cli = cli_startup(target, args.cli_runs, logdir / f"cli-{key}.json")
+    row["cli_s"] = cli and cli["median"]
     if args.warmup > 0:
         B.wrk(target.port, args.warmup, args.threads, args.connections, close, target.tag)
+    before = settled_pids(target, target.expected_workers())
     p = B.wrk_start(target.port, args.duration, args.threads, args.connections, close, target.tag)
     t0 = time.monotonic()
     time.sleep(args.duration * args.reload_at)
@@ -99,159 +120,266 @@ def reload_run(target: B.Target, args, close: bool) -> dict:
     r = B.wrk_finish(p)
     r.pop("raw", None)
     row.update(r)
-    time.sleep(0.5)
-    after = set(target.worker_pids()) if isinstance(target, B.Pm2) else probe_pids(target.port)
-    row["pids_before"], row["pids_after"] = sorted(before), sorted(after)
-    row["replaced"] = bool(before) and bool(after) and not (before & after)
+    after = settled_pids(target, target.expected_workers())
+    row["pids_before"], row["pids_after"] = before, after
+    row["replaced"] = (len(before) == target.expected_workers() and
+                       len(after) == target.expected_workers() and not set(before) & set(after))
+    if row.get("reload_s") is not None and row["cli_s"] is not None:
+        row["reload_net_s"] = row["reload_s"] - row["cli_s"]
     return row
 
 
 def run_reloads(args, logdir: Path) -> list[dict]:
+    """args.rounds rounds; in round r the targets run in the --only order started at offset r."""
     results = []
-    for name in args.only:
+    skipped = {}
+    for rnd in range(args.rounds):
+        order = B.rotated(args.only, rnd)
+        B.log(f"reload round {rnd + 1}/{args.rounds}: order {', '.join(order)}")
         for conn in args.conn:
-            row = dict(target=name, conn="close" if conn == "close" else "keep-alive")
-            results.append(row)
-            target = make_target(name, args, logdir)
-            B.log(f"reload: {name} {row['conn']}: starting")
-            try:
-                target.start(B.free_port(), args.work_ms)
-                B.wait_ready(target.port, target.expected_workers(), args.ready_timeout, target.alive)
-                row.update(reload_run(target, args, conn == "close"))
-                B.log(f"  {row['requests']} requests, errors {B.error_text(row)}, "
-                      f"p99 {row['lat_p99_us'] / 1000:.1f} ms, reload {B.fmt_s(row.get('reload_s'))}"
-                      + (f" — {row['note']}" if row.get("note") else ""))
-            except B.SkipTarget as e:
-                row["note"] = f"skipped: {e}"
-                B.log(f"  {row['note']}")
-            except B.TargetFailed as e:
-                row["note"] = f"failed: {e}"
-                B.log(f"  {row['note']}\n{target.describe_failure()}")
-            finally:
-                target.stop()
-            if row.get("note", "").startswith("skipped"):
-                for c in args.conn[args.conn.index(conn) + 1:]:
-                    results.append(dict(target=name, conn="close" if c == "close" else "keep-alive",
-                                        note=row["note"]))
-                break
-            time.sleep(1)
+            for name in order:
+                row = dict(target=name, conn="close" if conn == "close" else "keep-alive", round=rnd)
+                results.append(row)
+                if name in skipped:
+                    row["note"] = skipped[name]
+                    continue
+                target = make_target(name, args, logdir)
+                B.log(f"reload: round {rnd + 1} {name} {row['conn']}: starting")
+                try:
+                    target.start(B.free_port(), args.work_ms)
+                    B.wait_ready(target.port, target.expected_workers(), args.ready_timeout,
+                                 target.alive)
+                    row.update(reload_run(target, args, conn == "close", logdir,
+                                          f"{name}-{conn}-r{rnd}"))
+                    B.log(f"  {row['requests']} requests, errors {B.error_text(row)}, "
+                          f"p99 {row['lat_p99_us'] / 1000:.1f} ms, reload {B.fmt_s(row.get('reload_s'))} s"
+                          f" (CLI start-up {B.fmt_s(row.get('cli_s'))} s), replaced "
+                          f"{'yes' if row['replaced'] else 'NO'}"
+                          + (f" — {row['note']}" if row.get("note") else ""))
+                except B.SkipTarget as e:
+                    row["note"] = skipped[name] = f"skipped: {e}"
+                    B.log(f"  {row['note']}")
+                except B.TargetFailed as e:
+                    row["note"] = f"failed: {e}"
+                    B.log(f"  {row['note']}\n{target.describe_failure()}")
+                finally:
+                    target.stop()
+                time.sleep(1)
     return results
 
 
 # ---------------------------------------------------------------- ls timing
 
-def time_command(argv: list[str], env: dict, runs: int, out_json: Path) -> dict:
-    """Wall time of a short command: hyperfine if installed, else a Python loop. Bounded."""
-    if shutil.which("hyperfine"):
-        cmd = " ".join(shlex.quote(a) for a in argv) + " >/dev/null 2>&1"
-        cp = B.run_cmd(["hyperfine", "--warmup", "2", "--runs", str(runs), "--ignore-failure",
-                        "--export-json", str(out_json), cmd], env, timeout=180)
-        if cp.returncode == 0 and out_json.exists():
-            r = json.loads(out_json.read_text())["results"][0]
-            return dict(tool="hyperfine", runs=len(r["times"]), mean=r["mean"], median=r["median"],
-                        min=r["min"], max=r["max"], stddev=r.get("stddev"),
-                        failed=sum(1 for c in r.get("exit_codes", []) if c))
-        B.log(f"hyperfine failed ({cp.stderr.strip()[-200:]}); timing in Python")
-    times, failed = [], 0
-    for i in range(runs + 2):
-        t = time.perf_counter()
-        cp = B.run_cmd(argv, env, timeout=30)
-        if i >= 2:  # the first two are warm-up
-            times.append(time.perf_counter() - t)
-            failed += cp.returncode != 0
-    return dict(tool="python loop", runs=len(times), mean=statistics.mean(times),
-                median=statistics.median(times), min=min(times), max=max(times),
-                stddev=statistics.stdev(times) if len(times) > 1 else None, failed=failed)
+def ls_argv(target: B.Target) -> tuple[list[str], dict]:
+    if isinstance(target, B.Pm2):
+        return [str(target.pm2_bin), "ls"], target.env()
+    return target.ls_argv(), target.control_env()
 
 
 def run_ls(args, logdir: Path) -> list[dict]:
+    """Per round (order rotated), per target: start it, time `ls` and the CLI's no-op
+    (`--version`) the same way, stop it. One row per target per round."""
     results = []
-    for name in args.only:
-        label = "pm2 ls" if name == "pm2" else "herd ls"
-        row = dict(command=label)
-        results.append(row)
-        target = make_target(name, args, logdir)
-        B.log(f"ls: timing `{label}` with {args.workers} workers running")
-        try:
-            target.start(B.free_port(), args.work_ms)
-            B.wait_ready(target.port, target.expected_workers(), args.ready_timeout, target.alive)
-            if isinstance(target, B.Pm2):
-                argv, env = [str(target.pm2_bin), "ls"], target.env()
-            else:
-                argv, env = target.ls_argv(), target.control_env()
-            cp = B.run_cmd(argv, env, timeout=30)
-            if cp.returncode != 0:
-                row["note"] = f"skipped: `{' '.join(argv)}` failed (rc {cp.returncode}): " \
-                              f"{(cp.stderr or cp.stdout).strip()[-200:]}"
-                B.log(f"  {row['note']}")
+    skipped = {}
+    for rnd in range(args.rounds):
+        for name in B.rotated(args.only, rnd):
+            row = dict(target=name, command="pm2 ls" if name == "pm2" else "herd ls", round=rnd)
+            results.append(row)
+            if name in skipped:
+                row["note"] = skipped[name]
                 continue
-            row.update(time_command(argv, env, args.ls_runs, logdir / f"ls-{name}.json"))
-            B.log(f"  mean {row['mean'] * 1000:.1f} ms over {row['runs']} runs ({row['tool']})")
-        except B.SkipTarget as e:
-            row["note"] = f"skipped: {e}"
-            B.log(f"  {row['note']}")
-        except (B.TargetFailed, subprocess.TimeoutExpired) as e:
-            row["note"] = f"failed: {e}"
-            B.log(f"  {row['note']}")
-        finally:
-            target.stop()
+            target = make_target(name, args, logdir)
+            B.log(f"ls: round {rnd + 1} timing `{row['command']}` with {args.workers} workers running")
+            try:
+                target.start(B.free_port(), args.work_ms)
+                B.wait_ready(target.port, target.expected_workers(), args.ready_timeout, target.alive)
+                argv, env = ls_argv(target)
+                cp = B.run_cmd(argv, env, timeout=30)
+                if cp.returncode != 0:
+                    row["note"] = f"skipped: `{' '.join(argv)}` failed (rc {cp.returncode}): " \
+                                  f"{(cp.stderr or cp.stdout).strip()[-200:]}"
+                    B.log(f"  {row['note']}")
+                    continue
+                row["ls"] = B.time_command(argv, env, args.ls_runs, logdir / f"ls-{name}-r{rnd}.json")
+                noop_argv, noop_env = target.cli_noop_argv()
+                row["noop_command"] = " ".join(Path(noop_argv[0]).name if i == 0 else a
+                                               for i, a in enumerate(noop_argv))
+                row["noop"] = B.time_command(noop_argv, noop_env, args.ls_runs,
+                                             logdir / f"noop-{name}-r{rnd}.json")
+                row["ls_net"] = row["ls"]["median"] - row["noop"]["median"]
+                B.log(f"  ls median {row['ls']['median'] * 1000:.1f} ms, start-up "
+                      f"({row['noop_command']}) {row['noop']['median'] * 1000:.1f} ms "
+                      f"({row['ls']['tool']})")
+            except B.SkipTarget as e:
+                row["note"] = skipped[name] = f"skipped: {e}"
+                B.log(f"  {row['note']}")
+            except (B.TargetFailed, subprocess.TimeoutExpired) as e:
+                row["note"] = f"failed: {e}"
+                B.log(f"  {row['note']}")
+            finally:
+                target.stop()
     return results
 
 
 # ---------------------------------------------------------------- tables
 
+def ms_stat(values, spec: str = "{:.0f}") -> str:
+    return B.fmt_stat(B.stat(values), spec, 1000)
+
+
+def reload_marks(name: str, runs: list[dict]) -> str:
+    """⚠ mark for a target's reload runs: wrk errors, and reloads that replaced no worker."""
+    m = B.error_mark(B.error_counts(runs), name)
+    not_replaced = sum(1 for r in runs if not r.get("replaced"))
+    if not_replaced:
+        extra = f"{not_replaced} reload(s) did not replace every worker"
+        m = f"{m}, {extra}" if m else f"⚠ {name}: {extra}"
+    return m
+
+
 def render(reloads, ls, args, versions, started) -> str:
     out = [f"# herd reload benchmark — {started}", "",
-           f"{args.workers} workers, WORK_MS={args.work_ms:g}; wrk -t{args.threads} -c{args.connections} "
-           f"-d{args.duration:g}s with one reload at {args.reload_at:.0%}; herd --balance "
-           f"{args.herd_balance}, reload = `{args.herd_reload_cmd}`; app drain: {args.app_drain}.  ",
-           "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".", ""]
+           f"{args.workers} workers, WORK_MS={args.work_ms:g}; {args.rounds} round(s), target order "
+           f"rotated each round; wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s with "
+           f"one reload at {args.reload_at:.0%}; herd --balance {args.herd_balance}, reload = "
+           f"`{args.herd_reload_cmd}`; app drain: {args.app_drain}; load average at start "
+           f"{args.loadavg:.2f}.  ",
+           "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".  ",
+           "Every figure: median over the rounds (min–max); errors are summed over the rounds. "
+           "Workers replaced = the pids the supervisor itself reports (herd status --json, "
+           "pm2 jlist) before the load and after the reload are disjoint, all N of them. "
+           "CLI start-up = the same CLI doing nothing (`pm2 --version`, `herd --version`), timed "
+           "before the load; *net* = reload took − that.", ""]
     notes = []
     if reloads:
         out += ["## Reload under load", "",
-                "| target | conn | requests | req/s | errors | connect | read | write | timeout | "
-                "http>399 | p99 ms | max ms | reload took s | workers replaced |",
-                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                "| target | conn | rounds | requests | req/s | errors (all rounds) | p99 ms | max ms | "
+                "reload took ms | CLI start-up ms | reload net of start-up ms | workers replaced |",
+                "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
+        groups = {}
         for r in reloads:
+            g = groups.setdefault((r["target"], r["conn"]), {"runs": {}, "notes": []})
             if r.get("note"):
-                notes.append(f"{r['target']} {r['conn']}: {r['note']}")
-            if "requests" not in r:
-                out.append(f"| {r['target']} | {r['conn']} | – | – | {r['note'].split(':')[0]} (see notes)"
-                           " | | | | | | | | | |")
+                g["notes"].append(r["note"])
+                notes.append(f"{r['target']} {r['conn']} round {r['round'] + 1}: {r['note']}")
+            if "requests" in r:
+                g["runs"][r["round"]] = r
+        for (name, conn), g in groups.items():
+            runs = list(g["runs"].values())
+            if not runs:
+                short = (g["notes"][0] if g["notes"] else "not run").split(":")[0]
+                out.append(f"| {name} | {conn} | 0 | – | – | {short} (see notes) | | | | | | |")
                 continue
-            out.append("| {} | {} | {} | {:.0f} | {} | {} | {} | {} | {} | {} | {:.1f} | {:.1f} | {} | {} |"
-                       .format(r["target"], r["conn"], r["requests"], r["rps"], r["errors"], r["connect"],
-                               r["read"], r["write"], r["timeout"], r["status"], r["lat_p99_us"] / 1000,
-                               r["lat_max_us"] / 1000, B.fmt_s(r.get("reload_s")),
-                               "yes" if r["replaced"] else f"no ({r['pids_before']} → {r['pids_after']})"))
+            mark = reload_marks(name, runs)
+            errs = B.error_counts(runs)
+            err_cell = ", ".join(f"{errs[k]} {lbl}" for k, lbl in B.ERROR_KINDS if errs.get(k)) or "0"
+            st = lambda f: B.stat([r.get(f) for r in runs])  # noqa: E731
+            replaced = sum(1 for r in runs if r.get("replaced"))
+            rep_cell = f"{replaced}/{len(runs)}" + "".join(
+                f"; round {r['round'] + 1}: {r['pids_before']} → {r['pids_after']}"
+                for r in runs if not r.get("replaced"))
+            out.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+                ("⚠ " if mark else "") + name, conn, len(runs), B.fmt_stat(st("requests")),
+                B.fmt_stat(st("rps")), err_cell, B.fmt_stat(st("lat_p99_us"), "{:.1f}", 1e-3),
+                B.fmt_stat(st("lat_max_us"), "{:.1f}", 1e-3), ms_stat([r.get("reload_s") for r in runs]),
+                ms_stat([r.get("cli_s") for r in runs], "{:.1f}"),
+                ms_stat([r.get("reload_net_s") for r in runs]),
+                rep_cell))
         out.append("")
+        out += render_reload_ratios(groups)
     if ls:
-        out += ["## `pm2 ls` vs `herd ls` (wall time, app running)", "",
-                "| command | mean ms | median ms | min ms | max ms | runs | failed | tool |",
+        out += ["## `pm2 ls` vs `herd ls` (wall time, app running, no load)", "",
+                f"Per round: {args.ls_runs} timed runs of `ls` and of the CLI's no-op "
+                f"(`--version`), each summarised by its median; the table gives the median of "
+                f"those over the rounds (min–max). Net = ls − no-op, per round: the part that is "
+                f"the listing itself, not the CLI's start-up.", "",
+                "| command | rounds | ls ms | CLI start-up (no-op) ms | ls net of start-up ms | "
+                "runs per round | failed | tool |",
                 "|---|---:|---:|---:|---:|---:|---:|---|"]
+        by = {}
         for r in ls:
-            if "mean" not in r:
-                notes.append(f"{r['command']}: {r.get('note', '')}")
-                out.append(f"| {r['command']} | {r.get('note', '').split(':')[0]} (see notes) | | | | | | |")
+            g = by.setdefault(r["command"], {"runs": {}, "notes": []})
+            if "ls" in r:
+                g["runs"][r["round"]] = r
+            elif r.get("note"):
+                g["notes"].append(r["note"])
+                notes.append(f"{r['command']} round {r['round'] + 1}: {r['note']}")
+        for cmd, g in by.items():
+            runs = list(g["runs"].values())
+            if not runs:
+                short = (g["notes"][0] if g["notes"] else "not run").split(":")[0]
+                out.append(f"| {cmd} | 0 | {short} (see notes) | | | | | |")
                 continue
-            out.append("| {} | {:.1f} | {:.1f} | {:.1f} | {:.1f} | {} | {} | {} |".format(
-                r["command"], r["mean"] * 1000, r["median"] * 1000, r["min"] * 1000, r["max"] * 1000,
-                r["runs"], r["failed"], r["tool"]))
-        timed = {r["command"]: r for r in ls if "mean" in r}
-        if "pm2 ls" in timed and "herd ls" in timed:
-            out += ["", f"herd ls / pm2 ls (mean): {timed['herd ls']['mean'] / timed['pm2 ls']['mean']:.2f}×"]
+            out.append("| {} ({}) | {} | {} | {} | {} | {} | {} | {} |".format(
+                cmd, runs[0]["noop_command"], len(runs), ms_stat([r["ls"]["median"] for r in runs], "{:.1f}"),
+                ms_stat([r["noop"]["median"] for r in runs], "{:.1f}"),
+                ms_stat([r["ls_net"] for r in runs], "{:.1f}"),
+                runs[0]["ls"]["runs"], sum(r["ls"]["failed"] + r["noop"]["failed"] for r in runs),
+                runs[0]["ls"]["tool"]))
+        h, p = by.get("herd ls", {}).get("runs", {}), by.get("pm2 ls", {}).get("runs", {})
+        if h and p:
+            both = [k for k in h if k in p]
+            raw = B.stat([h[k]["ls"]["median"] / p[k]["ls"]["median"] for k in both])
+            line = f"herd ls / pm2 ls, per round: {B.fmt_ratio(raw, spec='{:.3f}')} as timed; "
+            # A net at or below 0 means the listing is lost in the start-up's noise: no ratio.
+            if all(h[k]["ls_net"] > 0 and p[k]["ls_net"] > 0 for k in both):
+                net = B.stat([h[k]["ls_net"] / p[k]["ls_net"] for k in both])
+                line += f"{B.fmt_ratio(net, spec='{:.3f}')} net of each CLI's start-up."
+            else:
+                line += ("net of start-up: no ratio, because in some round a side's `ls` was no "
+                         "slower than its no-op (the listing is within the start-up's noise).")
+            out += ["", line]
         out.append("")
     if notes:
         out += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(out)
 
 
+def render_reload_ratios(groups: dict) -> list[str]:
+    """herd / pm2 per connection mode, per round then median (min–max), with both sides' marks."""
+    lines = []
+    for conn in dict.fromkeys(c for _, c in groups):
+        h = groups.get(("herd", conn), {}).get("runs", {})
+        p = groups.get(("pm2", conn), {}).get("runs", {})
+        both = set(h) & set(p)
+        if not both:
+            continue
+        marks = [m for m in (reload_marks("herd", [h[k] for k in both]),
+                             reload_marks("pm2", [p[k] for k in both])) if m]
+        flag = " ⚠" if marks else ""
+
+        def r(field):
+            st = B.stat(B.paired_ratios({k: h[k] for k in both}, {k: p[k] for k in both}, field))
+            return B.fmt_ratio(st) + (flag if st else "")
+
+        errs = lambda runs: sum(x["errors"] for x in runs)  # noqa: E731
+        lines.append("| {} | {} | {} vs {} | {} | {} | {} | {} | {} |".format(
+            conn, len(both), errs(h[k] for k in both), errs(p[k] for k in both),
+            r("rps"), r("lat_p99_us"), r("reload_s"), r("reload_net_s"), "; ".join(marks) or "none"))
+    if not lines:
+        return []
+    return ["## herd / pm2", "",
+            "Per round (both from the same round), then median (min–max). A ratio marked ⚠ comes "
+            "from runs with wrk errors or a reload that did not replace every worker, named in the "
+            "last column. req/s > 1: herd served more during the reload; p99 and reload time < 1: "
+            "herd is faster.", "",
+            "| conn | rounds | errors herd vs pm2 | req/s | p99 | reload took | reload net of CLI "
+            "start-up | errors behind these ratios |",
+            "|---|---:|---|---|---|---|---|---|"] + lines + [""]
+
+
 # ---------------------------------------------------------------- main
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds; round r starts the --only list at offset r (default 3)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: --rounds 2 --duration 2 --warmup 0 --ls-runs 3 --cli-runs 2 "
+                        "(explicit options still win); proves the code paths, not numbers")
+    p.add_argument("--workers", type=int, default=2, help="workers per target (default 2)")
     p.add_argument("--duration", type=int, default=10, help="seconds of load per run (default 10)")
     p.add_argument("--reload-at", type=float, default=0.5, help="fraction of --duration (default 0.5)")
     p.add_argument("--warmup", type=int, default=1, help="seconds of unmeasured load first (default 1)")
@@ -265,7 +393,11 @@ def parse_args(argv=None):
     p.add_argument("--herd-reload-cmd", default="{herd} reload {name}",
                    help="command template: {herd} {name} {pid} (default '{herd} reload {name}')")
     p.add_argument("--herd-ls-cmd", default="{herd} ls", help="command template (default '{herd} ls')")
-    p.add_argument("--ls-runs", type=int, default=20, help="timed runs of each ls (default 20)")
+    p.add_argument("--ls-runs", type=int, default=20,
+                   help="timed runs of each ls and of each CLI no-op, per round (default 20)")
+    p.add_argument("--cli-runs", type=int, default=5,
+                   help="timed runs of the CLI no-op (pm2 --version / herd --version) before each "
+                        "reload run, for the reload time net of start-up (default 5; 0: skip)")
     p.add_argument("--app-drain", default="careful", choices=["careful", "node"],
                    help="how the app stops: careful (default; no errors of its own) or node "
                         "(Node's stock server.close(), which races with keep-alive requests)")
@@ -273,6 +405,8 @@ def parse_args(argv=None):
     p.add_argument("--no-ls", action="store_true", help="only the reload runs")
     p.add_argument("--ready-timeout", type=float, default=30)
     p.add_argument("--out", type=Path, default=B.OUT)
+    if "--quick" in (sys.argv[1:] if argv is None else argv):
+        p.set_defaults(rounds=2, duration=2, warmup=0, ls_runs=3, cli_runs=2)
     a = p.parse_args(argv)
     a.conn = [c.strip().replace("keep-alive", "keepalive") for c in a.conn.split(",") if c.strip()]
     a.only = [c.strip() for c in a.only.split(",") if c.strip()]
@@ -283,6 +417,10 @@ def parse_args(argv=None):
         p.error("--reload-at must be between 0 and 1")
     if not 1 <= a.duration <= 300 or a.warmup < 0:
         p.error("--duration must be 1..300 whole seconds (wrk's unit), --warmup >= 0")
+    if not 1 <= a.rounds <= 100:
+        p.error("--rounds must be 1..100 (3 or more for a median that means something)")
+    if a.ls_runs < 1 or a.cli_runs < 0:
+        p.error("--ls-runs must be >= 1, --cli-runs >= 0")
     a.herd = a.herd if a.herd.is_absolute() else Path.cwd() / a.herd
     return a
 
@@ -294,6 +432,7 @@ def main(argv=None) -> int:
     logdir = args.out / f"logs-reload-{stamp}"
     logdir.mkdir(parents=True, exist_ok=True)
     versions = B.versions(args.herd)
+    args.loadavg = os.getloadavg()[0]
     try:
         reloads = [] if args.no_reload else run_reloads(args, logdir)
         ls = [] if args.no_ls else run_ls(args, logdir)

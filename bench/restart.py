@@ -9,11 +9,16 @@ Sections (--only, comma separated; default all):
              (target/release/hello): idle after all_ready, peak during a --load-seconds wrk
              run, and after it; beside it the RSS of Node's cluster primary
              (bench/apps/node-cluster.js, rr / none) and PM2's God daemon for the same app, with
-             herd/Node and herd/PM2 ratios.
-    restart  kill -9 of a worker. With -i 1 (only the replacement can answer): a client polls
-             GET / every ~2 ms from just before the kill; kill -> first answer from the new pid,
-             kill -> herd's `ready` event for it. With -i 4: a sequential client (one request
-             per connection) runs 1 s before to 2 s after the kill; requests that failed.
+             herd/Node and herd/PM2 ratios (per round, then median (min–max)).
+    restart  kill -9 of a worker, both after and before --min-uptime. With -i 1 (only the
+             replacement can answer), each trial kills twice: a worker up 1.5 s (past
+             --min-uptime 1s: backoff reset, first step 100 ms — the best case), then its
+             replacement as soon as it has answered once (before --min-uptime: the next
+             backoff step, 150 ms — what a crash-looping app gets). A client polls GET / every
+             ~2 ms from just before each kill; kill -> first answer from the new pid, kill ->
+             herd's `ready` event for it, and herd's chosen delay (`restarting` event). With
+             -i 4: a sequential client (one request per connection) runs 1 s before to 2 s
+             after the kill; requests that failed.
     health   detection times with bench/apps/hang.js (Node) and bench/apps/watchdog.py
              (socket activation), -i 1: (a) --watchdog 1s, GET /hang -> `hung` -> new `ready`;
              (b) --max-memory 150M, the GET /grow that crosses it -> `replacing` -> old `exited`;
@@ -23,17 +28,20 @@ Sections (--only, comma separated; default all):
     cpu      herd's CPU with 8 Node workers (hang.js) over --idle-seconds idle: no health options
              versus --watchdog 1s --max-memory 500M --health-check /health --health-interval 1s.
              CPU% of one core = (utime+stime delta) / wall; also the ns-precise figure from
-             /proc/PID/task/*/schedstat, and the workers' CPU.
+             /proc/PID/task/*/schedstat, and the workers' CPU. --rounds rounds, the two
+             configurations' order rotated.
 
 Times come from herd's own event timestamps (`--log-format json`, ms resolution) against this
 script's wall clock at the kill / request; "first answer" is when the response arrived here.
-Every restart/health figure is the median (and max) of --trials trials (default 5); RSS is the
-median of --rss-trials fresh starts (default 3).
+Every figure is a median with its min–max: restart/health over --trials trials (default 5),
+RSS and CPU over --rounds rounds (default 3) of fresh starts, with the configurations' order
+rotated each round (round r starts the list at offset r).
 
 How to run (from the repository root)
     cargo build --release -p herd -p hello
     npm install --prefix bench                    # PM2, for the rss section's PM2 column
-    python3 bench/restart.py                      # everything, ~8 min on 2 cores
+    python3 bench/restart.py                      # everything, ~12 min on 2 cores
+    python3 bench/restart.py --quick --only rss,restart  # smoke, ~1.5 min
     python3 bench/restart.py --only restart,health --trials 3
     python3 bench/restart.py --only cpu --idle-seconds 10
 
@@ -233,6 +241,11 @@ def mx(xs):
     return max(xs) if xs else None
 
 
+def ms_stat(xs, spec: str = "{:.0f}") -> str:
+    """median (min–max) of the values that are not None."""
+    return B.fmt_stat(B.stat(xs), spec)
+
+
 def ms(v) -> str:
     return "–" if v is None else f"{v:.0f}"
 
@@ -295,80 +308,100 @@ def rss_measure(pid: int, port: int, args, tag: str) -> dict:
     peak = max(s.peak_kib, B.rss_kib([pid]))
     time.sleep(1.0)
     after = B.rss_kib([pid])
-    return {"idle": idle, "peak": peak, "after": after, "rps": r["rps"], "errors": r["errors"]}
+    return {"idle": idle, "peak": peak, "after": after, "rps": r["rps"], "errors": r["errors"],
+            **{k: r[k] for k, _ in B.ERROR_KINDS}}
 
 
 def section_rss(args, logdir: Path) -> tuple[str, dict]:
+    """--rounds rounds; in round r the seven configurations (4 herd, Node rr / none, PM2) run in
+    their list order started at offset r, so none is always measured first or last."""
     W = 4
     raw: dict[str, list] = {}
     notes = []
-    for trial in range(args.rss_trials):
-        for label, kw in herd_kinds(args):
-            key = f"herd {label}"
-            h = HerdApp(args, logdir, "rss-" + label.split()[0] + (kw.get("balance") or ""),
-                        instances=W, **kw)
+    configs = [(f"herd {label}", "herd", label, kw) for label, kw in herd_kinds(args)]
+    configs += [("node-rr", "other", None, lambda: B.NodeCluster(W, logdir, "rr")),
+                ("node-none", "other", None, lambda: B.NodeCluster(W, logdir, "none")),
+                ("pm2", "other", None, lambda: B.Pm2(W, logdir))]
+    for rnd in range(args.rounds):
+        for key, kind, label, kw in B.rotated(configs, rnd):
+            if kind == "herd":
+                t = HerdApp(args, logdir, "rss-" + label.split()[0] + (kw.get("balance") or ""),
+                            instances=W, **kw)
+            else:
+                t = kw()
             try:
-                h.start()
-                raw.setdefault(key, []).append(rss_measure(h.pid, h.port, args, h.tag))
-            except (B.TargetFailed, B.SkipTarget) as e:
-                notes.append(f"{key}: {e}")
-            finally:
-                h.stop()
-        for key, make in (("node-rr", lambda: B.NodeCluster(W, logdir, "rr")),
-                          ("node-none", lambda: B.NodeCluster(W, logdir, "none")),
-                          ("pm2", lambda: B.Pm2(W, logdir))):
-            t = make()
-            try:
-                t.start(B.free_port(), 0)
-                B.wait_ready(t.port, W, 20, t.alive)
-                raw.setdefault(key, []).append(rss_measure(t.primary_pids()[0], t.port, args, t.tag))
+                if kind == "herd":
+                    t.start()
+                    pid = t.pid
+                else:
+                    t.start(B.free_port(), 0)
+                    B.wait_ready(t.port, W, 20, t.alive)
+                    pid = t.primary_pids()[0]
+                m = rss_measure(pid, t.port, args, t.tag)
+                m["round"] = rnd
+                raw.setdefault(key, []).append(m)
             except (B.TargetFailed, B.SkipTarget, IndexError) as e:
                 notes.append(f"{key}: {e}")
             finally:
                 t.stop()
-        B.log(f"rss: trial {trial + 1}/{args.rss_trials} done")
+        B.log(f"rss: round {rnd + 1}/{args.rounds} done")
 
     def m(key, field):
-        return med([r[field] for r in raw.get(key, [])])
+        return B.fmt_stat(B.stat([r[field] for r in raw.get(key, [])]), "{:.1f}", 1 / 1024)
+
+    def rt(a, b, field):
+        """a/b per round (both measured in the same round), median (min–max)."""
+        by_a = {r["round"]: r for r in raw.get(a, [])}
+        by_b = {r["round"]: r for r in raw.get(b, [])}
+        both = set(by_a) & set(by_b)
+        marks = [B.error_mark(B.error_counts(by[k] for k in both), name)
+                 for by, name in ((by_a, a), (by_b, b))]
+        return B.fmt_ratio(B.stat(B.paired_ratios(by_a, by_b, field)), marks)
+
+    def rps(key):
+        mark = B.error_mark(B.error_counts(raw.get(key, [])))
+        return B.fmt_stat(B.stat([r["rps"] for r in raw.get(key, [])])) + (f" {mark}" if mark else "")
 
     rows = []
     for label, kw in herd_kinds(args):
         k = f"herd {label}"
         other = {"round-robin": "node-rr", "shared": "node-none"}.get(kw.get("balance"))
         pm2 = "pm2" if kw.get("balance") == "round-robin" else None
-        rows.append([label, mib(m(k, "idle")), mib(m(k, "peak")), mib(m(k, "after")),
-                     f"{m(k, 'rps') or 0:.0f}",
-                     other or "–",
-                     mib(m(other, "idle")) if other else "–",
-                     mib(m(other, "after")) if other else "–",
-                     mib(m(pm2, "idle")) if pm2 else "–",
-                     mib(m(pm2, "after")) if pm2 else "–",
-                     ratio(m(k, "idle"), m(other, "idle")) if other else "–",
-                     ratio(m(k, "after"), m(other, "after")) if other else "–",
-                     ratio(m(k, "idle"), m(pm2, "idle")) if pm2 else "–"])
-    md = [f"## 1. Supervisor RSS, 4 workers (MiB, VmRSS; median of {args.rss_trials} fresh starts)",
+        rows.append([label, m(k, "idle"), m(k, "peak"), m(k, "after"),
+                     rps(k), other or "–",
+                     m(other, "idle") if other else "–",
+                     m(other, "after") if other else "–",
+                     m(pm2, "idle") if pm2 else "–",
+                     m(pm2, "after") if pm2 else "–",
+                     rt(k, other, "idle") if other else "–",
+                     rt(k, other, "after") if other else "–",
+                     rt(k, pm2, "idle") if pm2 else "–"])
+    md = [f"## 1. Supervisor RSS, 4 workers (MiB, VmRSS; median (min–max) of {args.rounds} "
+          f"rounds, order rotated)",
           "",
           f"Idle = 1 s after every worker answered; peak = sampled every 50 ms during "
           f"`wrk -t2 -c{args.connections} -d{args.load_seconds}s`"
           f"{' -H Connection: close' if args.conn == 'close' else ''} on GET /; after = 1 s "
           f"after the load. Node primary = bench/apps/node-cluster.js (rr for round-robin, none "
           f"for shared); PM2 = its God daemon (cluster mode = rr). Python and hello have no "
-          f"Node-cluster or PM2 equivalent.",
+          f"Node-cluster or PM2 equivalent. Ratios are per round, then median (min–max); ⚠ beside "
+          f"a req/s or a ratio names the wrk errors of the load behind it. Each round starts "
+          f"every configuration fresh.",
           "",
           table(["app", "herd idle", "herd peak (load)", "herd after", "herd req/s", "vs",
                  "Node primary idle", "Node primary after", "PM2 daemon idle", "PM2 daemon after",
                  "herd/Node idle", "herd/Node after", "herd/PM2 idle"], rows)]
-    peaks = [[k, mib(m(k, "idle")), mib(m(k, "peak")), mib(m(k, "after")), f"{m(k, 'rps') or 0:.0f}",
-              str(sum(r["errors"] for r in raw.get(k, [])))]
+    peaks = [[k, m(k, "idle"), m(k, "peak"), m(k, "after"),
+              rps(k), str(sum(r["errors"] for r in raw.get(k, [])))]
              for k in ("node-rr", "node-none", "pm2") if k in raw]
     if peaks:
         md += ["", "The comparison primaries in full:", "",
-               table(["primary", "idle", "peak (load)", "after", "req/s", "wrk errors (all trials)"],
+               table(["primary", "idle", "peak (load)", "after", "req/s", "wrk errors (all rounds)"],
                      peaks)]
     herd_err = {k: sum(r["errors"] for r in v) for k, v in raw.items() if k.startswith("herd") and
                 sum(r["errors"] for r in v)}
     if herd_err:
-        md += ["", f"wrk errors under herd (all trials): {herd_err}"]
+        md += ["", f"⚠ wrk errors under herd (all rounds): {herd_err}"]
     if notes:
         md += ["", "Failures: " + "; ".join(notes)]
     return "\n".join(md), {"raw": raw, "notes": notes}
@@ -422,33 +455,56 @@ class Client(threading.Thread):
         self.join(timeout=self.req_timeout + 2)
 
 
-def restart_single(h: HerdApp, trials: int) -> list[dict]:
-    out = []
+def kill_once(h: HerdApp, old: int) -> dict:
+    """kill -9 `old` (slot 0's worker) with a client polling GET / every ~2 ms from 50 ms before,
+    until the first answer from another pid. Reads herd's events for the old worker's `exited`
+    (with its uptime) and `restarting` (the backoff delay herd chose) and the new `ready`."""
+    mark = h.events.mark()
+    c = Client(h.port, 0.002, 15, not_pid=old)
+    c.start()
+    time.sleep(0.05)
+    t_kill = time.time()
+    os.kill(old, signal.SIGKILL)
+    c.join(timeout=20)
+    c.stop()
+    ready = h.events.wait(lambda e: e["event"] == "ready" and e.get("pid") != old
+                          and e.get("instance") == 0, 10, mark)
+    exited = h.events.wait(lambda e: e["event"] == "exited" and e.get("pid") == old, 1, mark)
+    restarting = h.events.wait(lambda e: e["event"] == "restarting" and e.get("instance") == 0,
+                               1, mark)
+    before = [r for r in c.results if r[1] < t_kill]
+    failed = [r for r in c.results if not r[2]]
+    return {
+        "old_pid": old,
+        "new_pid": ready.get("pid") if ready else None,
+        "uptime_at_kill_ms": exited.get("uptime_ms") if exited else None,
+        "delay_ms": restarting.get("delay_ms") if restarting else None,
+        "first_ok_ms": (c.first_new - t_kill) * 1000 if c.first_new else None,
+        "ready_ms": (ready["_t"] - t_kill) * 1000 if ready else None,
+        "exited_ms": (exited["_t"] - t_kill) * 1000 if exited else None,
+        "answered_before_kill": sum(1 for r in before if r[2]),
+        "requests": len(c.results),
+        "failed": len(failed),
+        "failed_kinds": sorted({str(r[3]) for r in failed}),
+    }
+
+
+def restart_single(h: HerdApp, trials: int) -> dict[str, list[dict]]:
+    """Per trial, two kills of slot 0's worker:
+    "after": the worker has been up 1.5 s, past --min-uptime (1 s): herd's backoff is reset and
+             the restart waits the first step (--restart-delay, 100 ms). The best case.
+    "before": its replacement, killed as soon as it has answered once (up well under
+             --min-uptime): an unstable exit, so herd waits the next backoff step (×1.5,
+             150 ms). What a crash-looping app sees; the gap between the two is the backoff."""
+    out = {"after": [], "before": []}
     for _ in range(trials):
         old = h.settle(0)["pid"]
-        mark = h.events.mark()
-        c = Client(h.port, 0.002, 15, not_pid=old)
-        c.start()
-        time.sleep(0.05)
-        t_kill = time.time()
-        os.kill(old, signal.SIGKILL)
-        c.join(timeout=20)
-        c.stop()
-        ready = h.events.wait(lambda e: e["event"] == "ready" and e.get("pid") != old, 10, mark)
-        exited = h.events.wait(lambda e: e["event"] == "exited" and e.get("pid") == old, 1, mark)
-        before = [r for r in c.results if r[1] < t_kill]
-        failed = [r for r in c.results if not r[2]]
-        out.append({
-            "old_pid": old,
-            "new_pid": ready.get("pid") if ready else None,
-            "first_ok_ms": (c.first_new - t_kill) * 1000 if c.first_new else None,
-            "ready_ms": (ready["_t"] - t_kill) * 1000 if ready else None,
-            "exited_ms": (exited["_t"] - t_kill) * 1000 if exited else None,
-            "answered_before_kill": sum(1 for r in before if r[2]),
-            "requests": len(c.results),
-            "failed": len(failed),
-            "failed_kinds": sorted({str(r[3]) for r in failed}),
-        })
+        first = kill_once(h, old)
+        out["after"].append(first)
+        new = first["new_pid"]
+        if new is None or not B.pid_alive(new):
+            raise B.TargetFailed(f"no replacement for {old} to kill before --min-uptime")
+        out["before"].append(kill_once(h, new))
     return out
 
 
@@ -482,6 +538,10 @@ def restart_multi(h: HerdApp, trials: int, before_s: float = 1.0, after_s: float
     return out
 
 
+PHASES = {"after": "after --min-uptime (up 1.5 s)",
+          "before": "before --min-uptime (replacement killed at once)"}
+
+
 def section_restart(args, logdir: Path) -> tuple[str, dict]:
     raw = {"single": {}, "multi": {}, "notes": []}
     singles = [k for k in herd_kinds(args) if k[1].get("balance") != "shared"]
@@ -508,33 +568,42 @@ def section_restart(args, logdir: Path) -> tuple[str, dict]:
         B.log(f"restart: -i 4 {label} done")
 
     rows = []
-    for label, rs in raw["single"].items():
-        fo = [r["first_ok_ms"] for r in rs]
-        rd = [r["ready_ms"] for r in rs]
-        rows.append([label, len(rs), ms(med(fo)), ms(mx(fo)), ms(med(rd)), ms(mx(rd)),
-                     ms(med([r["exited_ms"] for r in rs])),
-                     sum(r["failed"] for r in rs),
-                     ", ".join(sorted({k for r in rs for k in r["failed_kinds"]})) or "–"])
+    for label, phases in raw["single"].items():
+        for phase, rs in phases.items():
+            fo = [r["first_ok_ms"] for r in rs]
+            rows.append([label, PHASES[phase], len(rs),
+                         ms_stat([r["uptime_at_kill_ms"] for r in rs]),
+                         ms_stat([r["delay_ms"] for r in rs]),
+                         ms_stat(fo), ms_stat([r["ready_ms"] for r in rs]),
+                         ms_stat([r["exited_ms"] for r in rs]),
+                         sum(r["failed"] for r in rs),
+                         ", ".join(sorted({k for r in rs for k in r["failed_kinds"]})) or "–"])
     rows4 = []
     for label, rs in raw["multi"].items():
         f = [r["failed"] for r in rs]
-        rows4.append([label, len(rs), f"{med([r['requests'] for r in rs]):.0f}",
-                      f"{med(f):g}", max(f), ", ".join(sorted({k for r in rs for k in r["failed_kinds"]})) or "–",
-                      ms(med([r["ready_ms"] for r in rs])), ms(mx([r["slowest_ms"] for r in rs]))])
-    md = [f"## 2. Recovery from kill -9 (ms; {args.trials} trials each)", "",
-          "`-i 1`: a client sends GET / (new connection each) every ~2 ms from 50 ms before the "
-          "kill; *first answer* = kill → the first 200 from the new pid arriving here; *ready* = "
-          "kill → herd's `ready` event for the new worker; *exited* = kill → herd's `exited` for "
-          "the old one. Failed = requests that errored (the client retries at once): with "
-          "round-robin herd keeps accepting and holds connections for the next worker; with a "
-          "shared socket they wait in the kernel's backlog.", "",
-          table(["app, -i 1", "trials", "first answer median", "max", "ready median", "max",
-                 "exited median", "failed requests (all trials)", "failure kinds"], rows),
+        rows4.append([label, len(rs), ms_stat([r["requests"] for r in rs]), ms_stat(f, "{:g}"),
+                      ", ".join(sorted({k for r in rs for k in r["failed_kinds"]})) or "–",
+                      ms_stat([r["ready_ms"] for r in rs]), ms_stat([r["slowest_ms"] for r in rs])])
+    md = [f"## 2. Recovery from kill -9 (ms; {args.trials} trials each; median (min–max))", "",
+          "`-i 1`, herd's defaults (`--restart-delay 100ms`, `--min-uptime 1s`). Each trial kills "
+          "twice: first a worker that has been up 1.5 s (*after* --min-uptime: backoff reset, "
+          "the best case), then its replacement as soon as it has answered once (*before* "
+          "--min-uptime: an unstable exit, so herd waits the next backoff step — what a "
+          "crash-looping app gets). *up at kill* = the killed worker's uptime (herd's `exited` "
+          "event); *backoff* = the delay herd chose (its `restarting` event). A client sends "
+          "GET / (new connection each) every ~2 ms from 50 ms before the kill; *first answer* "
+          "= kill → the first 200 from the new pid arriving here; *ready* = kill → herd's "
+          "`ready` event for the new worker; *exited* = kill → herd's `exited` for the old one. "
+          "Failed = requests that errored (the client retries at once): with round-robin herd "
+          "keeps accepting and holds connections for the next worker; with a shared socket they "
+          "wait in the kernel's backlog.", "",
+          table(["app, -i 1", "kill", "trials", "up at kill", "backoff", "first answer", "ready",
+                 "exited", "failed requests (all trials)", "failure kinds"], rows),
           "", "`-i 4`: a sequential client (one request per connection, no pause) runs 1 s before "
-          "to 2 s after `kill -9` of the worker in slot 0; failed requests per trial.", "",
-          table(["app, -i 4", "trials", "requests per trial (median)", "failed median",
-                 "failed max", "failure kinds", "replacement ready (ms)", "slowest request (ms)"],
-                rows4)]
+          "to 2 s after `kill -9` of the worker in slot 0 (up 1.5 s: after --min-uptime); "
+          "failed requests per trial.", "",
+          table(["app, -i 4", "trials", "requests per trial", "failed per trial", "failure kinds",
+                 "replacement ready (ms)", "slowest request (ms)"], rows4)]
     if raw["notes"]:
         md += ["", "Failures: " + "; ".join(raw["notes"])]
     return "\n".join(md), raw
@@ -656,20 +725,20 @@ def section_health(args, logdir: Path) -> tuple[str, dict]:
                          f"{', '.join(sorted({str(r['detail']) for r in rs}))}; old exited "
                          f"{ms(med([r['exited_ms'] for r in rs]))} ms (signal "
                          f"{', '.join(sorted({str(r['exit']) for r in rs}))})")
-            rows.append([f"({key}) {what}", len(rs), ev1, ms(med(d)), ms(mx(d)),
-                         ev2, ms(med(second)), ms(mx(second)), extra])
+            rows.append([f"({key}) {what}", len(rs), ev1, ms_stat(d), ev2, ms_stat(second), extra])
         except (B.TargetFailed, B.SkipTarget) as e:
             raw["notes"].append(f"({key}): {e}")
-            rows.append([f"({key}) {what}", 0, ev1, "–", "–", ev2, "–", "–", f"failed: {e}"])
+            rows.append([f"({key}) {what}", 0, ev1, "–", ev2, "–", f"failed: {e}"])
         finally:
             h.stop()
         B.log(f"health: ({key}) done")
-    md = [f"## 3. Health detection (ms from the trigger; {args.trials} trials each, -i 1)", "",
+    md = [f"## 3. Health detection (ms from the trigger; {args.trials} trials each, -i 1; "
+          "median (min–max))", "",
           "Trigger = the moment this script sent the request (or created the fail file); events "
           "are herd's, timestamped by herd. herd checks pings and probe schedules on a tick of "
           "a quarter of --watchdog (at most 1 s) and reads /proc once a second.", "",
-          table(["case", "trials", "event", "median", "max", "then", "median", "max", "notes"],
-                rows)]
+          table(["case", "trials", "event", "ms: median (min–max)", "then", "ms: median (min–max)",
+                 "notes"], rows)]
     if raw["notes"]:
         md += ["", "Failures: " + "; ".join(raw["notes"])]
     return "\n".join(md), raw
@@ -698,78 +767,104 @@ def health_stop(h: HerdApp, trials: int) -> list[dict]:
 
 # ---------------------------------------------------------------- 4. sampling cost
 
+def cpu_once(args, logdir: Path, label: str, extra: list, windows: int) -> dict:
+    """One fresh herd with 8 idle Node workers, its CPU over --idle-seconds."""
+    h = HerdApp(args, logdir, "cpu-" + label.split()[0], instances=8, app=HANG_JS, extra=extra)
+    try:
+        h.start()
+        time.sleep(2.0)  # start-up work out of the window
+        workers = list(h.workers())
+        mark = h.events.mark()
+        win = []
+        c_start, s_start, w_start = (B.cpu_seconds([h.pid]), sched_ns(h.pid),
+                                     B.cpu_seconds(workers))
+        t_start = time.monotonic()
+        for _ in range(windows):
+            c0, s0, t0 = B.cpu_seconds([h.pid]), sched_ns(h.pid), time.monotonic()
+            time.sleep(args.idle_seconds / windows)
+            dt = time.monotonic() - t0
+            win.append({"stat_pct": (B.cpu_seconds([h.pid]) - c0) / dt * 100,
+                        "sched_pct": (sched_ns(h.pid) - s0) / 1e9 / dt * 100})
+        wall = time.monotonic() - t_start
+        res = {
+            "wall_s": wall,
+            "cpu_s": B.cpu_seconds([h.pid]) - c_start,
+            "sched_s": (sched_ns(h.pid) - s_start) / 1e9,
+            "workers_cpu_s": B.cpu_seconds(workers) - w_start,
+            "windows": win,
+            "threads": len(os.listdir(f"/proc/{h.pid}/task")),
+            "rss_kib": B.rss_kib([h.pid]),
+            "events": [e["event"] for e in h.events.since(mark, {
+                "hung", "replacing", "probe_failed", "exited", "spawned"})],
+        }
+        res["stat_pct"] = res["cpu_s"] / wall * 100
+        res["sched_pct"] = res["sched_s"] / wall * 100
+        res["workers_pct"] = res["workers_cpu_s"] / wall * 100
+        return res
+    finally:
+        h.stop()
+
+
 def section_cpu(args, logdir: Path) -> tuple[str, dict]:
-    W = 8
+    """--rounds rounds, the two configurations' order rotated each round."""
     configs = [("no health options", []),
                ("all checks", ["--watchdog", "1s", "--max-memory", "500M", "--health-check",
                                "/health", "--health-interval", "1s"])]
-    raw, rows, notes = {}, [], []
+    raw: dict[str, list] = {label: [] for label, _ in configs}
+    notes = []
     windows = max(1, args.cpu_windows)
-    for label, extra in configs:
-        h = HerdApp(args, logdir, "cpu-" + label.split()[0], instances=W, app=HANG_JS, extra=extra)
-        try:
-            h.start()
-            time.sleep(2.0)  # start-up work out of the window
-            workers = list(h.workers())
-            mark = h.events.mark()
-            win = []
-            c_start, s_start, w_start = (B.cpu_seconds([h.pid]), sched_ns(h.pid),
-                                         B.cpu_seconds(workers))
-            t_start = time.monotonic()
-            for _ in range(windows):
-                c0, s0, t0 = B.cpu_seconds([h.pid]), sched_ns(h.pid), time.monotonic()
-                time.sleep(args.idle_seconds / windows)
-                dt = time.monotonic() - t0
-                win.append({"stat_pct": (B.cpu_seconds([h.pid]) - c0) / dt * 100,
-                            "sched_pct": (sched_ns(h.pid) - s0) / 1e9 / dt * 100})
-            wall = time.monotonic() - t_start
-            threads = len(os.listdir(f"/proc/{h.pid}/task"))
-            res = {
-                "wall_s": wall,
-                "cpu_s": B.cpu_seconds([h.pid]) - c_start,
-                "sched_s": (sched_ns(h.pid) - s_start) / 1e9,
-                "workers_cpu_s": B.cpu_seconds(workers) - w_start,
-                "windows": win,
-                "threads": threads,
-                "rss_kib": B.rss_kib([h.pid]),
-                "events": [e["event"] for e in h.events.since(mark, {
-                    "hung", "replacing", "probe_failed", "exited", "spawned"})],
-            }
-            raw[label] = res
-            rows.append([label, f"{wall:.1f}", f"{res['cpu_s']:.2f}",
-                         f"{res['cpu_s'] / wall * 100:.3f}",
-                         f"{res['sched_s'] / wall * 100:.3f}",
-                         " / ".join(f"{w['sched_pct']:.3f}" for w in win),
-                         f"{res['workers_cpu_s'] / wall * 100:.2f}", threads,
-                         mib(res["rss_kib"]), len(res["events"])])
-        except (B.TargetFailed, B.SkipTarget) as e:
-            notes.append(f"{label}: {e}")
-        finally:
-            h.stop()
-        B.log(f"cpu: {label} done")
-    md = [f"## 4. Supervisor CPU, 8 idle Node workers (hang.js), {args.idle_seconds:g} s", "",
+    for rnd in range(args.rounds):
+        for label, extra in B.rotated(configs, rnd):
+            try:
+                res = cpu_once(args, logdir, label, extra, windows)
+                res["round"] = rnd
+                raw[label].append(res)
+            except (B.TargetFailed, B.SkipTarget) as e:
+                notes.append(f"round {rnd + 1} {label}: {e}")
+            B.log(f"cpu: round {rnd + 1}/{args.rounds} {label} done")
+    rows = []
+    for label, rs in raw.items():
+        if not rs:
+            rows.append([label, 0] + ["–"] * 8)
+            continue
+        st = lambda f, spec="{:.3f}": B.fmt_stat(B.stat([r[f] for r in rs]), spec)  # noqa: E731
+        rows.append([label, len(rs), st("wall_s", "{:.1f}"), st("cpu_s", "{:.2f}"), st("stat_pct"),
+                     st("sched_pct"),
+                     " / ".join(f"{w['sched_pct']:.3f}" for r in rs for w in r["windows"]),
+                     st("workers_pct", "{:.2f}"), B.fmt_stat(B.stat([r["threads"] for r in rs])),
+                     B.fmt_stat(B.stat([r["rss_kib"] for r in rs]), "{:.1f}", 1 / 1024),
+                     sum(len(r["events"]) for r in rs)])
+    md = [f"## 4. Supervisor CPU, 8 idle Node workers (hang.js), {args.idle_seconds:g} s; "
+          f"median (min–max) of {args.rounds} rounds, order rotated", "",
           "CPU% of one core. *stat* = utime+stime delta from /proc/PID/stat (10 ms ticks) ÷ wall; "
           "*schedstat* = the same from /proc/PID/task/*/schedstat (ns). All checks = `--watchdog 1s "
           "--max-memory 500M --health-check /health --health-interval 1s` (8 pings, 8 RSS reads "
           "and 8 probes a second). Health events = hung/replacing/probe_failed/exited/spawned "
-          "during the window (should be 0).", "",
-          table(["options", "wall s", "herd CPU s", "herd CPU % (stat)", "herd CPU % (schedstat)",
-                 f"per {args.idle_seconds / windows:g} s window (schedstat %)",
+          "during the windows, all rounds (should be 0).", "",
+          table(["options", "rounds", "wall s", "herd CPU s", "herd CPU % (stat)",
+                 "herd CPU % (schedstat)",
+                 f"every {args.idle_seconds / windows:g} s window, all rounds (schedstat %)",
                  "8 workers' CPU % (sum)", "herd threads", "herd RSS MiB", "health events"], rows)]
     if notes:
         md += ["", "Failures: " + "; ".join(notes)]
-    return "\n".join(md), raw
+    return "\n".join(md), {"raw": raw, "notes": notes}
 
 
 # ---------------------------------------------------------------- main
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default=",".join(SECTIONS),
                     help=f"comma-separated sections: {','.join(SECTIONS)} (default all)")
     ap.add_argument("--trials", type=int, default=5, help="trials for restart and health (5)")
-    ap.add_argument("--rss-trials", type=int, default=3, help="fresh starts per RSS config (3)")
+    ap.add_argument("--rounds", "--rss-trials", dest="rounds", type=int, default=3,
+                    help="rss and cpu: rounds, each starting every configuration fresh; round r "
+                         "starts the configuration list at offset r (3)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke test: --rounds 2 --trials 2 --load-seconds 1 --idle-seconds 3 "
+                         "--cpu-windows 1 (explicit options still win); code paths, not numbers")
     ap.add_argument("--load-seconds", type=int, default=5, help="wrk duration for rss (5)")
     ap.add_argument("--connections", type=int, default=50, help="wrk connections for rss (50)")
     ap.add_argument("--conn", choices=["close", "keepalive"], default="close",
@@ -780,7 +875,11 @@ def main() -> int:
     ap.add_argument("--herd", type=Path, default=B.REPO / "target" / "release" / "herd")
     ap.add_argument("--hello", type=Path, default=B.REPO / "target" / "release" / "hello")
     ap.add_argument("--out", type=Path, default=B.OUT)
+    if "--quick" in sys.argv[1:]:
+        ap.set_defaults(rounds=2, trials=2, load_seconds=1, idle_seconds=3, cpu_windows=1)
     args = ap.parse_args()
+    if args.rounds < 1 or args.trials < 1:
+        ap.error("--rounds and --trials must be >= 1")
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     bad = [s for s in only if s not in SECTIONS]
     if bad:
