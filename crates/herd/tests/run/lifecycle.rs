@@ -2,8 +2,12 @@
 
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
+
 use super::start_inherit;
-use crate::util::{fixture, pid_alive, sigterm_with_a_slow_request_in_flight, Herd};
+use crate::util::{
+    fixture, pid_alive, sigterm_with_a_slow_request_in_flight, ts_ms, Herd, TempDir,
+};
 
 #[test]
 fn a_crash_loop_errors_every_slot_and_exits_non_zero_with_the_exit_code() {
@@ -101,4 +105,76 @@ fn a_second_sigint_kills_workers_that_ignore_sigterm_at_once() {
         .filter(|e| e["event"] == "exited" && e["signal"] == libc::SIGKILL)
         .count();
     assert_eq!(killed, 2, "{}", herd.dump());
+}
+
+#[test]
+fn crash_restarts_wait_growing_delays_that_reset_after_min_uptime() {
+    // Starts 1-4 die at once (delays 300, 450, 675, 1012 ms), start 5 lives 1.5 s (past
+    // --min-uptime 1s, so the backoff resets: 300 ms), start 6 dies at once (450 ms again).
+    // The gaps are read from the `exited` and next `spawned` events' timestamps: what herd
+    // did, not what it says it will do.
+    let dir = TempDir::new();
+    let counter = dir.join("counter");
+    let app = fixture("crashloop.py");
+    let mut herd = Herd::start(&[
+        "-i",
+        "1",
+        "--restart-delay",
+        "300ms",
+        "--min-uptime",
+        "1s",
+        "--max-restarts",
+        "50",
+        "-e",
+        &format!("COUNTER={}", counter.display()),
+        "-e",
+        "STABLE_AT=5",
+        "-e",
+        "STABLE_MS=1500",
+        &app,
+    ]);
+    herd.wait_for("7 starts", |events| {
+        events.iter().filter(|e| e["event"] == "spawned").count() >= 7
+    });
+    herd.stop();
+    let events = herd.events();
+    let spawned: Vec<&Value> = events.iter().filter(|e| e["event"] == "spawned").collect();
+    let exited: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event"] == "exited" && e["expected"] == false)
+        .collect();
+    let said: Vec<u64> = events
+        .iter()
+        .filter(|e| e["event"] == "restarting")
+        .filter_map(|e| e["delay_ms"].as_u64())
+        .take(6)
+        .collect();
+    assert_eq!(
+        said,
+        [300, 450, 675, 1012, 300, 450],
+        "announced delays\n{}",
+        herd.dump()
+    );
+    let gaps: Vec<i64> = (0..6)
+        .map(|k| {
+            assert_eq!(exited[k]["pid"], spawned[k]["pid"], "{}", herd.dump());
+            ts_ms(spawned[k + 1]) - ts_ms(exited[k])
+        })
+        .collect();
+    let uptime = ts_ms(exited[4]) - ts_ms(spawned[4]);
+    eprintln!("restart gaps {gaps:?} ms; start 5 was up {uptime} ms");
+    assert!(uptime >= 1000, "start 5 outlived --min-uptime: {uptime} ms");
+    // Timestamps have millisecond resolution: allow 2 ms of rounding below each delay.
+    for (k, (&gap, &delay)) in gaps.iter().zip(&said).enumerate() {
+        assert!(
+            gap >= delay as i64 - 2,
+            "restart {k} came {gap} ms after the exit, before its {delay} ms delay: {gaps:?}"
+        );
+    }
+    // Without the reset the 5th delay would be 1518 ms; the generous bound leaves 700 ms
+    // for a loaded machine.
+    assert!(
+        gaps[4] < 1000,
+        "the backoff did not reset after a run past --min-uptime: {gaps:?}"
+    );
 }

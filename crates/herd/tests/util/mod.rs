@@ -534,6 +534,26 @@ pub fn port_of(bound: &Value) -> u16 {
         .unwrap_or_else(|| panic!("no port in {addr}"))
 }
 
+/// An event's `ts` (`2026-11-28T15:30:00.123Z`) as milliseconds since the epoch.
+pub fn ts_ms(event: &Value) -> i64 {
+    let ts = event["ts"].as_str().unwrap_or_else(|| panic!("no ts in {event}"));
+    let num = |range: std::ops::Range<usize>| -> i64 {
+        ts.get(range)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("bad ts {ts:?}"))
+    };
+    let (y, m, d) = (num(0..4), num(5..7), num(8..10));
+    // Days since 1970-01-01 (Howard Hinnant's days_from_civil).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + num(11..13) * 3600 + num(14..16) * 60 + num(17..19);
+    secs * 1000 + num(20..23)
+}
+
 // ---- processes ----
 
 /// Whether `pid` is a live process (zombies count as dead).
