@@ -4,12 +4,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::start_node;
 use crate::util::{
     get, home_of, kill, pid_in, poll_until, sigterm_with_a_slow_request_in_flight, status,
-    workers, WAIT,
+    workers, TempDir, WAIT,
 };
 
 /// The `connections` count `herd status` shows for worker `pid` (hand-offs so far).
@@ -235,4 +235,65 @@ fn a_connection_refused_for_max_connections_goes_to_another_worker() {
     assert_eq!(by_instance.get("1"), Some(&10), "{by_instance:?}");
     let r = held.join().expect("thread").expect("the held request");
     assert_eq!(r.json()["held"], true);
+}
+
+#[test]
+fn wait_ready_holds_connections_back_until_the_worker_sends_ready() {
+    // The worker listens at once but sends process.send('ready') only when the gate file
+    // appears. Until then herd must not count it ready nor hand it a connection: a request
+    // waits in herd, and the worker that finally answers it says it had sent 'ready'.
+    let name = "waitready";
+    let gate = TempDir::new();
+    let go = gate.join("go");
+    let herd = start_node(
+        1,
+        &[
+            "--name",
+            name,
+            "--wait-ready",
+            "-e",
+            &format!("READY_GATE={}", go.display()),
+        ],
+    );
+    let port = herd.port();
+    herd.wait_line_after(0, "listening");
+    let home = home_of(&herd);
+    let request = std::thread::spawn(move || get(port, "/"));
+    // A negative check needs a window: if herd routed before 'ready', the request would be
+    // answered within milliseconds. A loaded machine can only make this window too short
+    // to catch the bug, never fail a correct herd.
+    let window_end = Instant::now() + Duration::from_millis(700);
+    while Instant::now() < window_end {
+        let s = status(&home, name);
+        assert_eq!(s["ready"], 0, "not ready before 'ready': {s:#}");
+        assert!(
+            !request.is_finished(),
+            "a request was answered before the worker sent 'ready'\n{}",
+            herd.dump()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !herd
+            .events()
+            .iter()
+            .any(|e| e["event"] == "ready" || e["event"] == "all_ready"),
+        "counted ready before 'ready'\n{}",
+        herd.dump()
+    );
+    let mark = herd.mark();
+    std::fs::write(&go, b"").expect("open the gate");
+    let ready = herd.wait_named_after("ready", mark);
+    assert_eq!(ready["via"], "message", "{ready}");
+    herd.wait_named_after("all_ready", mark);
+    let r = request
+        .join()
+        .expect("request thread")
+        .expect("the held request is answered once the worker is ready");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.json()["ready_sent"],
+        true,
+        "the connection reached the worker only after it sent 'ready'"
+    );
 }
