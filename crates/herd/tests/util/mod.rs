@@ -534,6 +534,16 @@ pub fn port_of(bound: &Value) -> u16 {
         .unwrap_or_else(|| panic!("no port in {addr}"))
 }
 
+/// A test's prerequisite (a tool, root) is missing: under CI (`CI` set, as every CI service
+/// does) that is a failure, so a skipped check never passes for a run; elsewhere the test
+/// says SKIPPED on stderr and returns.
+pub fn prerequisite_missing(what: &str) {
+    if std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false" && v != "0") {
+        panic!("CI is set but a prerequisite is missing: {what}");
+    }
+    eprintln!("SKIPPED (set CI=true to make this a failure): {what}");
+}
+
 /// An event's `ts` (`2026-11-28T15:30:00.123Z`) as milliseconds since the epoch.
 pub fn ts_ms(event: &Value) -> i64 {
     let ts = event["ts"].as_str().unwrap_or_else(|| panic!("no ts in {event}"));
