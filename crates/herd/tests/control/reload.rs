@@ -194,14 +194,23 @@ fn a_bad_release_names_the_error_of_a_broken_dependency() {
 #[test]
 fn a_second_reload_is_refused_while_one_runs() {
     let name = "ctl-busy";
-    // listen() comes 2 s after start: a reload takes at least that long.
-    let herd = start_node(name, 1, &["-e", "LISTEN_DELAY_MS=2000"]);
+    // The replacement starts while the block file exists, so it waits (not listening, not
+    // ready) until the test removes it: the reload runs for as long as the test needs.
+    let dir = TempDir::new();
+    let block = dir.join("block");
+    let herd = start_node(
+        name,
+        1,
+        &["-e", &format!("BLOCK_FILE={}", block.display())],
+    );
     herd.wait_ready();
     let home = home_of(&herd);
     let before = ready_pids(&wait_status(&home, name, "ready", |s| settled(s, 1)));
+    std::fs::write(&block, b"").expect("create the block file");
     let mark = herd.mark();
     let first = spawn_cli(&home, &["reload", name]);
     herd.wait_named_after("reloading", mark);
+    herd.wait_line_after(mark, "blocked");
 
     let second = cli(&home, &["reload", name]);
     assert_ne!(second.code, Some(0), "{second}");
@@ -220,6 +229,7 @@ fn a_second_reload_is_refused_while_one_runs() {
         "the old worker and its replacement: {s:#}"
     );
 
+    std::fs::remove_file(&block).expect("remove the block file");
     let first = first.finish(WAIT);
     assert_eq!(first.code, Some(0), "{first}\n{}", herd.dump());
     let s = status(&home, name);

@@ -594,10 +594,20 @@ pub fn wait_dead(pid: u32, timeout: Duration) -> bool {
 
 /// Resident memory of `pid` in kB, from /proc/PID/status.
 pub fn rss_kb(pid: u32) -> Option<u64> {
+    proc_status_kb(pid, "VmRSS:")
+}
+
+/// The peak resident memory of `pid` in kB since it started (the kernel's high-water mark,
+/// `VmHWM`): a short spike between two samples is still counted.
+pub fn peak_rss_kb(pid: u32) -> Option<u64> {
+    proc_status_kb(pid, "VmHWM:")
+}
+
+fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
