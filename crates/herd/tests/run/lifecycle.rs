@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use super::start_inherit;
 use crate::util::{
-    fixture, pid_alive, sigterm_with_a_slow_request_in_flight, ts_ms, Herd, TempDir,
+    cli, fixture, home_of, pid_alive, sigterm_with_a_slow_request_in_flight, ts_ms, Herd, TempDir,
 };
 
 #[test]
@@ -177,4 +177,57 @@ fn crash_restarts_wait_growing_delays_that_reset_after_min_uptime() {
         gaps[4] < 1000,
         "the backoff did not reset after a run past --min-uptime: {gaps:?}"
     );
+}
+
+#[test]
+fn workers_that_ignore_sigterm_are_killed_after_kill_timeout_on_scale_reload_and_stop() {
+    let name = "ignore-term";
+    let mut herd = start_inherit(
+        3,
+        &["--name", name, "--kill-timeout", "1s", "-e", "IGNORE_TERM=1"],
+    );
+    herd.wait_ready();
+    let home = home_of(&herd);
+    let killed_after = |herd: &Herd, mark: usize, n: usize, what: &str| {
+        let events = herd.events();
+        let killed: Vec<&Value> = events[mark..]
+            .iter()
+            .filter(|e| e["event"] == "exited")
+            .collect();
+        assert_eq!(killed.len(), n, "{what}: {n} exits\n{}", herd.dump());
+        for e in killed {
+            assert_eq!(e["signal"], libc::SIGKILL, "{what}: SIGKILLed: {e}");
+            assert_eq!(e["expected"], true, "{what}: {e}");
+        }
+    };
+
+    // Scale down: the worker that is let go ignores SIGTERM and is SIGKILLed.
+    let mark = herd.mark();
+    cli(&home, &["scale", name, "2"]).assert_ok();
+    herd.wait_event_after("the scaled-down worker's exit", mark, |e| {
+        e["event"] == "exited"
+    });
+    killed_after(&herd, mark, 1, "scale 3 → 2");
+
+    // Reload: both old workers are SIGKILLed after the grace; the reload succeeds.
+    let mark = herd.mark();
+    let out = cli(&home, &["reload", name]);
+    assert_eq!(out.code, Some(0), "{out}\n{}", herd.dump());
+    herd.wait_for("both old workers' exits", |events| {
+        events[mark..].iter().filter(|e| e["event"] == "exited").count() >= 2
+    });
+    killed_after(&herd, mark, 2, "reload");
+
+    // Stop: herd waits the grace, SIGKILLs both, and exits.
+    let mark = herd.mark();
+    let stopped = Instant::now();
+    herd.signal(libc::SIGTERM);
+    herd.expect_exit();
+    let took = stopped.elapsed();
+    assert!(
+        took >= Duration::from_millis(900),
+        "herd waited --kill-timeout before SIGKILL: {took:?}"
+    );
+    killed_after(&herd, mark, 2, "stop");
+    herd.assert_no_worker_left();
 }
