@@ -6,7 +6,8 @@ use serde_json::Value;
 
 use super::start_inherit;
 use crate::util::{
-    cli, fixture, home_of, pid_alive, sigterm_with_a_slow_request_in_flight, ts_ms, Herd, TempDir,
+    cli, fixture, get, home_of, pid_alive, pid_in, ready_pids, sigterm_with_a_slow_request_in_flight,
+    ts_ms, wait_status, workers, Herd, TempDir,
 };
 
 #[test]
@@ -230,4 +231,43 @@ fn workers_that_ignore_sigterm_are_killed_after_kill_timeout_on_scale_reload_and
     );
     killed_after(&herd, mark, 2, "stop");
     herd.assert_no_worker_left();
+}
+
+#[test]
+fn no_autorestart_leaves_a_dead_slot_errored_while_the_others_serve() {
+    let name = "no-restart";
+    let herd = start_inherit(2, &["--name", name, "--no-autorestart"]);
+    herd.wait_ready();
+    let port = herd.port();
+    let home = home_of(&herd);
+    let pids = herd.worker_pids();
+    let (victim, survivor) = (pids[0], pids[1]);
+    let mark = herd.mark();
+    crate::util::kill(victim, libc::SIGKILL);
+    let exited = herd.wait_event_after("the victim's exit", mark, |e| {
+        e["event"] == "exited" && e["pid"] == victim
+    });
+    assert!(
+        exited["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not restarting")),
+        "{exited}"
+    );
+    let s = wait_status(&home, name, "one slot errored", |s| {
+        workers(s).iter().any(|w| w["state"] == "errored")
+    });
+    assert_eq!(s["state"], "running", "the app still runs: {s:#}");
+    assert_eq!(s["ready"], 1, "{s:#}");
+    assert_eq!(ready_pids(&s).into_iter().collect::<Vec<_>>(), [survivor], "{s:#}");
+    for _ in 0..5 {
+        let r = get(port, "/").expect("the surviving worker serves");
+        assert_eq!(pid_in(&r), survivor);
+    }
+    assert!(
+        !herd.events()[mark..]
+            .iter()
+            .any(|e| e["event"] == "spawned" || e["event"] == "restarting"),
+        "nothing restarted\n{}",
+        herd.dump()
+    );
 }
