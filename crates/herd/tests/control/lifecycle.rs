@@ -325,7 +325,14 @@ fn workers_of_a_detached_app_die_when_its_supervisor_is_sigkilled() {
     cli(
         &home,
         &[
-            "start", "-i", "2", "--listen", "127.0.0.1:0", "--name", name, &app,
+            "start",
+            "-i",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+            "--name",
+            name,
+            &app,
         ],
     )
     .assert_ok();

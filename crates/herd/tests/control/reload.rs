@@ -198,11 +198,7 @@ fn a_second_reload_is_refused_while_one_runs() {
     // ready) until the test removes it: the reload runs for as long as the test needs.
     let dir = TempDir::new();
     let block = dir.join("block");
-    let herd = start_node(
-        name,
-        1,
-        &["-e", &format!("BLOCK_FILE={}", block.display())],
-    );
+    let herd = start_node(name, 1, &["-e", &format!("BLOCK_FILE={}", block.display())]);
     herd.wait_ready();
     let home = home_of(&herd);
     let before = ready_pids(&wait_status(&home, name, "ready", |s| settled(s, 1)));
@@ -314,7 +310,11 @@ fn a_reload_whose_new_worker_never_gets_ready_keeps_the_old_workers() {
         .filter_map(|e| e["pid"].as_u64())
         .map(|p| p as u32)
         .collect();
-    assert!(!hung.is_empty(), "a new worker was started\n{}", herd.dump());
+    assert!(
+        !hung.is_empty(),
+        "a new worker was started\n{}",
+        herd.dump()
+    );
     for &pid in &hung {
         assert!(
             wait_dead(pid, WAIT),
@@ -347,8 +347,7 @@ fn a_reload_that_fails_in_its_second_slot_reports_it_and_keeps_serving() {
             .iter()
             .find(|w| w["instance"] == instance && w["state"] == "ready")
             .and_then(|w| w["pid"].as_u64())
-            .unwrap_or_else(|| panic!("no ready worker in slot {instance}: {s:#}"))
-            as u32
+            .unwrap_or_else(|| panic!("no ready worker in slot {instance}: {s:#}")) as u32
     };
     let (old0, old1) = (old_of(&before, 0), old_of(&before, 1));
     let load = Load::start(port, &CLIENTS);
@@ -357,13 +356,18 @@ fn a_reload_that_fails_in_its_second_slot_reports_it_and_keeps_serving() {
     let out = cli(&home, &["reload", name]);
     let report = load.finish(200);
     assert_eq!(out.code, Some(1), "{out}\n{}", herd.dump());
-    assert!(out.stderr.contains("bad in slot 1"), "names the error\n{out}");
+    assert!(
+        out.stderr.contains("bad in slot 1"),
+        "names the error\n{out}"
+    );
     assert!(
         out.stderr.contains("after replacing 1 of 2 workers"),
         "says how far it got\n{out}"
     );
     report.assert_clean("a client during the reload that failed in slot 1");
-    let s = wait_status(&home, name, "settled after the failed reload", |s| settled(s, 2));
+    let s = wait_status(&home, name, "settled after the failed reload", |s| {
+        settled(s, 2)
+    });
     // No rollback: slot 0 runs the new version, slot 1 the old one (what the error says).
     assert_ne!(old_of(&s, 0), old0, "slot 0 was replaced: {s:#}");
     assert_eq!(old_of(&s, 1), old1, "slot 1 keeps its old worker: {s:#}");
@@ -371,6 +375,12 @@ fn a_reload_that_fails_in_its_second_slot_reports_it_and_keeps_serving() {
     std::fs::remove_file(dir.join("bad-1")).expect("fix slot 1");
     let again = cli(&home, &["reload", name]);
     again.assert_ok();
-    let s = wait_status(&home, name, "settled after the good reload", |s| settled(s, 2));
-    assert_ne!(old_of(&s, 1), old1, "a later good reload replaces slot 1: {s:#}");
+    let s = wait_status(&home, name, "settled after the good reload", |s| {
+        settled(s, 2)
+    });
+    assert_ne!(
+        old_of(&s, 1),
+        old1,
+        "a later good reload replaces slot 1: {s:#}"
+    );
 }

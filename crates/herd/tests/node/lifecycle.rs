@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use super::start_node;
 use crate::util::{
-    get, home_of, kill, pid_in, poll_until, sigterm_with_a_slow_request_in_flight, status,
-    workers, TempDir, WAIT,
+    get, home_of, kill, pid_in, poll_until, sigterm_with_a_slow_request_in_flight, status, workers,
+    TempDir, WAIT,
 };
 
 /// The `connections` count `herd status` shows for worker `pid` (hand-offs so far).
@@ -53,11 +53,14 @@ fn connections_handed_to_a_worker_that_is_killed_are_rerouted_and_none_fails() {
     // Round-robin hands the frozen victim some (at most 8 unanswered), the rest go to the
     // other worker and are answered. Wait until every request is either answered or held
     // by the victim.
-    let held = poll_until("every request answered or held by the frozen victim", || {
-        let held = handed_to(&home, name, victim) - before;
-        let done = answered.load(Ordering::SeqCst) as u64;
-        (held > 0 && done + held == N as u64).then_some(held)
-    });
+    let held = poll_until(
+        "every request answered or held by the frozen victim",
+        || {
+            let held = handed_to(&home, name, victim) - before;
+            let done = answered.load(Ordering::SeqCst) as u64;
+            (held > 0 && done + held == N as u64).then_some(held)
+        },
+    );
     let mark = herd.mark();
     kill(victim, libc::SIGKILL);
     let mut failures = Vec::new();

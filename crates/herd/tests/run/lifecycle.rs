@@ -6,8 +6,8 @@ use serde_json::Value;
 
 use super::start_inherit;
 use crate::util::{
-    cli, fixture, get, home_of, pid_alive, pid_in, ready_pids, sigterm_with_a_slow_request_in_flight,
-    ts_ms, wait_status, workers, Herd, TempDir,
+    cli, fixture, get, home_of, pid_alive, pid_in, ready_pids,
+    sigterm_with_a_slow_request_in_flight, ts_ms, wait_status, workers, Herd, TempDir,
 };
 
 #[test]
@@ -185,7 +185,14 @@ fn workers_that_ignore_sigterm_are_killed_after_kill_timeout_on_scale_reload_and
     let name = "ignore-term";
     let mut herd = start_inherit(
         3,
-        &["--name", name, "--kill-timeout", "1s", "-e", "IGNORE_TERM=1"],
+        &[
+            "--name",
+            name,
+            "--kill-timeout",
+            "1s",
+            "-e",
+            "IGNORE_TERM=1",
+        ],
     );
     herd.wait_ready();
     let home = home_of(&herd);
@@ -215,7 +222,11 @@ fn workers_that_ignore_sigterm_are_killed_after_kill_timeout_on_scale_reload_and
     let out = cli(&home, &["reload", name]);
     assert_eq!(out.code, Some(0), "{out}\n{}", herd.dump());
     herd.wait_for("both old workers' exits", |events| {
-        events[mark..].iter().filter(|e| e["event"] == "exited").count() >= 2
+        events[mark..]
+            .iter()
+            .filter(|e| e["event"] == "exited")
+            .count()
+            >= 2
     });
     killed_after(&herd, mark, 2, "reload");
 
@@ -258,7 +269,11 @@ fn no_autorestart_leaves_a_dead_slot_errored_while_the_others_serve() {
     });
     assert_eq!(s["state"], "running", "the app still runs: {s:#}");
     assert_eq!(s["ready"], 1, "{s:#}");
-    assert_eq!(ready_pids(&s).into_iter().collect::<Vec<_>>(), [survivor], "{s:#}");
+    assert_eq!(
+        ready_pids(&s).into_iter().collect::<Vec<_>>(),
+        [survivor],
+        "{s:#}"
+    );
     for _ in 0..5 {
         let r = get(port, "/").expect("the surviving worker serves");
         assert_eq!(pid_in(&r), survivor);

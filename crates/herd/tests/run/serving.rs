@@ -157,7 +157,10 @@ fn a_unix_socket_listener_serves_and_is_removed_on_stop() {
     }
     let spawned: BTreeSet<u32> = herd.worker_pids().into_iter().collect();
     let answered: BTreeSet<u32> = pids.keys().copied().collect();
-    assert_eq!(answered, spawned, "both workers serve the unix socket: {pids:?}");
+    assert_eq!(
+        answered, spawned,
+        "both workers serve the unix socket: {pids:?}"
+    );
     let status = herd.stop();
     assert_eq!(status.code(), Some(0), "{}", herd.dump());
     assert!(

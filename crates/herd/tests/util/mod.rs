@@ -546,7 +546,9 @@ pub fn prerequisite_missing(what: &str) {
 
 /// An event's `ts` (`2026-11-28T15:30:00.123Z`) as milliseconds since the epoch.
 pub fn ts_ms(event: &Value) -> i64 {
-    let ts = event["ts"].as_str().unwrap_or_else(|| panic!("no ts in {event}"));
+    let ts = event["ts"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no ts in {event}"));
     let num = |range: std::ops::Range<usize>| -> i64 {
         ts.get(range)
             .and_then(|s| s.parse().ok())
