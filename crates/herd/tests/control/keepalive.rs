@@ -10,7 +10,16 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::support::{cli, home_of, ready_pids, settled, wait_status};
-use crate::util::{fixture, Herd, WAIT};
+use crate::util::{fixture, wait_requests, Herd, WAIT};
+
+/// Sets the flag when dropped.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
 
 const INSTANCES: usize = 2;
 const RELOADS: usize = 3;
@@ -67,6 +76,8 @@ fn keepalive_clients_lose_nothing_when_a_stock_node_app_is_reloaded() {
     let mut pids = ready_pids(&first);
 
     let stop = Arc::new(AtomicBool::new(false));
+    // Stops the client threads however the test ends (a failed assert included).
+    let _stop_clients = StopOnDrop(Arc::clone(&stop));
     let done = Arc::new(AtomicUsize::new(0));
     let clients: Vec<_> = (0..CLIENTS)
         .map(|_| {
@@ -109,10 +120,9 @@ fn keepalive_clients_lose_nothing_when_a_stock_node_app_is_reloaded() {
         .collect();
 
     let wait_requests = |n: usize| {
-        let until = Instant::now() + WAIT;
-        while done.load(Ordering::Relaxed) < n && Instant::now() < until {
-            thread::sleep(Duration::from_millis(5));
-        }
+        wait_requests("the keep-alive clients", n, WAIT, || {
+            done.load(Ordering::Relaxed)
+        })
     };
     wait_requests(200);
     for round in 1..=RELOADS {

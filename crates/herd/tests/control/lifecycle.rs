@@ -277,3 +277,67 @@ fn ls_lists_the_running_app() {
     out.assert_ok();
     assert!(out.stdout.contains("no apps running"), "{out}");
 }
+
+/// SIGKILLs `herd`'s supervisor and checks that every worker in `pids` dies by itself
+/// (the parent-death signal herd sets in each worker), before any cleanup of the test's
+/// harness could kill them.
+fn workers_die_with_the_supervisor(supervisor: u32, pids: &std::collections::BTreeSet<u32>) {
+    assert!(!pids.is_empty());
+    // SAFETY: kill(2) on the supervisor pid this test started or learnt from herd status.
+    let rc = unsafe { libc::kill(supervisor as i32, libc::SIGKILL) };
+    assert_eq!(rc, 0, "kill -9 herd");
+    for &pid in pids {
+        assert!(
+            wait_dead(pid, crate::util::WAIT),
+            "worker {pid} outlived its SIGKILLed supervisor"
+        );
+    }
+}
+
+#[test]
+fn socket_activation_workers_die_when_herd_run_is_sigkilled() {
+    let name = "ctl-kill9-sa";
+    let herd = start_python(name, 2, &[]);
+    herd.wait_ready();
+    let home = home_of(&herd);
+    let pids = all_pids(&wait_status(&home, name, "ready", |s| settled(s, 2)));
+    // The harness's Drop would kill the workers too: this check runs before it.
+    workers_die_with_the_supervisor(herd.pid(), &pids);
+}
+
+#[test]
+fn node_workers_die_when_herd_run_is_sigkilled() {
+    let name = "ctl-kill9-node";
+    let herd = start_node(name, 2, &[]);
+    herd.wait_ready();
+    let home = home_of(&herd);
+    let pids = all_pids(&wait_status(&home, name, "ready", |s| settled(s, 2)));
+    workers_die_with_the_supervisor(herd.pid(), &pids);
+}
+
+#[test]
+fn workers_of_a_detached_app_die_when_its_supervisor_is_sigkilled() {
+    let dir = TempDir::new();
+    let home = dir.join("home");
+    let name = "ctl-kill9-start";
+    let mut guard = Detached::new(&home, name);
+    let app = fixture("control_server.py");
+    cli(
+        &home,
+        &[
+            "start",
+            "-i",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+            "--name",
+            name,
+            &app,
+        ],
+    )
+    .assert_ok();
+    let s = wait_status(&home, name, "ready", |s| settled(s, 2));
+    guard.learn(&s);
+    let supervisor = guard.supervisor().expect("supervisor pid");
+    workers_die_with_the_supervisor(supervisor, &all_pids(&s));
+}

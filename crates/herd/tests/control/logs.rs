@@ -57,9 +57,11 @@ fn logs_into_a_closed_pipe_exits_zero() {
     herd.wait_line_after(mark, &format!("{tag} 3999"));
 
     // `herd logs NAME -n 5000 | head -1`.
-    let mut child = cli_command(&home, &["logs", name, "-n", "5000"])
-        .spawn()
-        .expect("start herd logs");
+    let mut child = Reaped(
+        cli_command(&home, &["logs", name, "-n", "5000"])
+            .spawn()
+            .expect("start herd logs"),
+    );
     let mut out = BufReader::new(child.stdout.take().expect("stdout"));
     let mut first = String::new();
     out.read_line(&mut first).expect("first line");
@@ -89,9 +91,11 @@ fn logs_into_a_closed_pipe_exits_zero() {
     assert!(out.stderr.is_empty(), "{out}");
 
     // `herd logs -f` whose reader goes away: the next line it writes ends it, with 0.
-    let mut child = cli_command(&home, &["logs", name, "-n", "1", "-f"])
-        .spawn()
-        .expect("start herd logs -f");
+    let mut child = Reaped(
+        cli_command(&home, &["logs", name, "-n", "1", "-f"])
+            .spawn()
+            .expect("start herd logs -f"),
+    );
     let mut out = BufReader::new(child.stdout.take().expect("stdout"));
     let mut first = String::new();
     out.read_line(&mut first).expect("first line");
@@ -108,6 +112,31 @@ fn logs_into_a_closed_pipe_exits_zero() {
         None
     });
     assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+/// A `herd logs` child that is killed and reaped however the test ends.
+struct Reaped(std::process::Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 fn wait_child(child: &mut std::process::Child, what: &str) -> std::process::ExitStatus {
@@ -133,9 +162,11 @@ fn logs_follow_streams_new_lines() {
     let port = herd.port();
     let home = home_of(&herd);
     wait_status(&home, name, "ready", |s| settled(s, 1));
-    let mut child = cli_command(&home, &["logs", name, "-n", "0", "-f"])
-        .spawn()
-        .expect("start herd logs -f");
+    let mut child = Reaped(
+        cli_command(&home, &["logs", name, "-n", "0", "-f"])
+            .spawn()
+            .expect("start herd logs -f"),
+    );
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

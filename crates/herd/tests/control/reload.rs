@@ -7,7 +7,7 @@ use super::support::{
     cli, home_of, ready_pids, settled, spawn_cli, start_node, start_python, status, wait_status,
     workers, Load,
 };
-use crate::util::{fixture, pid_alive, Herd, TempDir, WAIT};
+use crate::util::{fixture, pid_alive, wait_dead, Herd, TempDir, WAIT};
 
 const INSTANCES: usize = 2;
 const RELOADS: usize = 5;
@@ -194,14 +194,19 @@ fn a_bad_release_names_the_error_of_a_broken_dependency() {
 #[test]
 fn a_second_reload_is_refused_while_one_runs() {
     let name = "ctl-busy";
-    // listen() comes 2 s after start: a reload takes at least that long.
-    let herd = start_node(name, 1, &["-e", "LISTEN_DELAY_MS=2000"]);
+    // The replacement starts while the block file exists, so it waits (not listening, not
+    // ready) until the test removes it: the reload runs for as long as the test needs.
+    let dir = TempDir::new();
+    let block = dir.join("block");
+    let herd = start_node(name, 1, &["-e", &format!("BLOCK_FILE={}", block.display())]);
     herd.wait_ready();
     let home = home_of(&herd);
     let before = ready_pids(&wait_status(&home, name, "ready", |s| settled(s, 1)));
+    std::fs::write(&block, b"").expect("create the block file");
     let mark = herd.mark();
     let first = spawn_cli(&home, &["reload", name]);
     herd.wait_named_after("reloading", mark);
+    herd.wait_line_after(mark, "blocked");
 
     let second = cli(&home, &["reload", name]);
     assert_ne!(second.code, Some(0), "{second}");
@@ -220,6 +225,7 @@ fn a_second_reload_is_refused_while_one_runs() {
         "the old worker and its replacement: {s:#}"
     );
 
+    std::fs::remove_file(&block).expect("remove the block file");
     let first = first.finish(WAIT);
     assert_eq!(first.code, Some(0), "{first}\n{}", herd.dump());
     let s = status(&home, name);
@@ -262,5 +268,119 @@ fn reload_parallel_replaces_two_slots_at_a_time() {
         Some(&["spawned", "spawned"][..]),
         "{order:?}\n{}",
         herd.dump()
+    );
+}
+
+#[test]
+fn a_reload_whose_new_worker_never_gets_ready_keeps_the_old_workers() {
+    // The new worker starts but never listens (it waits on the block file): after
+    // --listen-timeout herd must stop it, keep the old workers and fail the reload.
+    let name = "ctl-hang-reload";
+    let dir = TempDir::new();
+    let block = dir.join("block");
+    let herd = start_node(
+        name,
+        2,
+        &[
+            "--listen-timeout",
+            "2s",
+            "-e",
+            &format!("BLOCK_FILE={}", block.display()),
+        ],
+    );
+    herd.wait_ready();
+    let port = herd.port();
+    let home = home_of(&herd);
+    let old = ready_pids(&wait_status(&home, name, "ready", |s| settled(s, 2)));
+    let load = Load::start(port, &CLIENTS);
+    load.wait_for(50);
+    std::fs::write(&block, b"").expect("create the block file");
+    let mark = herd.mark();
+    let out = cli(&home, &["reload", name]);
+    let report = load.finish(200);
+    assert_eq!(out.code, Some(1), "{out}\n{}", herd.dump());
+    assert!(out.stderr.starts_with("error: "), "{out}");
+    assert!(
+        out.stderr.contains("keep running the previous version"),
+        "{out}"
+    );
+    let hung: Vec<u32> = herd.events()[mark..]
+        .iter()
+        .filter(|e| e["event"] == "spawned")
+        .filter_map(|e| e["pid"].as_u64())
+        .map(|p| p as u32)
+        .collect();
+    assert!(
+        !hung.is_empty(),
+        "a new worker was started\n{}",
+        herd.dump()
+    );
+    for &pid in &hung {
+        assert!(
+            wait_dead(pid, WAIT),
+            "the never-ready worker {pid} was stopped"
+        );
+    }
+    report.assert_clean("a client during the reload that timed out");
+    assert!(report.pids.is_subset(&old), "{:?} vs {old:?}", report.pids);
+    let s = wait_status(&home, name, "settled on the old workers", |s| settled(s, 2));
+    assert_eq!(ready_pids(&s), old, "the old workers still serve: {s:#}");
+}
+
+#[test]
+fn a_reload_that_fails_in_its_second_slot_reports_it_and_keeps_serving() {
+    // Slot 0's new worker is fine, slot 1's throws at start: herd reload exits 1 naming
+    // the error, slot 1 keeps its old worker, and every slot still serves.
+    let name = "ctl-partial";
+    let dir = TempDir::new();
+    let herd = start_node(
+        name,
+        2,
+        &["-e", &format!("BAD_DIR={}", dir.path().display())],
+    );
+    herd.wait_ready();
+    let port = herd.port();
+    let home = home_of(&herd);
+    let before = wait_status(&home, name, "ready", |s| settled(s, 2));
+    let old_of = |s: &serde_json::Value, instance: u64| -> u32 {
+        workers(s)
+            .iter()
+            .find(|w| w["instance"] == instance && w["state"] == "ready")
+            .and_then(|w| w["pid"].as_u64())
+            .unwrap_or_else(|| panic!("no ready worker in slot {instance}: {s:#}")) as u32
+    };
+    let (old0, old1) = (old_of(&before, 0), old_of(&before, 1));
+    let load = Load::start(port, &CLIENTS);
+    load.wait_for(50);
+    std::fs::write(dir.join("bad-1"), b"").expect("break slot 1");
+    let out = cli(&home, &["reload", name]);
+    let report = load.finish(200);
+    assert_eq!(out.code, Some(1), "{out}\n{}", herd.dump());
+    assert!(
+        out.stderr.contains("bad in slot 1"),
+        "names the error\n{out}"
+    );
+    assert!(
+        out.stderr.contains("after replacing 1 of 2 workers"),
+        "says how far it got\n{out}"
+    );
+    report.assert_clean("a client during the reload that failed in slot 1");
+    let s = wait_status(&home, name, "settled after the failed reload", |s| {
+        settled(s, 2)
+    });
+    // No rollback: slot 0 runs the new version, slot 1 the old one (what the error says).
+    assert_ne!(old_of(&s, 0), old0, "slot 0 was replaced: {s:#}");
+    assert_eq!(old_of(&s, 1), old1, "slot 1 keeps its old worker: {s:#}");
+    assert_eq!(s["state"], "running", "{s:#}");
+    std::fs::remove_file(dir.join("bad-1")).expect("fix slot 1");
+    let again = cli(&home, &["reload", name]);
+    again.assert_ok();
+    let s = wait_status(&home, name, "settled after the good reload", |s| {
+        settled(s, 2)
+    });
+    assert_ne!(
+        old_of(&s, 1),
+        old1,
+        "a later good reload replaces slot 1: {s:#}"
     );
 }

@@ -10,7 +10,7 @@ use std::process::Command;
 use super::support::{
     cli, home_of, settled, socket_of, spawn_command, start_node, status, wait_status, CliOutput,
 };
-use crate::util::{herd_bin, TempDir, WAIT};
+use crate::util::{herd_bin, prerequisite_missing, TempDir, WAIT};
 
 const NOBODY: u32 = 65534;
 
@@ -105,11 +105,11 @@ fn setup(name: &'static str) -> Setup {
     let me = unsafe { libc::geteuid() };
     let nobody = match setpriv() {
         None => {
-            eprintln!("skipped the other-uid part: no setpriv");
+            prerequisite_missing("the other-uid part needs setpriv");
             None
         }
         Some(_) if me != 0 => {
-            eprintln!("skipped the other-uid part: not running as root");
+            prerequisite_missing("the other-uid part needs root");
             None
         }
         Some(setpriv) => Some(nobody(setpriv, &home, &socket, name)),

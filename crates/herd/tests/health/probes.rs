@@ -235,13 +235,15 @@ fn a_worker_that_recovers_before_health_failures_is_kept() {
 
     let mark = herd.mark();
     let fail = dir.join(&format!("fail-{victim_id}"));
-    std::fs::write(&fail, b"").expect("create the fail file");
+    // The worker fails exactly the next 2 probes and removes the file itself: no window in
+    // which the test must act before the 5th failure.
+    std::fs::write(&fail, b"2").expect("create the fail file");
     herd.wait_event_after("a second failed probe", mark, |e| {
         is(e, "probe_failed", victim_id) && e["failures"] == 2
     });
-    std::fs::remove_file(&fail).expect("remove the fail file");
     let healthy = herd.wait_event_after("healthy again", mark, |e| is(e, "healthy", victim_id));
     eprintln!("{name}: {healthy}");
+    assert!(!fail.exists(), "the worker removed its fail file");
     let s = wait_status(&home, name, "both healthy, same workers", |s| {
         all_healthy(s, 2)
     });

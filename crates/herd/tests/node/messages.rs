@@ -1,11 +1,12 @@
 //! Messages between Node workers and herd over the cluster IPC channel.
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use serde_json::json;
 
 use super::start_node;
-use crate::util::{get, pid_in};
+use crate::util::{get, pid_alive, pid_in, poll_until, wait_dead};
 
 #[test]
 fn process_send_reaches_herd_as_a_message_event() {
@@ -55,6 +56,11 @@ fn garbage_on_the_ipc_channel_is_logged_and_harms_no_one() {
     let culprit = pid_in(&get(port, "/garbage").expect("request"));
     let error = herd.wait_named_after("ipc_error", mark);
     assert_eq!(error["pid"], culprit, "{error}");
+    let message = error["message"].as_str().expect("message");
+    assert!(
+        message.contains("ignored") && !message.contains("killing"),
+        "garbage is ignored, not a broken channel: {error}"
+    );
     let mut answered = BTreeSet::new();
     for _ in 0..10 {
         let r = get(port, "/").expect("request after the garbage");
@@ -66,6 +72,10 @@ fn garbage_on_the_ipc_channel_is_logged_and_harms_no_one() {
         answered.iter().any(|p| *p != culprit),
         "the other worker keeps serving: {answered:?}"
     );
+    assert!(
+        answered.contains(&culprit),
+        "the culprit itself keeps serving (round-robin over 2): {answered:?}"
+    );
     assert!(answered.is_subset(&workers), "{answered:?} vs {workers:?}");
     let exits = herd
         .events()
@@ -73,4 +83,39 @@ fn garbage_on_the_ipc_channel_is_logged_and_harms_no_one() {
         .filter(|e| e["event"] == "exited")
         .count();
     assert_eq!(exits, 0, "no worker died\n{}", herd.dump());
+    assert_eq!(herd.worker_pids().len(), 2, "no worker was replaced");
+    assert!(pid_alive(culprit), "the culprit is alive");
+}
+
+#[test]
+fn a_line_over_the_ipc_limit_breaks_the_channel_and_the_worker_is_replaced() {
+    let herd = start_node(2, &[]);
+    herd.wait_ready();
+    let port = herd.port();
+    let mark = herd.mark();
+    let culprit = pid_in(&get(port, "/hugeline").expect("request"));
+    let error = herd.wait_named_after("ipc_error", mark);
+    assert_eq!(error["pid"], culprit, "{error}");
+    let message = error["message"].as_str().expect("message");
+    assert!(
+        message.contains("broken") && message.contains("killing"),
+        "an over-long line breaks the channel: {error}"
+    );
+    let exited = herd.wait_event_after("the culprit's exit", mark, |e| {
+        e["event"] == "exited" && e["pid"] == culprit
+    });
+    let instance = exited["instance"].clone();
+    let spawned = herd.wait_event_after("its replacement", mark, |e| {
+        e["event"] == "spawned" && e["instance"] == instance
+    });
+    let replacement = spawned["pid"].as_u64().expect("pid") as u32;
+    assert_ne!(replacement, culprit);
+    herd.wait_named_after("all_ready", mark);
+    poll_until("the replacement answering", || {
+        (pid_in(&get(port, "/").expect("request")) == replacement).then_some(())
+    });
+    assert!(
+        wait_dead(culprit, Duration::from_secs(10)),
+        "the culprit is gone"
+    );
 }

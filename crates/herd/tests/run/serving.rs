@@ -135,6 +135,32 @@ fn a_unix_socket_listener_serves_and_is_removed_on_stop() {
         );
         *pids.entry(pid_in(&r)).or_insert(0) += 1;
     }
+    // Both workers accept on the one socket: a worker busy in /slow cannot accept, so
+    // batches of concurrent slow requests reach both within a few rounds (bounded).
+    for _ in 0..20 {
+        if pids.len() >= 2 {
+            break;
+        }
+        let answers: Vec<Response> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..2)
+                .map(|_| s.spawn(|| get_unix(&sock, "/slow?ms=150")))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("request thread").expect("request"))
+                .collect()
+        });
+        for r in answers {
+            assert_eq!(r.status, 200, "{r:?}");
+            *pids.entry(pid_in(&r)).or_insert(0) += 1;
+        }
+    }
+    let spawned: BTreeSet<u32> = herd.worker_pids().into_iter().collect();
+    let answered: BTreeSet<u32> = pids.keys().copied().collect();
+    assert_eq!(
+        answered, spawned,
+        "both workers serve the unix socket: {pids:?}"
+    );
     let status = herd.stop();
     assert_eq!(status.code(), Some(0), "{}", herd.dump());
     assert!(

@@ -534,6 +534,38 @@ pub fn port_of(bound: &Value) -> u16 {
         .unwrap_or_else(|| panic!("no port in {addr}"))
 }
 
+/// A test's prerequisite (a tool, root) is missing: under CI (`CI` set, as every CI service
+/// does) that is a failure, so a skipped check never passes for a run; elsewhere the test
+/// says SKIPPED on stderr and returns.
+pub fn prerequisite_missing(what: &str) {
+    if std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false" && v != "0") {
+        panic!("CI is set but a prerequisite is missing: {what}");
+    }
+    eprintln!("SKIPPED (set CI=true to make this a failure): {what}");
+}
+
+/// An event's `ts` (`2026-11-28T15:30:00.123Z`) as milliseconds since the epoch.
+pub fn ts_ms(event: &Value) -> i64 {
+    let ts = event["ts"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no ts in {event}"));
+    let num = |range: std::ops::Range<usize>| -> i64 {
+        ts.get(range)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("bad ts {ts:?}"))
+    };
+    let (y, m, d) = (num(0..4), num(5..7), num(8..10));
+    // Days since 1970-01-01 (Howard Hinnant's days_from_civil).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + num(11..13) * 3600 + num(14..16) * 60 + num(17..19);
+    secs * 1000 + num(20..23)
+}
+
 // ---- processes ----
 
 /// Whether `pid` is a live process (zombies count as dead).
@@ -564,10 +596,20 @@ pub fn wait_dead(pid: u32, timeout: Duration) -> bool {
 
 /// Resident memory of `pid` in kB, from /proc/PID/status.
 pub fn rss_kb(pid: u32) -> Option<u64> {
+    proc_status_kb(pid, "VmRSS:")
+}
+
+/// The peak resident memory of `pid` in kB since it started (the kernel's high-water mark,
+/// `VmHWM`): a short spike between two samples is still counted.
+pub fn peak_rss_kb(pid: u32) -> Option<u64> {
+    proc_status_kb(pid, "VmHWM:")
+}
+
+fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
