@@ -162,9 +162,10 @@ pub enum RequestError {
     TooLong,
 }
 
-/// Parses one request line (see [`frame`]); a trailing `\r` and spaces are ignored.
+/// Parses one request line (see [`frame`]: shorter than [`MAX_REQUEST`]); a trailing `\r`
+/// and spaces are ignored.
 pub fn parse_request(line: &[u8]) -> Result<Request, RequestError> {
-    if line.len() > MAX_REQUEST {
+    if line.len() >= MAX_REQUEST {
         return Err(RequestError::TooLong);
     }
     let text = std::str::from_utf8(line).map_err(|e| RequestError::NotUtf8(e.valid_up_to()))?;

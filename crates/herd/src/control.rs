@@ -420,7 +420,9 @@ async fn logs(
         keep += 1;
     }
     let left_out = recent.len() - keep;
-    let recent = recent.split_off(left_out);
+    // Dropped here, not held while a slow reader takes its time.
+    recent.drain(..left_out);
+    recent.shrink_to_fit();
     // Within the budget by construction (`cost <= room`).
     let mut hold = Held::take(history, cost, HISTORY_BUDGET).unwrap_or(Held {
         pool: history.clone(),
