@@ -85,6 +85,15 @@ fn cpu_ticks(pid: u32) -> u64 {
     fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
 }
 
+/// The state letter of `pid` (`R` running or runnable, `S` sleeping, …).
+fn proc_state(pid: u32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc stat");
+    stat[stat.rfind(')').expect("comm") + 2..]
+        .chars()
+        .next()
+        .unwrap_or('?')
+}
+
 fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .expect("proc fd")
@@ -392,9 +401,19 @@ fn emfile_does_not_spin_the_accept_loop() {
     let clients: Vec<UnixStream> = (0..16).map(|_| connect(&sock)).collect();
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    // The measurement window: herd's CPU time, and how often it is found runnable (a
+    // spinning loop is runnable even when other processes get the CPU).
     let window = Duration::from_secs(3);
     let before = cpu_ticks(pid);
-    std::thread::sleep(window); // the measurement window itself
+    let end = Instant::now() + window;
+    let (mut samples, mut running) = (0, 0);
+    while Instant::now() < end {
+        samples += 1;
+        if proc_state(pid) == 'R' {
+            running += 1;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let used = cpu_ticks(pid) - before;
 
     // SAFETY: as above; puts the limit back.
@@ -402,6 +421,10 @@ fn emfile_does_not_spin_the_accept_loop() {
     assert_eq!(rc, 0, "prlimit restore");
     drop(clients);
 
+    assert!(
+        running * 4 <= samples,
+        "herd was runnable in {running} of {samples} samples while out of descriptors"
+    );
     let budget = hz * window.as_secs() / 10;
     assert!(
         used <= budget,
