@@ -8,9 +8,10 @@
 //!
 //! The socket file is also the app's registration: `herd ls` lists the sockets in
 //! `HERD_HOME`. The name itself is held by a lock, `HERD_HOME/<name>.lock`, that the
-//! supervisor keeps `flock`ed for its whole life: two supervisors of one name are settled by
-//! the lock, never by looking at the socket, and only the lock holder ever removes a stale
-//! socket (one of its owner that refuses connections). Clients never remove anything.
+//! supervisor keeps `flock`ed for its whole life (and removes, still locked, on its way
+//! out): two supervisors of one name are settled by the lock, never by looking at the
+//! socket, and only the lock holder ever removes a stale socket (a socket of ours that
+//! refuses connections). Clients never remove anything.
 //!
 //! What a client can make the supervisor hold is bounded: [`MAX_CLIENTS`] connections (more
 //! are told "busy" and closed), one request line of at most [`MAX_REQUEST`] bytes that must
@@ -63,7 +64,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// process ends) and the bound control socket.
 pub struct Registration {
     pub listener: std::os::unix::net::UnixListener,
-    pub lock: std::fs::File,
+    pub lock: NameLock,
     /// The socket, reached through `HERD_HOME`'s descriptor (valid while `home` is open).
     pub socket: PathBuf,
 }
@@ -71,12 +72,12 @@ pub struct Registration {
 /// Takes the name (its lock), removes a stale socket of a dead supervisor and binds the
 /// control socket; refuses when another supervisor holds the name.
 pub fn register(home: &Home, name: &AppName) -> Result<Registration, String> {
-    let lock_file = name.file("lock");
-    let lock = home.open_private_file(&lock_file, OFlags::RDWR)?;
-    take_lock(home, name, &lock)?;
+    let lock = take_lock(home, name)?;
     // Who holds it, for the message a second supervisor gets.
-    let _ = lock.set_len(0);
-    let _ = lock.write_all_at(format!("{}\n", std::process::id()).as_bytes(), 0);
+    let _ = lock.file.set_len(0);
+    let _ = lock
+        .file
+        .write_all_at(format!("{}\n", std::process::id()).as_bytes(), 0);
 
     let sock = name.file("sock");
     remove_stale(home, name)?;
@@ -103,20 +104,57 @@ pub fn register(home: &Home, name: &AppName) -> Result<Registration, String> {
     })
 }
 
+/// The `flock` on `HERD_HOME/<name>.lock` that makes a supervisor the owner of a name. The
+/// file is removed (while still locked) when the supervisor is done; whoever then gets the
+/// lock on the removed file sees that it is no longer the one at the path and takes the
+/// new one, so the lock and the path always agree.
+pub struct NameLock {
+    file: std::fs::File,
+    dir: std::os::fd::OwnedFd,
+    path: String,
+}
+
+impl Drop for NameLock {
+    fn drop(&mut self) {
+        if holds_path(&self.dir, &self.path, &self.file) {
+            let _ =
+                rustix::fs::unlinkat(&self.dir, self.path.as_str(), rustix::fs::AtFlags::empty());
+        }
+    }
+}
+
+/// Whether `file` is (still) the file at `dir/path`.
+fn holds_path(dir: &impl std::os::fd::AsFd, path: &str, file: &std::fs::File) -> bool {
+    let at = rustix::fs::statat(dir, path, rustix::fs::AtFlags::SYMLINK_NOFOLLOW);
+    match (at, rustix::fs::fstat(file)) {
+        (Ok(a), Ok(b)) => a.st_dev == b.st_dev && a.st_ino == b.st_ino,
+        _ => false,
+    }
+}
+
 /// `flock`s the name's lock file. A holder that answers on the socket is a running app; one
 /// that does not may be exiting (after `herd stop` answered) or starting, so it gets
 /// [`LOCK_WAIT`] to finish.
-fn take_lock(home: &Home, name: &AppName, lock: &std::fs::File) -> Result<(), String> {
+fn take_lock(home: &Home, name: &AppName) -> Result<NameLock, String> {
     use rustix::fs::FlockOperation;
+    let path = name.file("lock");
     let deadline = Instant::now() + LOCK_WAIT;
     loop {
-        match rustix::fs::flock(lock, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => return Ok(()),
+        let file = home.open_private_file(&path, OFlags::RDWR)?;
+        match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) if holds_path(&home.fd(), &path, &file) => {
+                let dir = home
+                    .try_clone_fd()
+                    .map_err(|e| format!("{}: {e}", home.path().display()))?;
+                return Ok(NameLock { file, dir, path });
+            }
+            // The previous holder removed it on its way out: take the new one.
+            Ok(()) => continue,
             Err(rustix::io::Errno::WOULDBLOCK | rustix::io::Errno::INTR) => {}
             Err(e) => {
                 return Err(format!(
                     "cannot lock {}: {e}",
-                    home.display(&name.file("lock")).display()
+                    home.display(&path).display()
                 ))
             }
         }
@@ -124,7 +162,7 @@ fn take_lock(home: &Home, name: &AppName, lock: &std::fs::File) -> Result<(), St
         if answers || Instant::now() >= deadline {
             let mut text = String::new();
             let mut buf = [0u8; 32];
-            if let Ok(n) = lock.read_at(&mut buf, 0) {
+            if let Ok(n) = file.read_at(&mut buf, 0) {
                 text = String::from_utf8_lossy(&buf[..n]).trim().to_string();
             }
             let holder = if text.is_empty() {
@@ -137,7 +175,7 @@ fn take_lock(home: &Home, name: &AppName, lock: &std::fs::File) -> Result<(), St
             } else {
                 format!(
                     "; it holds {} but does not answer on its control socket",
-                    home.display(&name.file("lock")).display()
+                    home.display(&path).display()
                 )
             };
             return Err(format!(

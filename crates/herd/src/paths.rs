@@ -124,19 +124,26 @@ impl Home {
             .mode(0o700)
             .create(path)
             .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        let me = rustix::process::geteuid().as_raw();
+        let foreign = |uid: u32| {
+            format!(
+                "{} belongs to another user (uid {uid}); set HERD_HOME to a directory of your own",
+                path.display()
+            )
+        };
         let fd = rustix::fs::open(
             path,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        .map_err(|e| match std::fs::metadata(path) {
+            // Another user's private directory cannot even be opened: say whose it is.
+            Ok(meta) if meta.uid() != me => foreign(meta.uid()),
+            _ => format!("cannot open {}: {e}", path.display()),
+        })?;
         let stat = rustix::fs::fstat(&fd).map_err(|e| format!("{}: {e}", path.display()))?;
-        if stat.st_uid != rustix::process::geteuid().as_raw() {
-            return Err(format!(
-                "{} belongs to another user (uid {}); set HERD_HOME to a directory of your own",
-                path.display(),
-                stat.st_uid
-            ));
+        if stat.st_uid != me {
+            return Err(foreign(stat.st_uid));
         }
         if stat.st_mode & 0o077 != 0 {
             rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o700))
@@ -181,6 +188,11 @@ impl Home {
             Err(rustix::io::Errno::NOENT) => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// A second descriptor of the directory, for what outlives a borrow of this one.
+    pub fn try_clone_fd(&self) -> std::io::Result<OwnedFd> {
+        self.fd.try_clone()
     }
 
     /// Removes `<file>` (the entry itself, never what a link points to).
