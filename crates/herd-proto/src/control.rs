@@ -124,8 +124,53 @@ pub struct LogLine {
     pub text: String,
 }
 
-/// Longest request line the supervisor reads.
+/// Longest request line the supervisor reads (the newline included).
 pub const MAX_REQUEST: usize = 1 << 20;
+
+/// Where a request line stands in the bytes read from a client so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frame<'a> {
+    /// No newline yet and still room for one: read more.
+    Incomplete,
+    /// The request line, without its newline (also what a client sent before hanging up).
+    Line(&'a [u8]),
+    /// [`MAX_REQUEST`] bytes and no newline: the request is refused unread.
+    TooLong,
+}
+
+/// Finds the request line in `buf` (everything read so far; `eof` once the client has
+/// finished sending). The supervisor never keeps more than [`MAX_REQUEST`] bytes of a
+/// request: a longer one is [`Frame::TooLong`] as soon as that many bytes lack a newline.
+pub fn frame(buf: &[u8], eof: bool) -> Frame<'_> {
+    let window = &buf[..buf.len().min(MAX_REQUEST)];
+    match window.iter().position(|&b| b == b'\n') {
+        Some(end) => Frame::Line(&window[..end]),
+        None if buf.len() >= MAX_REQUEST => Frame::TooLong,
+        None if eof => Frame::Line(buf),
+        None => Frame::Incomplete,
+    }
+}
+
+/// Why a request line was refused, in words for the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("bad request: not UTF-8 text (invalid byte at offset {0}); send one JSON object per line, like {{\"cmd\":\"status\"}}")]
+    NotUtf8(usize),
+    #[error("bad request: {0}; send one JSON object per line, like {{\"cmd\":\"status\"}}")]
+    Json(String),
+    #[error("bad request: longer than {MAX_REQUEST} bytes without a newline")]
+    TooLong,
+}
+
+/// Parses one request line (see [`frame`]: shorter than [`MAX_REQUEST`]); a trailing `\r`
+/// and spaces are ignored.
+pub fn parse_request(line: &[u8]) -> Result<Request, RequestError> {
+    if line.len() >= MAX_REQUEST {
+        return Err(RequestError::TooLong);
+    }
+    let text = std::str::from_utf8(line).map_err(|e| RequestError::NotUtf8(e.valid_up_to()))?;
+    serde_json::from_str(text.trim_end()).map_err(|e| RequestError::Json(e.to_string()))
+}
 
 #[cfg(test)]
 mod tests {
@@ -138,6 +183,29 @@ mod tests {
         let text = serde_json::to_string(&Request::Reload { parallel: 1 }).expect("json");
         assert_eq!(text, r#"{"cmd":"reload","parallel":1}"#);
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"explode"}"#).is_err());
+    }
+
+    #[test]
+    fn a_request_line_is_framed_and_bounded() {
+        assert_eq!(frame(b"{}\nrest", false), Frame::Line(b"{}"));
+        assert_eq!(frame(b"{\"cmd\"", false), Frame::Incomplete);
+        assert_eq!(frame(b"{\"cmd\"", true), Frame::Line(b"{\"cmd\""));
+        assert_eq!(frame(&vec![b' '; MAX_REQUEST], false), Frame::TooLong);
+        let mut long = vec![b' '; MAX_REQUEST];
+        long.push(b'\n');
+        assert_eq!(frame(&long, false), Frame::TooLong);
+    }
+
+    #[test]
+    fn bad_requests_say_what_is_wrong() {
+        assert_eq!(
+            parse_request(b"{\"cmd\":\"status\"}\r"),
+            Ok(Request::Status)
+        );
+        let err = parse_request(b"\xff\xfe").expect_err("not UTF-8");
+        assert!(err.to_string().contains("not UTF-8"), "{err}");
+        let err = parse_request(b"{\"cmd\":\"explode\"}").expect_err("unknown");
+        assert!(err.to_string().contains("explode"), "{err}");
     }
 
     #[test]

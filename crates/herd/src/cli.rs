@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::paths::AppName;
 use crate::spec::{
     self, Balance, Health, HealthCheck, Instances, ListenAddr, LogFormat, Policy, Ready, Spec,
 };
@@ -34,31 +35,41 @@ pub enum Command {
     },
     /// One app, one line per worker.
     Status {
-        name: String,
+        #[arg(value_parser = clap::value_parser!(AppName))]
+        name: AppName,
         /// Machine-readable output (field names are stable).
         #[arg(long)]
         json: bool,
     },
     /// Rolling, zero-downtime replacement of every worker; keeps the old ones if the new fail.
     Reload {
-        name: String,
+        #[arg(value_parser = clap::value_parser!(AppName))]
+        name: AppName,
         /// Slots replaced at a time.
         #[arg(long, default_value_t = 1)]
         parallel: usize,
     },
     /// Stop every worker, then start them again.
-    Restart { name: String },
+    Restart {
+        #[arg(value_parser = clap::value_parser!(AppName))]
+        name: AppName,
+    },
     /// Change the number of workers: N, +K or -K.
     Scale {
-        name: String,
+        #[arg(value_parser = clap::value_parser!(AppName))]
+        name: AppName,
         #[arg(allow_hyphen_values = true, value_name = "N|+K|-K")]
         to: String,
     },
     /// Stop the app gracefully; the supervisor exits.
-    Stop { name: String },
+    Stop {
+        #[arg(value_parser = clap::value_parser!(AppName))]
+        name: AppName,
+    },
     /// Print (and follow) the app's recent output.
     Logs {
-        name: String,
+        #[arg(value_parser = clap::value_parser!(AppName))]
+        name: AppName,
         /// How many recent lines.
         #[arg(short = 'n', long, default_value_t = 100)]
         lines: usize,
@@ -71,7 +82,8 @@ pub enum Command {
     },
     /// Send a JSON message to the workers' process.on('message').
     Send {
-        name: String,
+        #[arg(value_parser = clap::value_parser!(AppName))]
+        name: AppName,
         json: String,
         /// Only this worker slot.
         #[arg(long)]
@@ -90,8 +102,8 @@ pub struct RunArgs {
     pub listen: Vec<ListenAddr>,
 
     /// App name for logs and control [default: the APP file's stem].
-    #[arg(short = 'n', long)]
-    pub name: Option<String>,
+    #[arg(short = 'n', long, value_parser = clap::value_parser!(AppName))]
+    pub name: Option<AppName>,
 
     /// Extra environment for the workers (repeatable).
     #[arg(short = 'e', long = "env", value_name = "KEY=VALUE", value_parser = spec::parse_env)]
@@ -214,6 +226,7 @@ impl RunArgs {
     pub fn into_spec(self) -> Spec {
         let name = self
             .name
+            .map(AppName::into_string)
             .unwrap_or_else(|| default_name(&self.app, &self.args));
         let ready = if self.wait_ready {
             Some(Ready::Message)
@@ -283,10 +296,17 @@ fn default_name(app: &str, args: &[String]) -> String {
         })
         .take(64)
         .collect();
-    if clean.is_empty() || clean.starts_with('.') {
-        "app".into()
-    } else {
+    // A valid app name: it starts with a letter or digit and has no `..`.
+    let mut clean = clean
+        .trim_start_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_string();
+    while clean.contains("..") {
+        clean = clean.replace("..", "._");
+    }
+    if AppName::new(&clean).is_ok() {
         clean
+    } else {
+        "app".into()
     }
 }
 
@@ -310,6 +330,8 @@ mod tests {
             "srv"
         );
         assert_eq!(default_name("/usr/bin/python3", &["api.py".into()]), "api");
+        assert_eq!(default_name("_x..y.js", &[]), "x._y");
+        assert_eq!(default_name("...", &[]), "app");
     }
 
     #[test]

@@ -3,20 +3,21 @@
 //! ([`crate::control`]); none needs a runtime.
 
 use std::io::Write;
-use std::path::Path;
+use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use comfy_table::{presets, Cell, CellAlignment, Table};
 use herd_proto::control::{AppStatus, Request, Response};
 
-use crate::control::{self, Client, ClientError};
+use crate::control::{Client, ClientError};
+use crate::paths::{AppName, Home};
 
 /// Exit code for a command whose operation failed (a reload that kept the old version).
 pub const FAILED: u8 = 1;
 
 fn request(
-    home: &Path,
-    name: &str,
+    home: &Home,
+    name: &AppName,
     req: &Request,
     timeout: Option<Duration>,
 ) -> Result<Response, ClientError> {
@@ -24,7 +25,7 @@ fn request(
 }
 
 /// Prints an operation's outcome; exit 0 only on success.
-pub fn outcome(home: &Path, name: &str, req: Request) -> anyhow::Result<u8> {
+pub fn outcome(home: &Home, name: &AppName, req: Request) -> anyhow::Result<u8> {
     let response = request(home, name, &req, None)?;
     if response.ok {
         println!("{name}: {}", response.message);
@@ -35,7 +36,7 @@ pub fn outcome(home: &Path, name: &str, req: Request) -> anyhow::Result<u8> {
     }
 }
 
-pub fn status(home: &Path, name: &str, json: bool) -> anyhow::Result<u8> {
+pub fn status(home: &Home, name: &AppName, json: bool) -> anyhow::Result<u8> {
     let response = request(home, name, &Request::Status, Some(Duration::from_secs(10)))?;
     let Some(status) = response.status else {
         anyhow::bail!("{name}: {}", response.message);
@@ -107,9 +108,9 @@ pub fn status(home: &Path, name: &str, json: bool) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-pub fn ls(home: &Path, json: bool) -> anyhow::Result<u8> {
+pub fn ls(home: &Home, json: bool) -> anyhow::Result<u8> {
     let mut apps: Vec<AppStatus> = Vec::new();
-    for name in control::list_apps(home) {
+    for name in home.apps() {
         match request(home, &name, &Request::Status, Some(Duration::from_secs(5))) {
             Ok(Response {
                 status: Some(status),
@@ -124,7 +125,7 @@ pub fn ls(home: &Path, json: bool) -> anyhow::Result<u8> {
         return Ok(0);
     }
     if apps.is_empty() {
-        println!("no apps running (HERD_HOME {})", home.display());
+        println!("no apps running (HERD_HOME {})", home.path().display());
         return Ok(0);
     }
     let mut table = Table::new();
@@ -151,8 +152,8 @@ pub fn ls(home: &Path, json: bool) -> anyhow::Result<u8> {
 }
 
 pub fn logs(
-    home: &Path,
-    name: &str,
+    home: &Home,
+    name: &AppName,
     lines: usize,
     follow: bool,
     instance: Option<usize>,
@@ -197,7 +198,12 @@ pub fn logs(
     Ok(0)
 }
 
-pub fn send(home: &Path, name: &str, json: &str, instance: Option<usize>) -> anyhow::Result<u8> {
+pub fn send(
+    home: &Home,
+    name: &AppName,
+    json: &str,
+    instance: Option<usize>,
+) -> anyhow::Result<u8> {
     let data: serde_json::Value = serde_json::from_str(json).map_err(|e| {
         anyhow::anyhow!("the message is not JSON ({e}); quote it like '{{\"cmd\":\"flush\"}}'")
     })?;
@@ -205,7 +211,7 @@ pub fn send(home: &Path, name: &str, json: &str, instance: Option<usize>) -> any
 }
 
 /// `herd stop`: asks the supervisor to stop and waits until it is gone.
-pub fn stop(home: &Path, name: &str) -> anyhow::Result<u8> {
+pub fn stop(home: &Home, name: &AppName) -> anyhow::Result<u8> {
     let response = request(home, name, &Request::Stop, None)?;
     if !response.ok {
         anyhow::bail!("{name}: {}", response.message);
@@ -216,8 +222,8 @@ pub fn stop(home: &Path, name: &str) -> anyhow::Result<u8> {
 
 /// `herd start`: runs `herd run` detached and waits until its workers are ready.
 pub fn start(
-    home: &Path,
-    name: &str,
+    home: &Home,
+    name: &AppName,
     run_args: Vec<std::ffi::OsString>,
     wait: Duration,
 ) -> anyhow::Result<u8> {
@@ -229,19 +235,22 @@ pub fn start(
             anyhow::bail!("an app named `{name}` is already running; stop it with `herd stop {name}` or pass another --name");
         }
     }
-    let log_path = home.join(format!("{name}.log"));
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", log_path.display()))?;
+    // Opened through HERD_HOME's descriptor: a link or a fifo planted there is refused.
+    let log_file = name.file("log");
+    let log_path = home.display(&log_file);
+    let log = home
+        .open_private_file(
+            &log_file,
+            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::APPEND,
+        )
+        .map_err(anyhow::Error::msg)?;
     let start_offset = log.metadata().map(|m| m.len()).unwrap_or(0);
     let exe = std::env::current_exe()?;
     let mut cmd = std::process::Command::new(exe);
     cmd.args(run_args)
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
-        .stderr(log);
+        .stderr(log.try_clone()?);
     // SAFETY: setsid is async-signal-safe; the detached supervisor leaves our session so a
     // terminal hangup does not reach it.
     unsafe {
@@ -257,10 +266,7 @@ pub fn start(
     let deadline = Instant::now() + wait;
     loop {
         if let Some(status) = child.try_wait()? {
-            let output = std::fs::read(&log_path).unwrap_or_default();
-            let text =
-                String::from_utf8_lossy(&output[start_offset.min(output.len() as u64) as usize..])
-                    .into_owned();
+            let text = String::from_utf8_lossy(&read_tail(&log, start_offset)).into_owned();
             let tail: Vec<&str> = text
                 .lines()
                 .rev()
@@ -310,6 +316,22 @@ pub fn start(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// What the supervisor wrote to its log file since `from`, at most its last 64 KiB.
+fn read_tail(log: &std::fs::File, from: u64) -> Vec<u8> {
+    let len = log.metadata().map(|m| m.len()).unwrap_or(0);
+    let from = from.max(len.saturating_sub(64 * 1024));
+    let mut out = vec![0; usize::try_from(len.saturating_sub(from)).unwrap_or(0)];
+    let mut at = 0;
+    while at < out.len() {
+        match log.read_at(&mut out[at..], from + at as u64) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => at += n,
+        }
+    }
+    out.truncate(at);
+    out
 }
 
 /// `3 (crash 2, memory 1)`.

@@ -7,57 +7,332 @@
 //! line ([`herd_proto::control`]); `logs -f` keeps reading.
 //!
 //! The socket file is also the app's registration: `herd ls` lists the sockets in
-//! `HERD_HOME`. A socket nobody answers on is stale (its supervisor died) and is removed.
+//! `HERD_HOME`. The name itself is held by a lock, `HERD_HOME/<name>.lock`, that the
+//! supervisor keeps `flock`ed for its whole life (and removes, still locked, on its way
+//! out): two supervisors of one name are settled by the lock, never by looking at the
+//! socket, and only the lock holder ever removes a stale socket (a socket of ours that
+//! refuses connections). Clients never remove anything.
+//!
+//! What a client can make the supervisor hold is bounded: [`MAX_CLIENTS`] connections (more
+//! are told "busy" and closed), one request line of at most [`MAX_REQUEST`] bytes that must
+//! arrive within [`REQUEST_TIMEOUT`], and for `herd logs` at most [`HISTORY_BUDGET`] bytes of
+//! history for all slow readers together; `logs -f` skips lines a reader is too slow for.
 
+use std::cell::Cell;
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
 
-use herd_proto::control::{Request, Response, MAX_REQUEST};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as TokioBufReader};
+use herd_proto::control::{
+    frame, parse_request, Frame, LogLine, Request, RequestError, Response, MAX_REQUEST,
+};
+use rustix::fs::{FileType, OFlags};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc::UnboundedSender, oneshot};
+use tokio::sync::{broadcast::error::RecvError, mpsc::UnboundedSender, oneshot};
 
 use crate::logs::Logger;
+use crate::paths::{AppName, Home};
 use crate::supervisor::Event;
 
-pub fn socket_path(home: &Path, name: &str) -> PathBuf {
-    home.join(format!("{name}.sock"))
+/// Control connections of the owner (or root) served at once; more are told "busy".
+pub const MAX_CLIENTS: usize = 32;
+/// Connections of other uids being told "permission denied" at once; they have their own
+/// slots, so another user cannot take the owner's.
+const MAX_REFUSED: usize = 4;
+/// How long a client may take to send its request line.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bytes of log history that the answers to all `herd logs` clients may hold at once while
+/// their readers catch up; a request that finds it spent gets the newest lines that fit.
+pub const HISTORY_BUDGET: usize = 8 << 20;
+/// What one history line costs besides its text (its `LogLine`).
+const LINE_COST: usize = 48;
+/// History is serialised and written in pieces of about this size.
+const CHUNK: usize = 64 * 1024;
+/// The pause after a failed accept (out of descriptors or memory) before the next.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How long a second supervisor of a name waits for the first to finish exiting.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+/// How long a client waits for a supervisor whose connection queue is full.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running supervisor's hold on its name: the locked `<name>.lock` (keep it until the
+/// process ends) and the bound control socket.
+pub struct Registration {
+    pub listener: std::os::unix::net::UnixListener,
+    pub lock: NameLock,
+    /// The socket, reached through `HERD_HOME`'s descriptor (valid while `home` is open).
+    pub socket: PathBuf,
 }
 
-/// Binds the control socket, refusing when a live supervisor already holds the name.
-pub fn bind(home: &Path, name: &str) -> Result<std::os::unix::net::UnixListener, String> {
-    let path = socket_path(home, name);
-    if path.exists() {
-        match StdUnixStream::connect(&path) {
-            Ok(_) => {
-                return Err(format!(
-                    "an app named `{name}` is already running (control socket {}); stop it with `herd stop {name}` or pass another --name",
-                    path.display()
-                ))
-            }
-            Err(_) => {
-                let _ = std::fs::remove_file(&path);
-            }
+/// Takes the name (its lock), removes a stale socket of a dead supervisor and binds the
+/// control socket; refuses when another supervisor holds the name.
+pub fn register(home: &Home, name: &AppName) -> Result<Registration, String> {
+    let lock = take_lock(home, name)?;
+    // Who holds it, for the message a second supervisor gets.
+    let _ = lock.file.set_len(0);
+    let _ = lock
+        .file
+        .write_all_at(format!("{}\n", std::process::id()).as_bytes(), 0);
+
+    let sock = name.file("sock");
+    remove_stale(home, name)?;
+    let socket = home.entry(&sock);
+    let listener = std::os::unix::net::UnixListener::bind(&socket).map_err(|e| {
+        format!(
+            "cannot create control socket {}: {e}",
+            home.display(&sock).display()
+        )
+    })?;
+    // The socket is ours and new, in a directory only we can write: no link to follow.
+    rustix::fs::chmodat(
+        home.fd(),
+        sock.as_str(),
+        rustix::fs::Mode::from_raw_mode(0o600),
+        rustix::fs::AtFlags::empty(),
+    )
+    .map_err(|e| format!("cannot chmod {}: {e}", home.display(&sock).display()))?;
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    Ok(Registration {
+        listener,
+        lock,
+        socket,
+    })
+}
+
+/// The `flock` on `HERD_HOME/<name>.lock` that makes a supervisor the owner of a name. The
+/// file is removed (while still locked) when the supervisor is done; whoever then gets the
+/// lock on the removed file sees that it is no longer the one at the path and takes the
+/// new one, so the lock and the path always agree.
+pub struct NameLock {
+    file: std::fs::File,
+    dir: std::os::fd::OwnedFd,
+    path: String,
+}
+
+impl Drop for NameLock {
+    fn drop(&mut self) {
+        if holds_path(&self.dir, &self.path, &self.file) {
+            let _ =
+                rustix::fs::unlinkat(&self.dir, self.path.as_str(), rustix::fs::AtFlags::empty());
         }
     }
-    let listener = std::os::unix::net::UnixListener::bind(&path)
-        .map_err(|e| format!("cannot create control socket {}: {e}", path.display()))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("cannot chmod {}: {e}", path.display()))?;
-    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-    Ok(listener)
+}
+
+/// Whether `file` is (still) the file at `dir/path`.
+fn holds_path(dir: &impl std::os::fd::AsFd, path: &str, file: &std::fs::File) -> bool {
+    let at = rustix::fs::statat(dir, path, rustix::fs::AtFlags::SYMLINK_NOFOLLOW);
+    match (at, rustix::fs::fstat(file)) {
+        (Ok(a), Ok(b)) => a.st_dev == b.st_dev && a.st_ino == b.st_ino,
+        _ => false,
+    }
+}
+
+/// `flock`s the name's lock file. A holder that answers on the socket is a running app; one
+/// that does not may be exiting (after `herd stop` answered) or starting, so it gets
+/// [`LOCK_WAIT`] to finish.
+fn take_lock(home: &Home, name: &AppName) -> Result<NameLock, String> {
+    use rustix::fs::FlockOperation;
+    let path = name.file("lock");
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        let file = home.open_private_file(&path, OFlags::RDWR)?;
+        match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) if holds_path(&home.fd(), &path, &file) => {
+                let dir = home
+                    .try_clone_fd()
+                    .map_err(|e| format!("{}: {e}", home.path().display()))?;
+                return Ok(NameLock { file, dir, path });
+            }
+            // The previous holder removed it on its way out: take the new one.
+            Ok(()) => continue,
+            Err(rustix::io::Errno::WOULDBLOCK | rustix::io::Errno::INTR) => {}
+            Err(e) => {
+                return Err(format!(
+                    "cannot lock {}: {e}",
+                    home.display(&path).display()
+                ))
+            }
+        }
+        let answers = matches!(probe(&home.entry(&name.file("sock"))), Probe::Answers);
+        if answers || Instant::now() >= deadline {
+            let mut text = String::new();
+            let mut buf = [0u8; 32];
+            if let Ok(n) = file.read_at(&mut buf, 0) {
+                text = String::from_utf8_lossy(&buf[..n]).trim().to_string();
+            }
+            let holder = if text.is_empty() {
+                String::new()
+            } else {
+                format!("supervisor pid {text}, ")
+            };
+            let state = if answers {
+                String::new()
+            } else {
+                format!(
+                    "; it holds {} but does not answer on its control socket",
+                    home.display(&path).display()
+                )
+            };
+            return Err(format!(
+                "an app named `{name}` is already running ({holder}control socket {}){state}; stop it with `herd stop {name}` or pass another --name",
+                home.display(&name.file("sock")).display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Removes `<name>.sock` if it is a dead supervisor's: a socket (not a link, not a file) of
+/// ours that refuses connections. Called with the name's lock held, so no live supervisor
+/// of this herd can be binding it meanwhile.
+fn remove_stale(home: &Home, name: &AppName) -> Result<(), String> {
+    let sock = name.file("sock");
+    let shown = home.display(&sock);
+    let me = rustix::process::geteuid().as_raw();
+    match home.lstat(&sock) {
+        Ok(None) => Ok(()),
+        Ok(Some((FileType::Socket, uid))) if uid == me => match probe(&home.entry(&sock)) {
+            Probe::Refused => home
+                .unlink(&sock)
+                .map_err(|e| format!("cannot remove the stale socket {}: {e}", shown.display())),
+            Probe::Absent => Ok(()),
+            Probe::Answers => Err(format!(
+                "an app named `{name}` is already running (control socket {}); stop it with `herd stop {name}` or pass another --name",
+                shown.display()
+            )),
+            Probe::Failed(e) => Err(format!("cannot check {}: {e}", shown.display())),
+        },
+        Ok(Some(_)) => Err(format!(
+            "{} is not a control socket of yours; herd leaves it alone: remove it or pass another --name",
+            shown.display()
+        )),
+        Err(e) => Err(format!("{}: {e}", shown.display())),
+    }
+}
+
+enum Probe {
+    /// Someone accepts (or will: its queue is full).
+    Answers,
+    /// A socket nobody listens on.
+    Refused,
+    Absent,
+    Failed(std::io::Error),
+}
+
+/// Knocks on a unix socket without blocking (a full queue counts as an answer).
+fn probe(path: &Path) -> Probe {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let attempt = Socket::new(Domain::UNIX, Type::STREAM.nonblocking(), None)
+        .and_then(|s| SockAddr::unix(path).map(|a| (s, a)))
+        .and_then(|(s, addr)| s.connect(&addr));
+    match attempt {
+        Ok(()) => Probe::Answers,
+        Err(e) => match e.kind() {
+            std::io::ErrorKind::WouldBlock => Probe::Answers,
+            std::io::ErrorKind::ConnectionRefused => Probe::Refused,
+            std::io::ErrorKind::NotFound => Probe::Absent,
+            _ => Probe::Failed(e),
+        },
+    }
+}
+
+/// A share of a bounded count, given back when dropped.
+struct Held {
+    pool: Rc<Cell<usize>>,
+    n: usize,
+}
+
+impl Held {
+    /// `n` more, if that stays within `max`.
+    fn take(pool: &Rc<Cell<usize>>, n: usize, max: usize) -> Option<Held> {
+        let now = pool.get();
+        (now + n <= max).then(|| {
+            pool.set(now + n);
+            Held {
+                pool: pool.clone(),
+                n,
+            }
+        })
+    }
+
+    fn release(&mut self, n: usize) {
+        let n = n.min(self.n);
+        self.n -= n;
+        self.pool.set(self.pool.get() - n);
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let n = self.n;
+        self.release(n);
+    }
+}
+
+#[derive(Default)]
+struct Limits {
+    clients: Rc<Cell<usize>>,
+    refused: Rc<Cell<usize>>,
+    history: Rc<Cell<usize>>,
 }
 
 /// Accepts control clients until the task is dropped.
 pub async fn serve(listener: UnixListener, tx: UnboundedSender<Event>, logger: Logger) {
+    let limits = Limits::default();
+    let our_uid = rustix::process::geteuid().as_raw();
+    let mut failing = false;
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors (EMFILE, ENFILE) or memory: the connection stays queued
+                // and accept would fail again at once. Wait instead of spinning; say so once
+                // per burst.
+                if !failing {
+                    failing = true;
+                    logger.event(
+                        "control_error",
+                        None,
+                        &format!("cannot accept control clients ({e}); retrying every 100ms"),
+                        &[],
+                    );
+                }
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        failing = false;
+        let allowed = stream
+            .peer_cred()
+            .is_ok_and(|cred| peer_allowed(cred.uid(), our_uid));
+        let (pool, max) = if allowed {
+            (&limits.clients, MAX_CLIENTS)
+        } else {
+            (&limits.refused, MAX_REFUSED)
+        };
+        let Some(slot) = Held::take(pool, 1, max) else {
+            // A fresh socket's buffer has room: this never blocks.
+            let busy = Response::error(format!(
+                "herd is busy: {max} control connections are open already; close some and try again"
+            ));
+            let mut text = serde_json::to_vec(&busy).unwrap_or_default();
+            text.push(b'\n');
+            let _ = stream.try_write(&text);
             continue;
         };
-        tokio::task::spawn_local(client(stream, tx.clone(), logger.clone()));
+        tokio::task::spawn_local(client(
+            stream,
+            allowed,
+            slot,
+            limits.history.clone(),
+            tx.clone(),
+            logger.clone(),
+        ));
     }
 }
 
@@ -66,20 +341,46 @@ pub fn peer_allowed(peer_uid: u32, our_uid: u32) -> bool {
     peer_uid == our_uid || peer_uid == 0
 }
 
-async fn client(stream: UnixStream, tx: UnboundedSender<Event>, logger: Logger) {
-    let our_uid = rustix::process::geteuid().as_raw();
-    let (read, mut write) = stream.into_split();
-    let allowed = match write.as_ref().peer_cred() {
-        Ok(cred) => peer_allowed(cred.uid(), our_uid),
-        Err(_) => false,
-    };
+/// Reads the request line: `None` when the client hung up without sending anything. At
+/// most [`MAX_REQUEST`] bytes are kept.
+async fn read_request(
+    read: &mut OwnedReadHalf,
+) -> std::io::Result<Result<Option<Vec<u8>>, RequestError>> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let n = read.read(&mut chunk).await?;
+        let eof = n == 0;
+        let room = MAX_REQUEST - buf.len();
+        buf.extend_from_slice(&chunk[..n.min(room)]);
+        if !(eof || buf.len() >= MAX_REQUEST || chunk[..n].contains(&b'\n')) {
+            continue;
+        }
+        match frame(&buf, eof) {
+            Frame::Incomplete => {}
+            Frame::TooLong => return Ok(Err(RequestError::TooLong)),
+            Frame::Line(line) if eof && line.is_empty() => return Ok(Ok(None)),
+            Frame::Line(line) => {
+                let len = line.len();
+                buf.truncate(len);
+                return Ok(Ok(Some(buf)));
+            }
+        }
+    }
+}
+
+async fn client(
+    stream: UnixStream,
+    allowed: bool,
+    _slot: Held,
+    history: Rc<Cell<usize>>,
+    tx: UnboundedSender<Event>,
+    logger: Logger,
+) {
+    let (mut read, mut write) = stream.into_split();
     // The request is read even from a refused client (bounded), so that it is still reading
     // when the refusal comes and sees the reason rather than a broken pipe.
-    let mut reader = TokioBufReader::new(read.take(MAX_REQUEST as u64));
-    let mut line = String::new();
-    if reader.read_line(&mut line).await.is_err() {
-        return;
-    }
+    let line = tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut read)).await;
     if !allowed {
         let _ = reply(
             &mut write,
@@ -88,10 +389,19 @@ async fn client(stream: UnixStream, tx: UnboundedSender<Event>, logger: Logger) 
         .await;
         return;
     }
-    let request: Request = match serde_json::from_str(line.trim_end()) {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = reply(&mut write, &Response::error(format!("bad request: {e}"))).await;
+    let parsed = match line {
+        Err(_) => Err(format!(
+            "bad request: nothing complete received within {}s; send one JSON object per line",
+            REQUEST_TIMEOUT.as_secs()
+        )),
+        Ok(Err(_)) | Ok(Ok(Ok(None))) => return,
+        Ok(Ok(Err(e))) => Err(e.to_string()),
+        Ok(Ok(Ok(Some(line)))) => parse_request(&line).map_err(|e| e.to_string()),
+    };
+    let request = match parsed {
+        Ok(request) => request,
+        Err(message) => {
+            let _ = reply(&mut write, &Response::error(message)).await;
             return;
         }
     };
@@ -101,36 +411,7 @@ async fn client(stream: UnixStream, tx: UnboundedSender<Event>, logger: Logger) 
         instance,
     } = request
     {
-        let (recent, mut rx) = logger.recent(lines, instance);
-        let mut response = Response::ok("");
-        response.lines = recent;
-        if reply(&mut write, &response).await.is_err() || !follow {
-            return;
-        }
-        loop {
-            match rx.recv().await {
-                Ok(line) if instance.is_none() || line.instance == instance => {
-                    let mut text = serde_json::to_vec(&line).unwrap_or_default();
-                    text.push(b'\n');
-                    if write.write_all(&text).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    let note = herd_proto::control::LogLine {
-                        instance: None,
-                        text: format!("herd: … {n} lines skipped (reader too slow)"),
-                    };
-                    let mut text = serde_json::to_vec(&note).unwrap_or_default();
-                    text.push(b'\n');
-                    if write.write_all(&text).await.is_err() {
-                        return;
-                    }
-                }
-                Err(_) => return,
-            }
-        }
+        return logs(read, write, &logger, &history, lines, follow, instance).await;
     }
     let (done, wait) = oneshot::channel();
     if tx
@@ -153,10 +434,111 @@ async fn client(stream: UnixStream, tx: UnboundedSender<Event>, logger: Logger) 
     let _ = reply(&mut write, &response).await;
 }
 
-async fn reply(
-    write: &mut tokio::net::unix::OwnedWriteHalf,
-    response: &Response,
+/// `herd logs`: the recent lines (as much of them as the history budget allows), then with
+/// `follow` every new line until the client hangs up.
+async fn logs(
+    mut read: OwnedReadHalf,
+    mut write: OwnedWriteHalf,
+    logger: &Logger,
+    history: &Rc<Cell<usize>>,
+    lines: usize,
+    follow: bool,
+    instance: Option<usize>,
+) {
+    let (mut recent, mut rx) = logger.recent(lines, instance);
+    let room = HISTORY_BUDGET.saturating_sub(history.get());
+    let mut cost = 0;
+    let mut keep = 0;
+    for line in recent.iter().rev() {
+        let c = line.text.len() + LINE_COST;
+        if cost + c > room {
+            break;
+        }
+        cost += c;
+        keep += 1;
+    }
+    let left_out = recent.len() - keep;
+    // Dropped here, not held while a slow reader takes its time.
+    recent.drain(..left_out);
+    recent.shrink_to_fit();
+    // Within the budget by construction (`cost <= room`).
+    let mut hold = Held::take(history, cost, HISTORY_BUDGET).unwrap_or(Held {
+        pool: history.clone(),
+        n: 0,
+    });
+    if write_history(&mut write, left_out, recent, &mut hold)
+        .await
+        .is_err()
+        || !follow
+    {
+        return;
+    }
+    drop(hold);
+    let mut probe = [0u8; 256];
+    loop {
+        let received = tokio::select! {
+            r = rx.recv() => r,
+            // Nothing more is expected from the client: data is dropped, and its hang-up
+            // ends the stream (and frees its slot) even when the app is quiet.
+            n = read.read(&mut probe) => match n {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            },
+        };
+        let line = match received {
+            Ok(line) if instance.is_none() || line.instance == instance => line,
+            Ok(_) => continue,
+            // The channel is bounded: a reader too slow for the app loses lines, told how
+            // many, and herd holds nothing more for it.
+            Err(RecvError::Lagged(n)) => LogLine {
+                instance: None,
+                text: format!("herd: … {n} lines skipped (reader too slow)"),
+            },
+            Err(RecvError::Closed) => return,
+        };
+        let mut text = serde_json::to_vec(&line).unwrap_or_default();
+        text.push(b'\n');
+        if write.write_all(&text).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Writes `{"ok":true,"lines":[…]}` a piece at a time, so that a slow reader holds its
+/// history (counted in `hold`) and one piece, not a serialised copy of everything.
+async fn write_history(
+    write: &mut OwnedWriteHalf,
+    left_out: usize,
+    recent: Vec<LogLine>,
+    hold: &mut Held,
 ) -> std::io::Result<()> {
+    let mut out = Vec::with_capacity(CHUNK + 1024);
+    out.extend_from_slice(br#"{"ok":true,"lines":["#);
+    let mut first = true;
+    let marker = (left_out > 0).then(|| LogLine {
+        instance: None,
+        text: format!(
+            "herd: … {left_out} earlier lines left out (other `herd logs` readers are still reading)"
+        ),
+    });
+    for line in marker.into_iter().chain(recent) {
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        serde_json::to_writer(&mut out, &line).map_err(std::io::Error::other)?;
+        hold.release(line.text.len() + LINE_COST);
+        drop(line);
+        if out.len() >= CHUNK {
+            write.write_all(&out).await?;
+            out.clear();
+        }
+    }
+    out.extend_from_slice(b"]}\n");
+    write.write_all(&out).await
+}
+
+async fn reply(write: &mut OwnedWriteHalf, response: &Response) -> std::io::Result<()> {
     let mut text = serde_json::to_vec(response).unwrap_or_default();
     text.push(b'\n');
     write.write_all(&text).await
@@ -176,21 +558,42 @@ pub enum ClientError {
 }
 
 impl Client {
-    pub fn connect(home: &Path, name: &str) -> Result<Self, ClientError> {
-        let path = socket_path(home, name);
-        match StdUnixStream::connect(&path) {
-            Ok(stream) => Ok(Client {
-                reader: BufReader::new(stream),
-            }),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound) => {
-                Err(ClientError::NotRunning(name.into()))
+    /// Connects to the app's socket. Nothing is ever removed here: a socket nobody answers
+    /// on is left to the next supervisor of that name, which holds the name's lock.
+    pub fn connect(home: &Home, name: &AppName) -> Result<Self, ClientError> {
+        use socket2::{Domain, SockAddr, Socket, Type};
+        let file = name.file("sock");
+        let shown = home.display(&file);
+        let io = |e: std::io::Error| ClientError::Io(format!("{}: {e}", shown.display()));
+        let socket = Socket::new(Domain::UNIX, Type::STREAM, None).map_err(io)?;
+        // Bounds the wait when the supervisor's queue is full.
+        socket
+            .set_write_timeout(Some(CONNECT_TIMEOUT))
+            .map_err(io)?;
+        let addr = SockAddr::unix(home.entry(&file)).map_err(io)?;
+        match socket.connect(&addr) {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                return Err(ClientError::NotRunning(name.to_string()))
             }
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                let _ = std::fs::remove_file(&path);
-                Err(ClientError::NotRunning(name.into()))
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(ClientError::Io(format!(
+                    "{}: the supervisor accepts no connections (busy or stuck for {}s)",
+                    shown.display(),
+                    CONNECT_TIMEOUT.as_secs()
+                )))
             }
-            Err(e) => Err(ClientError::Io(format!("{}: {e}", path.display()))),
+            Err(e) => return Err(io(e)),
         }
+        socket.set_write_timeout(None).map_err(io)?;
+        Ok(Client {
+            reader: BufReader::new(socket.into()),
+        })
     }
 
     pub fn request(
@@ -204,9 +607,13 @@ impl Client {
         stream
             .set_read_timeout(timeout)
             .map_err(|e| ClientError::Io(e.to_string()))?;
-        stream
-            .write_all(&text)
-            .map_err(|e| ClientError::Io(format!("sending the request: {e}")))?;
+        if let Err(e) = stream.write_all(&text) {
+            // A supervisor that refuses (busy, another user) may answer and close before
+            // reading: its answer says more than the broken pipe.
+            return self
+                .read_response()
+                .map_err(|_| ClientError::Io(format!("sending the request: {e}")));
+        }
         self.read_response()
     }
 
@@ -232,24 +639,6 @@ impl Client {
     }
 }
 
-/// Every app with a control socket in `home`, by name.
-pub fn list_apps(home: &Path) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir(home) else {
-        return Vec::new();
-    };
-    let mut names: Vec<String> = entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()
-                .and_then(|n| n.strip_suffix(".sock"))
-                .map(str::to_string)
-        })
-        .collect();
-    names.sort();
-    names
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,5 +648,18 @@ mod tests {
         assert!(peer_allowed(1000, 1000));
         assert!(peer_allowed(0, 1000));
         assert!(!peer_allowed(1001, 1000));
+    }
+
+    #[test]
+    fn held_shares_are_given_back() {
+        let pool = Rc::new(Cell::new(0));
+        let a = Held::take(&pool, 2, 3).expect("room");
+        assert!(Held::take(&pool, 2, 3).is_none());
+        let mut b = Held::take(&pool, 1, 3).expect("room");
+        b.release(5);
+        assert_eq!(pool.get(), 2);
+        drop(a);
+        drop(b);
+        assert_eq!(pool.get(), 0);
     }
 }

@@ -46,16 +46,22 @@ fn dispatch(command: Command) -> anyhow::Result<u8> {
         return run(args);
     }
     let home = paths::herd_home().map_err(anyhow::Error::msg)?;
-    paths::private_dir(&home).map_err(anyhow::Error::msg)?;
+    let home = paths::Home::open(&home).map_err(anyhow::Error::msg)?;
     match command {
         Command::Run(_) => unreachable!("handled above"),
         Command::Start(args) => {
             let wait = args.listen_timeout + std::time::Duration::from_secs(10);
-            let name = args
-                .name
-                .clone()
-                .unwrap_or_else(|| args.clone().into_spec().name);
-            commands::start(&home, &name, start_args(args.name.is_none(), &name), wait)
+            let name = match args.name.clone() {
+                Some(name) => name,
+                None => paths::AppName::new(&args.clone().into_spec().name)
+                    .map_err(anyhow::Error::msg)?,
+            };
+            commands::start(
+                &home,
+                &name,
+                start_args(args.name.is_none(), name.as_str()),
+                wait,
+            )
         }
         Command::Ls { json } => commands::ls(&home, json),
         Command::Status { name, json } => commands::status(&home, &name, json),
@@ -121,8 +127,11 @@ fn run(args: cli::RunArgs) -> anyhow::Result<u8> {
     let spec = args.into_spec();
     let log_format = spec.log_format;
     let name = spec.name.clone();
+    // Checked before any file is touched (clap has checked --name; this is the default).
+    let app = paths::AppName::new(&name).map_err(anyhow::Error::msg)?;
     let home = paths::herd_home().map_err(anyhow::Error::msg)?;
-    paths::private_dir(&home).map_err(anyhow::Error::msg)?;
+    // Held open for the whole run: the control socket is used through this descriptor.
+    let home_dir = paths::Home::open(&home).map_err(anyhow::Error::msg)?;
     // Notify sockets live here. Workers run as another user (`--user`) cannot enter the
     // private HERD_HOME, so theirs get a directory of their own, handed to that user.
     let run_dir = match spec.user {
@@ -130,19 +139,23 @@ fn run(args: cli::RunArgs) -> anyhow::Result<u8> {
         None => home.join(format!("{name}-{}", std::process::id())),
     };
     paths::private_dir(&run_dir).map_err(anyhow::Error::msg)?;
-    let control = match control::bind(&home, &name) {
-        Ok(listener) => listener,
+    // The name's lock is held (`_lock`) until this function returns, after the supervisor.
+    let control::Registration {
+        listener: control,
+        lock: _lock,
+        socket: control_path,
+    } = match control::register(&home_dir, &app) {
+        Ok(registration) => registration,
         Err(e) => {
             let _ = std::fs::remove_dir(&run_dir);
             anyhow::bail!(e);
         }
     };
-    let control_path = control::socket_path(&home, &name);
     let plan = match plan::plan(spec) {
         Ok(plan) => plan,
         Err(e) => {
             let _ = std::fs::remove_dir(&run_dir);
-            let _ = std::fs::remove_file(&control_path);
+            let _ = home_dir.unlink(&app.file("sock"));
             return Err(e.into());
         }
     };
@@ -162,8 +175,8 @@ fn run(args: cli::RunArgs) -> anyhow::Result<u8> {
         serving.abort();
         anyhow::Ok(code)
     });
-    // The supervisor removed its control socket before answering `herd stop`; removing it
-    // here could delete the socket of a new supervisor of the same name.
+    // The supervisor removed its control socket before answering `herd stop`, under the
+    // name's lock; a new supervisor of the name waits for the lock.
     let code = code?;
     Ok(u8::try_from(code).unwrap_or(1))
 }
