@@ -94,6 +94,9 @@ impl Drop for Server {
     }
 }
 
+/// Most servers an app may hold (bound or being bound): each holds fds in herd, and a
+/// worker must not be able to spend all of them.
+pub const MAX_SERVERS: usize = 1024;
 /// Most unix binds under way at once (each is a helper process).
 pub const MAX_BINDS: usize = 16;
 /// Most queries waiting for one bind.
@@ -102,9 +105,15 @@ pub const MAX_WAITERS: usize = 256;
 /// What a unix bind in progress yields.
 type BindResult = Result<(OwnedFd, SocketFile), Failure>;
 
-/// A unix bind under way and the queries waiting for it, the first one first.
+/// A bound socket, or the errno (negative) and problem to answer with.
+pub type Refusable = Result<Bound, (i32, String)>;
+
+/// Queries waiting for a bind, the first one first.
+pub type Waiters = Vec<(WorkerId, QueryServer)>;
+
+/// A unix bind under way and the queries waiting for it.
 struct Binding {
-    waiters: Vec<(WorkerId, QueryServer)>,
+    waiters: Waiters,
     path: PathBuf,
     mode: Balance,
     result: Rc<RefCell<Option<BindResult>>>,
@@ -168,15 +177,19 @@ impl Servers {
 
     fn remove_file(&mut self, file: SocketFile) {
         self.removing.retain(|t| !t.is_finished());
-        self.removing
-            .push(tokio::task::spawn_local(async move {
-                let _ = file.remove().await;
-            }));
+        self.removing.push(tokio::task::spawn_local(async move {
+            let _ = file.remove().await;
+        }));
     }
 
     pub fn clear(&mut self) {
         self.by_key.clear();
         self.slots.clear();
+    }
+
+    /// Servers bound and binds under way.
+    pub fn len(&self) -> usize {
+        self.by_key.len() + self.binding.len()
     }
 
     /// Whether a unix bind for `key` is under way.
@@ -190,13 +203,13 @@ impl Servers {
         key: &str,
         id: WorkerId,
         query: QueryServer,
-    ) -> Result<(), QueryServer> {
+    ) -> Result<(), Box<QueryServer>> {
         match self.binding.get_mut(key) {
             Some(b) if b.waiters.len() < MAX_WAITERS => {
                 b.waiters.push((id, query));
                 Ok(())
             }
-            _ => Err(query),
+            _ => Err(Box::new(query)),
         }
     }
 
@@ -214,9 +227,9 @@ impl Servers {
         balance: Balance,
         creds: Option<Creds>,
         done: impl FnOnce() + 'static,
-    ) -> Result<(), QueryServer> {
+    ) -> Result<(), Box<QueryServer>> {
         if self.binding.len() >= MAX_BINDS {
-            return Err(query);
+            return Err(Box::new(query));
         }
         let result: Rc<RefCell<Option<BindResult>>> = Rc::default();
         let slot = Rc::clone(&result);
@@ -240,10 +253,7 @@ impl Servers {
     }
 
     /// The queries that waited for `key`'s bind, and what it gave.
-    pub fn finish_bind(
-        &mut self,
-        key: &str,
-    ) -> Option<(Vec<(WorkerId, QueryServer)>, Result<Bound, (i32, String)>)> {
+    pub fn finish_bind(&mut self, key: &str) -> Option<(Waiters, Refusable)> {
         let b = self.binding.remove(key)?;
         let result = match b.result.borrow_mut().take() {
             Some(Ok((socket, file))) => Ok(Bound {
@@ -310,7 +320,12 @@ pub fn creds_of(user: Option<&User>) -> Option<Creds> {
 
 /// Binds what `query` asks for, reusing a `--listen` socket with the same port or path, as
 /// the workers (running as `user`) could.
-pub fn bind_for(query: &QueryServer, balance: Balance, cli: &[Listener], user: Option<&User>) -> Step {
+pub fn bind_for(
+    query: &QueryServer,
+    balance: Balance,
+    cli: &[Listener],
+    user: Option<&User>,
+) -> Step {
     match decide(query, balance, cli, user) {
         Ok(step) => step,
         Err(e) => Step::Now(Err(e)),

@@ -145,7 +145,10 @@ fn open_dir(dir: &Path) -> Result<OwnedFd, Failure> {
     )
     .map_err(|e| {
         let problem = match e {
-            Errno::NOENT => format!("directory {} does not exist; create it first", dir.display()),
+            Errno::NOENT => format!(
+                "directory {} does not exist; create it first",
+                dir.display()
+            ),
             Errno::NOTDIR => format!("{} is not a directory", dir.display()),
             Errno::ACCESS => format!(
                 "permission denied: the workers' user may not enter {}",
@@ -220,8 +223,7 @@ fn bind_in(
             // Still the very socket found refused?
             let again = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
                 .map_err(|e| Failure::new(e, format!("{shown}: {e}")))?;
-            if !is_socket(&again) || (again.st_dev, again.st_ino) != (found.st_dev, found.st_ino)
-            {
+            if !is_socket(&again) || (again.st_dev, again.st_ino) != (found.st_dev, found.st_ino) {
                 return Err(Failure::new(
                     Errno::ADDRINUSE,
                     format!("{shown} changed while herd checked it; try again"),
@@ -246,9 +248,7 @@ fn bind_in(
     let _ = rustix::fs::fchmod(&socket, mode);
     rustix::net::bind(&socket, &addr_in(dir, name)?).map_err(|e| {
         let problem = match e {
-            Errno::ACCESS => format!(
-                "permission denied: the workers' user may not create {shown}"
-            ),
+            Errno::ACCESS => format!("permission denied: the workers' user may not create {shown}"),
             Errno::ADDRINUSE => format!("{shown} already exists; remove it or pick another path"),
             e => format!("cannot bind {shown}: {e}"),
         };
@@ -261,8 +261,7 @@ fn bind_in(
         Mode::empty(),
     )
     .map_err(|e| Failure::new(e, format!("{shown} vanished after bind: {e}")))?;
-    let made =
-        rustix::fs::fstat(&entry).map_err(|e| Failure::new(e, format!("{shown}: {e}")))?;
+    let made = rustix::fs::fstat(&entry).map_err(|e| Failure::new(e, format!("{shown}: {e}")))?;
     if !is_socket(&made) {
         return Err(Failure::new(
             Errno::ADDRINUSE,
@@ -484,7 +483,11 @@ fn serve(request: &[u8], mut fds: Vec<OwnedFd>) -> Result<(Vec<u8>, Vec<OwnedFd>
     else {
         return Err(bad());
     };
-    let text = |b: &[u8]| std::str::from_utf8(b).map(str::to_string).map_err(|_| bad());
+    let text = |b: &[u8]| {
+        std::str::from_utf8(b)
+            .map(str::to_string)
+            .map_err(|_| bad())
+    };
     let creds = match text(creds)?.as_str() {
         "-" => None,
         pair => {
@@ -528,7 +531,10 @@ fn become_user(creds: Creds) -> Result<(), Failure> {
         let e = io::Error::last_os_error();
         Failure::new(
             Errno::from_io_error(&e).unwrap_or(Errno::PERM),
-            format!("cannot switch to uid {} gid {} ({what}): {e}", creds.uid, creds.gid),
+            format!(
+                "cannot switch to uid {} gid {} ({what}): {e}",
+                creds.uid, creds.gid
+            ),
         )
     };
     // SAFETY: plain syscalls on this process's credentials; this process has one thread.

@@ -162,6 +162,14 @@ impl Supervisor {
             }
             return;
         }
+        if self.servers.len() >= servers::MAX_SERVERS {
+            let full = format!(
+                "the app already has {} servers, herd's limit",
+                servers::MAX_SERVERS
+            );
+            self.refuse_listen(id, &query, (-libc::EMFILE, full));
+            return;
+        }
         let user = self.plan.user.as_ref();
         match servers::bind_for(&query, self.plan.balance, &self.plan.listeners, user) {
             servers::Step::Now(Ok(bound)) => {

@@ -170,7 +170,9 @@ fn a_live_datagram_socket_at_the_path_is_left_alone() {
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.ino(), inode, "the same socket file, not a new one");
     let client = UnixDatagram::unbound().expect("client");
-    client.send_to(b"ping", &sock).expect("send to the live socket");
+    client
+        .send_to(b"ping", &sock)
+        .expect("send to the live socket");
     live.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
     let mut buf = [0u8; 16];
