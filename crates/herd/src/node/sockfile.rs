@@ -9,13 +9,16 @@
 //! directory the socket file is in (SCM_RIGHTS). herd awaits the answer without blocking its
 //! thread, for at most [`HELPER_TIMEOUT`]: a hung filesystem costs one killed helper.
 //!
-//! Every step after the directory is opened works on that directory fd, never on the path
-//! again: the stale check, the bind and connect probes (through `/proc/self/fd/N/NAME`), the
-//! chmod (through an `O_PATH|O_NOFOLLOW` fd of the new entry) and the removal. herd keeps the
-//! directory fd and the (dev, inode) of the socket file taken right after bind; removal, in a
-//! helper with the same rights, unlinks the entry in that directory only while it is still a
-//! socket with that inode. A worker that swaps a directory of its path for a symlink changes
-//! nothing: the directory fd is the directory herd bound in.
+//! Every step after the directory is opened works on that directory fd, not on the path: the
+//! stale check (connect probes through `/proc/self/fd/N/NAME`), the chmod (through an
+//! `O_PATH|O_NOFOLLOW` fd of the new entry) and the removal. Only `bind` itself takes the path,
+//! so that `getsockname` shows it; the entry it made is then proven to be the one in the
+//! directory fd (a connect through the entry's own `O_PATH` fd reaches the new listener,
+//! SO_PEERCRED says from this process), or the bind is refused. herd keeps the directory fd
+//! and the entry's (dev, inode); removal, in a helper with the same rights, unlinks the entry
+//! in that directory only while it is still a socket with that inode. A worker that swaps a
+//! directory of its path for a symlink changes nothing: the directory fd is the directory
+//! herd bound in.
 //!
 //! An entry already at the path is removed before bind only if it is a socket that nothing
 //! answers on: a connect with each socket type (stream, datagram, seqpacket) is refused. A
@@ -197,15 +200,16 @@ fn stale(dir: BorrowedFd<'_>, name: &CStr) -> Result<bool, Failure> {
     Ok(true)
 }
 
-/// Binds and listens on a unix stream socket named `name` in `dir`, made with no more
-/// than `mode` and then given exactly `mode`. Returns the socket and the file's (dev, ino).
+/// Binds and listens on a unix stream socket at `path`, whose entry must turn out to be
+/// `name` in `dir`; made with no more than `mode` and then given exactly `mode`. Returns the
+/// socket and the file's (dev, ino).
 fn bind_in(
     dir: BorrowedFd<'_>,
     name: &CStr,
     mode: u32,
-    shown: &Path,
+    path: &Path,
 ) -> Result<(OwnedFd, u64, u64), Failure> {
-    let shown = shown.display();
+    let shown = path.display();
     match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
         Ok(found) => {
             if !is_socket(&found) {
@@ -246,7 +250,11 @@ fn bind_in(
     // Linux makes the file with the socket inode's mode (less the umask): this way it never
     // exists with more than `mode`, not even for a moment.
     let _ = rustix::fs::fchmod(&socket, mode);
-    rustix::net::bind(&socket, &addr_in(dir, name)?).map_err(|e| {
+    // Bound by its own path, so that getsockname (Node's `server.address()`, a socket-
+    // activation worker's sockname) shows it; which entry that made is checked below.
+    let addr = SocketAddrUnix::new(path)
+        .map_err(|e| Failure::new(e, format!("{shown} is too long for a socket path")))?;
+    rustix::net::bind(&socket, &addr).map_err(|e| {
         let problem = match e {
             Errno::ACCESS => format!("permission denied: the workers' user may not create {shown}"),
             Errno::ADDRINUSE => format!("{shown} already exists; remove it or pick another path"),
@@ -254,30 +262,64 @@ fn bind_in(
         };
         Failure::new(e, problem)
     })?;
+    rustix::net::listen(&socket, BACKLOG)
+        .map_err(|e| Failure::new(e, format!("cannot listen on {shown}: {e}")))?;
     let entry = rustix::fs::openat(
         dir,
         name,
         OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
     )
-    .map_err(|e| Failure::new(e, format!("{shown} vanished after bind: {e}")))?;
+    .map_err(|e| Failure::new(e, format!("{shown} is not where herd bound it: {e}")))?;
     let made = rustix::fs::fstat(&entry).map_err(|e| Failure::new(e, format!("{shown}: {e}")))?;
-    if !is_socket(&made) {
+    if !is_socket(&made) || !is_ours(&socket, &entry)? {
         return Err(Failure::new(
             Errno::ADDRINUSE,
-            format!("{shown} was replaced right after bind"),
+            format!("{shown} changed while herd bound it (a directory on the path was replaced); try again"),
         ));
     }
     if Mode::from_raw_mode(made.st_mode) & Mode::from_raw_mode(0o7777) != mode {
         // The umask took bits `mode` asks for: set them on this very entry (the O_PATH fd,
         // not the name, which could have been swapped since).
-        let path = format!("/proc/self/fd/{}", entry.as_raw_fd());
-        rustix::fs::chmod(path.as_str(), mode)
+        let entry_path = format!("/proc/self/fd/{}", entry.as_raw_fd());
+        rustix::fs::chmod(entry_path.as_str(), mode)
             .map_err(|e| Failure::new(e, format!("cannot chmod {shown}: {e}")))?;
     }
-    rustix::net::listen(&socket, BACKLOG)
-        .map_err(|e| Failure::new(e, format!("cannot listen on {shown}: {e}")))?;
     Ok((socket, made.st_dev, made.st_ino))
+}
+
+/// Whether the socket file `entry` (an `O_PATH` fd) is the one `listener` is bound to: a
+/// connect through that very inode reaches `listener` (SO_PEERCRED names this process).
+fn is_ours(listener: &OwnedFd, entry: &OwnedFd) -> Result<bool, Failure> {
+    let fail = |e: Errno| Failure::new(e, format!("cannot check the new socket file: {e}"));
+    let target = SocketAddrUnix::new(format!("/proc/self/fd/{}", entry.as_raw_fd()).as_str())
+        .map_err(fail)?;
+    let probe = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )
+    .map_err(fail)?;
+    match rustix::net::connect(&probe, &target) {
+        Ok(()) => {}
+        // Refused, or another socket type there: not ours.
+        Err(_) => return Ok(false),
+    }
+    let me = rustix::process::getpid();
+    // Someone else may have connected in the same instant; ours is among the first few.
+    for _ in 0..64 {
+        match rustix::net::accept_with(listener, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC) {
+            Ok(conn) => {
+                if rustix::net::sockopt::socket_peercred(&conn).is_ok_and(|c| c.pid == me) {
+                    return Ok(true);
+                }
+            }
+            Err(Errno::INTR) => {}
+            Err(_) => return Ok(false),
+        }
+    }
+    Ok(false)
 }
 
 /// Unlinks `name` in `dir` if it is still the socket (dev, ino). `Ok(false)`: left alone.
@@ -621,6 +663,12 @@ mod tests {
         let dir = temp("mode");
         let path = dir.join("s.sock");
         let (_sock, file) = bind_here(&path, 0o666).expect("bind");
+        let name = rustix::net::getsockname(&_sock).expect("getsockname");
+        let shown = format!("{name:?}");
+        assert!(
+            shown.contains("herd-sf-mode"),
+            "sockname is the path: {shown}"
+        );
         let meta = std::fs::symlink_metadata(&path).expect("stat");
         assert_eq!(meta.permissions().mode() & 0o7777, 0o666);
         assert_eq!((meta.dev(), meta.ino()), (file.dev, file.ino));
