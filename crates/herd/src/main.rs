@@ -28,6 +28,13 @@ use crate::cli::{Cli, Command};
 use crate::supervisor::{SignalKind, Supervisor};
 
 fn main() -> ExitCode {
+    // herd re-executes itself to bind a worker's unix socket with the worker's rights.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == node::sockfile::HELPER_ARG)
+    {
+        return node::sockfile::helper_main();
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return clap_error(e),

@@ -6,11 +6,11 @@ use std::ffi::OsString;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use socket2::{Domain, Socket, Type};
 
+use crate::node::sockfile::{self, SocketFile};
 use crate::spawn::resolve_program;
 use crate::spec::{self, Balance, ListenAddr, Ready, Spec, SpecError, WorkerKind};
 
@@ -36,6 +36,8 @@ pub struct Listener {
     /// Its name in `LISTEN_FDNAMES`.
     pub name: String,
     pub socket: OwnedFd,
+    /// The socket file herd made for a unix path, removed when herd stops.
+    pub file: Option<SocketFile>,
 }
 
 /// Everything needed to start workers.
@@ -103,12 +105,11 @@ impl Plan {
         })
     }
 
-    /// Removes the unix socket files herd created.
+    /// Removes the unix socket files herd created, each only if it is still the socket herd
+    /// made, in the directory herd made it in.
     pub fn remove_socket_files(&self) {
-        for listener in &self.listeners {
-            if let ListenAddr::Unix(path) = &listener.addr {
-                let _ = std::fs::remove_file(path);
-            }
+        for file in self.listeners.iter().filter_map(|l| l.file.as_ref()) {
+            let _ = file.remove_here();
         }
     }
 }
@@ -250,14 +251,16 @@ pub fn plan(spec: Spec) -> Result<Plan, PlanError> {
         } else {
             format!("http{i}")
         };
-        let bound = bind(addr);
-        match bound {
-            Ok((socket, addr)) => listeners.push(Listener { addr, name, socket }),
+        match bind(addr) {
+            Ok((socket, addr, file)) => listeners.push(Listener {
+                addr,
+                name,
+                socket,
+                file,
+            }),
             Err(e) => {
-                for l in &listeners {
-                    if let ListenAddr::Unix(path) = &l.addr {
-                        let _ = std::fs::remove_file(path);
-                    }
+                for file in listeners.iter().filter_map(|l| l.file.as_ref()) {
+                    let _ = file.remove_here();
                 }
                 return Err(e);
             }
@@ -278,7 +281,7 @@ pub fn plan(spec: Spec) -> Result<Plan, PlanError> {
 }
 
 /// Binds and listens, non-blocking and close-on-exec, with the backlog set explicitly.
-pub fn bind(addr: &ListenAddr) -> Result<(OwnedFd, ListenAddr), PlanError> {
+pub fn bind(addr: &ListenAddr) -> Result<(OwnedFd, ListenAddr, Option<SocketFile>), PlanError> {
     let fail = |problem: String| PlanError::Listen {
         addr: addr.to_string(),
         problem,
@@ -292,11 +295,11 @@ pub fn bind(addr: &ListenAddr) -> Result<(OwnedFd, ListenAddr), PlanError> {
                 .ok()
                 .and_then(|a| a.as_socket())
                 .ok_or_else(|| fail("no local address after bind".into()))?;
-            Ok((socket.into(), ListenAddr::Tcp(local)))
+            Ok((socket.into(), ListenAddr::Tcp(local), None))
         }
         ListenAddr::Unix(path) => {
-            let socket = bind_unix(path, 0o660).map_err(fail)?;
-            Ok((socket, addr.clone()))
+            let (socket, file) = bind_unix(path, 0o660).map_err(fail)?;
+            Ok((socket, addr.clone(), Some(file)))
         }
     }
 }
@@ -330,42 +333,12 @@ pub fn describe_bind_error(e: &io::Error, addr: &str) -> String {
     }
 }
 
-/// Binds a unix stream socket at `path`, replacing a stale socket file left by a dead process
-/// but never a live one or a file that is not a socket.
-pub fn bind_unix(path: &Path, mode: u32) -> Result<OwnedFd, String> {
-    let parent = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if !parent.is_dir() {
-        return Err(format!(
-            "directory {} does not exist; create it first",
-            parent.display()
-        ));
-    }
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(format!(
-                "{} exists and is not a socket; remove it or pick another path",
-                path.display()
-            ));
-        }
-        match std::os::unix::net::UnixStream::connect(path) {
-            Ok(_) => return Err(format!("{} is in use by a running server", path.display())),
-            Err(_) => {
-                std::fs::remove_file(path)
-                    .map_err(|e| format!("cannot remove stale {}: {e}", path.display()))?;
-            }
-        }
-    }
-    let socket = Socket::new(Domain::UNIX, Type::STREAM.nonblocking().cloexec(), None)
-        .map_err(|e| e.to_string())?;
-    let sa = socket2::SockAddr::unix(path).map_err(|e| e.to_string())?;
-    socket.bind(&sa).map_err(|e| e.to_string())?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| e.to_string())?;
-    socket.listen(BACKLOG).map_err(|e| e.to_string())?;
-    Ok(socket.into())
+/// Binds a unix stream socket at `path` with herd's own rights (for `--listen`, a path the
+/// operator named), replacing a stale socket file left by a dead process but never a live
+/// socket of any type or a file that is not a socket. Every step goes through the directory
+/// fd (see [`sockfile`]), so a directory swapped for a symlink meanwhile changes nothing.
+pub fn bind_unix(path: &Path, mode: u32) -> Result<(OwnedFd, SocketFile), String> {
+    sockfile::bind_here(path, mode).map_err(|f| f.problem)
 }
 
 #[cfg(test)]
@@ -374,7 +347,7 @@ mod tests {
 
     #[test]
     fn a_port_in_use_is_named() {
-        let (_held, addr) = bind(&"127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let (_held, addr, _) = bind(&"127.0.0.1:0".parse().expect("addr")).expect("bind");
         let err = bind(&addr).expect_err("second bind fails").to_string();
         assert!(err.contains("already in use"), "{err}");
         assert!(err.contains(&addr.to_string()), "{err}");

@@ -8,7 +8,16 @@
 //! How the worker gets connections is decided by the reply (spec §5.4): with the socket
 //! attached the worker accepts itself (`shared`); without, herd accepts and hands each
 //! connection over (`round-robin`, `sticky`). UDP is always shared.
+//!
+//! What herd binds for a worker is what the worker could bind alone. A unix path is bound
+//! in a helper with the worker's rights ([`sockfile`]); that takes a process, so it is
+//! asynchronous: the first query for the key starts the bind, later ones for the same key
+//! wait for it ([`Servers::add_waiter`]), and the result answers them all. A port below
+//! `ip_unprivileged_port_start` is refused (EACCES) to workers run as a non-root `--user`,
+//! unless the operator bound it with `--listen`. Without `--user` the workers have herd's
+//! own uid, so herd's bind is the worker's.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::OwnedFd;
@@ -20,7 +29,8 @@ use serde_json::value::RawValue;
 use socket2::{Domain, Socket, Type};
 
 use crate::balance::{AcceptGate, Pending};
-use crate::plan::{self, Listener};
+use crate::node::sockfile::{self, Creds, Failure, SocketFile};
+use crate::plan::{self, Listener, User};
 use crate::spec::{Balance, ListenAddr};
 use crate::supervisor::WorkerId;
 
@@ -46,8 +56,9 @@ pub struct Server {
     pub pending: VecDeque<Pending>,
     pub gate: Option<Rc<AcceptGate>>,
     pub accept_task: Option<tokio::task::JoinHandle<()>>,
-    /// A socket file herd created and must remove.
-    pub unix_path: Option<PathBuf>,
+    /// The socket file herd made for this server (not for `--listen` ones: the plan owns
+    /// those), removed when the app closes it or herd stops.
+    pub unix_file: Option<SocketFile>,
     /// Bound from `--listen`: owned by the plan, never closed early.
     pub from_cli: bool,
 }
@@ -80,18 +91,42 @@ impl Drop for Server {
         if let Some(task) = self.accept_task.take() {
             task.abort();
         }
-        if let Some(path) = &self.unix_path {
-            if !self.from_cli {
-                let _ = std::fs::remove_file(path);
-            }
-        }
     }
+}
+
+/// Most servers an app may hold (bound or being bound): each holds fds in herd, and a
+/// worker must not be able to spend all of them.
+pub const MAX_SERVERS: usize = 1024;
+/// Most unix binds under way at once (each is a helper process).
+pub const MAX_BINDS: usize = 16;
+/// Most queries waiting for one bind.
+pub const MAX_WAITERS: usize = 256;
+
+/// What a unix bind in progress yields.
+type BindResult = Result<(OwnedFd, SocketFile), Failure>;
+
+/// A bound socket, or the errno (negative) and problem to answer with.
+pub type Refusable = Result<Bound, (i32, String)>;
+
+/// Queries waiting for a bind, the first one first.
+pub type Waiters = Vec<(WorkerId, QueryServer)>;
+
+/// A unix bind under way and the queries waiting for it.
+struct Binding {
+    waiters: Waiters,
+    path: PathBuf,
+    mode: Balance,
+    result: Rc<RefCell<Option<BindResult>>>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 #[derive(Default)]
 pub struct Servers {
     by_key: HashMap<String, ServerId>,
     slots: Vec<Option<Server>>,
+    binding: HashMap<String, Binding>,
+    /// Socket-file removals under way.
+    removing: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Servers {
@@ -130,16 +165,139 @@ impl Servers {
         id
     }
 
-    pub fn remove(&mut self, id: ServerId) -> Option<Server> {
-        let server = self.slots.get_mut(id)?.take()?;
+    /// Closes server `id` and removes its socket file; returns how it was shown.
+    pub fn close(&mut self, id: ServerId) -> Option<String> {
+        let mut server = self.slots.get_mut(id)?.take()?;
         self.by_key.remove(&server.key);
-        Some(server)
+        if let Some(file) = server.unix_file.take() {
+            self.remove_file(file);
+        }
+        Some(server.display.clone())
+    }
+
+    fn remove_file(&mut self, file: SocketFile) {
+        self.removing.retain(|t| !t.is_finished());
+        self.removing.push(tokio::task::spawn_local(async move {
+            let _ = file.remove().await;
+        }));
     }
 
     pub fn clear(&mut self) {
         self.by_key.clear();
         self.slots.clear();
     }
+
+    /// Servers bound and binds under way.
+    pub fn len(&self) -> usize {
+        self.by_key.len() + self.binding.len()
+    }
+
+    /// Whether a unix bind for `key` is under way.
+    pub fn is_binding(&self, key: &str) -> bool {
+        self.binding.contains_key(key)
+    }
+
+    /// Queues `query` behind the bind under way for its key; gives it back if too many wait.
+    pub fn add_waiter(
+        &mut self,
+        key: &str,
+        id: WorkerId,
+        query: QueryServer,
+    ) -> Result<(), Box<QueryServer>> {
+        match self.binding.get_mut(key) {
+            Some(b) if b.waiters.len() < MAX_WAITERS => {
+                b.waiters.push((id, query));
+                Ok(())
+            }
+            _ => Err(Box::new(query)),
+        }
+    }
+
+    /// Starts binding `path` in a helper with `creds`; `done` is called once the result is
+    /// in (then [`Servers::finish_bind`] takes it). Gives `query` back if too many binds are
+    /// under way.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_bind(
+        &mut self,
+        key: String,
+        id: WorkerId,
+        query: QueryServer,
+        path: PathBuf,
+        mode: u32,
+        balance: Balance,
+        creds: Option<Creds>,
+        done: impl FnOnce() + 'static,
+    ) -> Result<(), Box<QueryServer>> {
+        if self.binding.len() >= MAX_BINDS {
+            return Err(Box::new(query));
+        }
+        let result: Rc<RefCell<Option<BindResult>>> = Rc::default();
+        let slot = Rc::clone(&result);
+        let target = path.clone();
+        let task = tokio::task::spawn_local(async move {
+            let bound = sockfile::bind_as(creds, &target, mode).await;
+            *slot.borrow_mut() = Some(bound);
+            done();
+        });
+        self.binding.insert(
+            key,
+            Binding {
+                waiters: vec![(id, query)],
+                path,
+                mode: balance,
+                result,
+                task,
+            },
+        );
+        Ok(())
+    }
+
+    /// The queries that waited for `key`'s bind, and what it gave.
+    pub fn finish_bind(&mut self, key: &str) -> Option<(Waiters, Refusable)> {
+        let b = self.binding.remove(key)?;
+        let result = match b.result.borrow_mut().take() {
+            Some(Ok((socket, file))) => Ok(Bound {
+                socket,
+                display: format!("unix:{}", b.path.display()),
+                mode: b.mode,
+                sockname: None,
+                unix_file: Some(file),
+                from_cli: false,
+            }),
+            Some(Err(f)) => Err((-f.errno, f.problem)),
+            None => Err((-libc::EIO, "the bind was abandoned".into())),
+        };
+        Some((b.waiters, result))
+    }
+
+    /// Closes every server and removes the socket files made for workers, waiting (bounded)
+    /// for binds under way so that their files are removed too.
+    pub async fn shutdown(&mut self) {
+        let deadline = tokio::time::Instant::now() + sockfile::HELPER_TIMEOUT;
+        for (_, b) in std::mem::take(&mut self.binding) {
+            let _ = tokio::time::timeout_at(deadline, b.task).await;
+            if let Some(Ok((_, file))) = b.result.borrow_mut().take() {
+                self.remove_file(file);
+            }
+        }
+        let ids: Vec<ServerId> = self.ids().collect();
+        for id in ids {
+            self.close(id);
+        }
+        self.clear();
+        let deadline = tokio::time::Instant::now() + sockfile::HELPER_TIMEOUT;
+        for task in std::mem::take(&mut self.removing) {
+            let _ = tokio::time::timeout_at(deadline, task).await;
+        }
+    }
+}
+
+/// What [`bind_for`] decided.
+pub enum Step {
+    /// Done now: bound, or the errno (negative) and problem to answer with.
+    Now(Result<Bound, (i32, String)>),
+    /// A unix path, to bind in a helper with the workers' rights ([`Servers::start_bind`]).
+    Unix { path: PathBuf, mode: u32 },
 }
 
 /// A bound socket for a new key, or the negative errno to answer with.
@@ -148,16 +306,38 @@ pub struct Bound {
     pub display: String,
     pub mode: Balance,
     pub sockname: Option<String>,
-    pub unix_path: Option<PathBuf>,
+    pub unix_file: Option<SocketFile>,
     pub from_cli: bool,
 }
 
-/// Binds what `query` asks for, reusing a `--listen` socket with the same port or path.
+/// The rights a worker's unix bind runs with: `--user`'s, or herd's own.
+pub fn creds_of(user: Option<&User>) -> Option<Creds> {
+    user.map(|u| Creds {
+        uid: u.uid,
+        gid: u.gid,
+    })
+}
+
+/// Binds what `query` asks for, reusing a `--listen` socket with the same port or path, as
+/// the workers (running as `user`) could.
 pub fn bind_for(
     query: &QueryServer,
     balance: Balance,
     cli: &[Listener],
-) -> Result<Bound, (i32, String)> {
+    user: Option<&User>,
+) -> Step {
+    match decide(query, balance, cli, user) {
+        Ok(step) => step,
+        Err(e) => Step::Now(Err(e)),
+    }
+}
+
+fn decide(
+    query: &QueryServer,
+    balance: Balance,
+    cli: &[Listener],
+    user: Option<&User>,
+) -> Result<Step, (i32, String)> {
     let kind = query.kind().map_err(|e| (-libc::EINVAL, e.to_string()))?;
     let address = query.address.as_deref();
     let port = query.port.unwrap_or(0);
@@ -173,7 +353,7 @@ pub fn bind_for(
                 .iter()
                 .find(|l| l.addr == ListenAddr::Unix(path.clone()))
             {
-                return reuse(l, stream_mode, None);
+                return Ok(Step::Now(reuse(l, stream_mode, None)));
             }
             let mut mode = 0o660;
             if query.readable_all == Some(true) {
@@ -182,15 +362,7 @@ pub fn bind_for(
             if query.writable_all == Some(true) {
                 mode |= 0o222;
             }
-            let socket = plan::bind_unix(&path, mode).map_err(|e| (-libc::EADDRINUSE, e))?;
-            Ok(Bound {
-                socket,
-                display: format!("unix:{}", path.display()),
-                mode: stream_mode,
-                sockname: None,
-                unix_path: Some(path),
-                from_cli: false,
-            })
+            Ok(Step::Unix { path, mode })
         }
         ServerKind::Tcp4 | ServerKind::Tcp6 => {
             let port16 = port_of(port)?;
@@ -207,9 +379,10 @@ pub fn bind_for(
                         ListenAddr::Tcp(a) => Some(sockname_json(*a)),
                         ListenAddr::Unix(_) => None,
                     };
-                    return reuse(l, stream_mode, sockname);
+                    return Ok(Step::Now(reuse(l, stream_mode, sockname)));
                 }
             }
+            refuse_privileged(port16, user)?;
             let candidates: Vec<SocketAddr> = match address {
                 Some(host) => {
                     let ip: IpAddr = host
@@ -232,14 +405,14 @@ pub fn bind_for(
                             .ok()
                             .and_then(|a| a.as_socket())
                             .unwrap_or(addr);
-                        return Ok(Bound {
+                        return Ok(Step::Now(Ok(Bound {
                             socket: socket.into(),
                             display: local.to_string(),
                             mode: stream_mode,
                             sockname: Some(sockname_json(local)),
-                            unix_path: None,
+                            unix_file: None,
                             from_cli: false,
-                        });
+                        })));
                     }
                     Err(e) => last = Some((addr, e)),
                 }
@@ -250,6 +423,7 @@ pub fn bind_for(
         }
         ServerKind::Udp4 | ServerKind::Udp6 => {
             let port16 = port_of(port)?;
+            refuse_privileged(port16, user)?;
             let ip: IpAddr = match (address, kind) {
                 (Some(h), _) => h
                     .parse()
@@ -279,14 +453,14 @@ pub fn bind_for(
                 .ok()
                 .and_then(|a| a.as_socket())
                 .unwrap_or(addr);
-            Ok(Bound {
+            Ok(Step::Now(Ok(Bound {
                 socket: socket.into(),
                 display: format!("udp {local}"),
                 mode: Balance::Shared,
                 sockname: None,
-                unix_path: None,
+                unix_file: None,
                 from_cli: false,
-            })
+            })))
         }
     }
 }
@@ -294,6 +468,35 @@ pub fn bind_for(
 /// A TCP/UDP port from queryServer (unix sockets send -1, so this is not checked for them).
 fn port_of(port: i64) -> Result<u16, (i32, String)> {
     u16::try_from(port).map_err(|_| (-libc::EINVAL, format!("port {port} is out of range")))
+}
+
+/// EACCES for a privileged port when the workers run as a non-root `--user`: what they would
+/// get binding it themselves (they have no capabilities). Ports the operator bound with
+/// `--listen` are reused before this is asked.
+fn refuse_privileged(port: u16, user: Option<&User>) -> Result<(), (i32, String)> {
+    let Some(user) = user.filter(|u| u.uid != 0) else {
+        return Ok(());
+    };
+    let start = unprivileged_port_start();
+    if port == 0 || port >= start {
+        return Ok(());
+    }
+    Err((
+        -libc::EACCES,
+        format!(
+            "port {port} is privileged (below {start}) and the workers run as `{}`, who may not bind it; pass --listen with that port to have herd bind it for them, or use a port of {start} or more",
+            user.name
+        ),
+    ))
+}
+
+/// The first port an unprivileged process may bind (`net.ipv4.ip_unprivileged_port_start`,
+/// which covers IPv6 too; 1024 where it cannot be read).
+fn unprivileged_port_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1024)
 }
 
 fn reuse(l: &Listener, mode: Balance, sockname: Option<String>) -> Result<Bound, (i32, String)> {
@@ -304,10 +507,7 @@ fn reuse(l: &Listener, mode: Balance, sockname: Option<String>) -> Result<Bound,
         display: l.addr.to_string(),
         mode,
         sockname,
-        unix_path: match &l.addr {
-            ListenAddr::Unix(p) => Some(p.clone()),
-            ListenAddr::Tcp(_) => None,
-        },
+        unix_file: None,
         from_cli: true,
     })
 }
@@ -338,7 +538,7 @@ pub fn new_server(query: &QueryServer, bound: Bound) -> Server {
         pending: VecDeque::new(),
         gate: None,
         accept_task: None,
-        unix_path: bound.unix_path,
+        unix_file: bound.unix_file,
         from_cli: bound.from_cli,
     }
 }

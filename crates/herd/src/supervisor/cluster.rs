@@ -151,49 +151,129 @@ impl Supervisor {
 
     pub(super) fn query_server(&mut self, id: WorkerId, query: herd_proto::node::QueryServer) {
         let key = query.key();
-        let server = match self.servers.by_key(&key) {
-            Some(s) => s,
-            None => match servers::bind_for(&query, self.plan.balance, &self.plan.listeners) {
-                Ok(bound) => {
-                    let server = servers::new_server(&query, bound);
-                    let display = server.display.clone();
-                    let mode = server.mode;
-                    let s = self.servers.insert(server);
-                    self.logger.event(
-                        "bound",
-                        None,
-                        &format!("listening on {display} ({mode})"),
-                        &[
-                            ("address", json!(display)),
-                            ("balance", json!(mode.to_string())),
-                        ],
+        if let Some(server) = self.servers.by_key(&key) {
+            self.attach(id, server, &query);
+            return;
+        }
+        if self.servers.is_binding(&key) {
+            if let Err(query) = self.servers.add_waiter(&key, id, query) {
+                let busy = format!("too many listen() calls wait for {key}");
+                self.refuse_listen(id, &query, (-libc::EAGAIN, busy));
+            }
+            return;
+        }
+        if self.servers.len() >= servers::MAX_SERVERS {
+            let full = format!(
+                "the app already has {} servers, herd's limit",
+                servers::MAX_SERVERS
+            );
+            self.refuse_listen(id, &query, (-libc::EMFILE, full));
+            return;
+        }
+        let user = self.plan.user.as_ref();
+        match servers::bind_for(&query, self.plan.balance, &self.plan.listeners, user) {
+            servers::Step::Now(Ok(bound)) => {
+                let server = self.add_server(&query, bound);
+                self.attach(id, server, &query);
+            }
+            servers::Step::Now(Err(e)) => self.refuse_listen(id, &query, e),
+            servers::Step::Unix { path, mode } => {
+                let tx = self.tx.clone();
+                let done_key = key.clone();
+                let done = move || {
+                    let _ = tx.send(Event::UnixBound { key: done_key });
+                };
+                let creds = servers::creds_of(user);
+                let balance = self.plan.balance;
+                if let Err(query) = self
+                    .servers
+                    .start_bind(key, id, query, path, mode, balance, creds, done)
+                {
+                    let busy = format!(
+                        "too many unix-socket listen() calls under way (at most {})",
+                        servers::MAX_BINDS
                     );
-                    if mode != Balance::Shared {
-                        self.start_accepting(s);
-                    }
-                    s
+                    self.refuse_listen(id, &query, (-libc::EAGAIN, busy));
                 }
-                Err((errno, problem)) => {
-                    if let Some(w) = self.workers.get_mut(&id) {
-                        let who = w.who();
-                        self.logger.event(
-                            "listen_error",
-                            Some(who),
-                            &format!("cannot listen: {problem}"),
-                            &[("errno", json!(errno))],
-                        );
-                        let data = query.data.as_ref().map_or("null", |d| d.get());
-                        let fields = format!(
-                            r#""errno":{errno},"key":{},"ack":{},"data":{data}"#,
-                            herd_proto::node::quote(&key),
-                            query.seq
-                        );
-                        w.send(&self.tx, |c| c.cluster(&fields));
-                    }
-                    return;
-                }
-            },
+            }
+        }
+    }
+
+    /// A unix bind started by [`Supervisor::query_server`] is done: answer every query that
+    /// waited for it.
+    pub(super) fn unix_bound(&mut self, key: String) {
+        let Some((waiters, result)) = self.servers.finish_bind(&key) else {
+            return;
         };
+        match result {
+            Ok(bound) => {
+                let Some((_, first)) = waiters.first() else {
+                    return;
+                };
+                let server = self.add_server(first, bound);
+                for (id, query) in &waiters {
+                    self.attach(*id, server, query);
+                }
+            }
+            Err(e) => {
+                for (id, query) in &waiters {
+                    self.refuse_listen(*id, query, e.clone());
+                }
+            }
+        }
+    }
+
+    fn add_server(
+        &mut self,
+        query: &herd_proto::node::QueryServer,
+        bound: servers::Bound,
+    ) -> ServerId {
+        let server = servers::new_server(query, bound);
+        let display = server.display.clone();
+        let mode = server.mode;
+        let s = self.servers.insert(server);
+        self.logger.event(
+            "bound",
+            None,
+            &format!("listening on {display} ({mode})"),
+            &[
+                ("address", json!(display)),
+                ("balance", json!(mode.to_string())),
+            ],
+        );
+        if mode != Balance::Shared {
+            self.start_accepting(s);
+        }
+        s
+    }
+
+    fn refuse_listen(
+        &mut self,
+        id: WorkerId,
+        query: &herd_proto::node::QueryServer,
+        (errno, problem): (i32, String),
+    ) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        let who = w.who();
+        self.logger.event(
+            "listen_error",
+            Some(who),
+            &format!("cannot listen: {problem}"),
+            &[("errno", json!(errno))],
+        );
+        let data = query.data.as_ref().map_or("null", |d| d.get());
+        let fields = format!(
+            r#""errno":{errno},"key":{},"ack":{},"data":{data}"#,
+            herd_proto::node::quote(&query.key()),
+            query.seq
+        );
+        w.send(&self.tx, |c| c.cluster(&fields));
+    }
+
+    /// Gives worker `id` the server, and answers its query.
+    fn attach(&mut self, id: WorkerId, server: ServerId, query: &herd_proto::node::QueryServer) {
         let Some(s) = self.servers.get_mut(server) else {
             return;
         };
@@ -248,11 +328,11 @@ impl Supervisor {
         // The app closed this server on purpose (not a worker going away): once no worker
         // holds it, herd closes it too.
         if !stopping && s.workers.is_empty() && !s.from_cli {
-            if let Some(s) = self.servers.remove(server) {
+            if let Some(display) = self.servers.close(server) {
                 self.logger.event(
                     "closed",
                     None,
-                    &format!("closed {} (the app closed it)", s.display),
+                    &format!("closed {display} (the app closed it)"),
                     &[],
                 );
             }

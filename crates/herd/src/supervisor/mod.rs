@@ -93,6 +93,10 @@ pub enum Event {
         server: ServerId,
         error: String,
     },
+    /// A unix bind for a worker's `listen()` finished (see `Servers::start_bind`).
+    UnixBound {
+        key: String,
+    },
     RestartDue {
         instance: usize,
     },
@@ -300,6 +304,7 @@ impl Supervisor {
                 break;
             }
         }
+        self.servers.shutdown().await;
         self.cleanup();
         for reply in self.stop_replies.drain(..) {
             let _ = reply.send(Response::ok("stopped"));
@@ -338,6 +343,7 @@ impl Supervisor {
                 malformed,
             } => self.on_notify(id, messages, malformed),
             Event::Conn { server, conn } => self.route(server, conn),
+            Event::UnixBound { key } => self.unix_bound(key),
             Event::AcceptFailed { server, error } => {
                 let name = self
                     .servers
