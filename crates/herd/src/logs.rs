@@ -269,6 +269,9 @@ pub async fn pump(
 }
 
 async fn emit(logger: &Logger, who: Who, stream: Stream, tail: &Tail, line: &str) {
+    // A chunk holds up to thousands of lines, and queueing one rarely waits: without this a
+    // flooding worker's pump would keep the runtime thread from signals, timers and routing.
+    tokio::task::consume_budget().await;
     {
         let mut tail = tail.borrow_mut();
         if tail.len() == TAIL_LINES {

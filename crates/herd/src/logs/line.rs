@@ -99,7 +99,15 @@ pub fn json_line(mut obj: Map<String, Value>) -> Vec<u8> {
     }
     // Unreachable with herd's own keys; stays valid and short whatever happens.
     let mut short = Map::new();
-    for key in ["ts", "app", "event", "instance", "worker_id", "pid", "stream"] {
+    for key in [
+        "ts",
+        "app",
+        "event",
+        "instance",
+        "worker_id",
+        "pid",
+        "stream",
+    ] {
         if let Some(v) = obj.get(key).filter(|v| to_json(v).len() <= 256) {
             short.insert(key.into(), v.clone());
         }
@@ -124,11 +132,7 @@ fn cut_value(value: &Value, budget: usize) -> String {
         }
         end = i + c.len_utf8();
     }
-    format!(
-        "{} … [cut: {} more bytes]",
-        &text[..end],
-        text.len() - end
-    )
+    format!("{} … [cut: {} more bytes]", &text[..end], text.len() - end)
 }
 
 /// Bytes `c` takes inside a JSON string as [`to_json`] writes it.
@@ -185,7 +189,11 @@ impl<F: Formatter> Formatter for Safe<F> {
     fn end_array<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
         self.0.end_array(w)
     }
-    fn begin_array_value<W: ?Sized + io::Write>(&mut self, w: &mut W, first: bool) -> io::Result<()> {
+    fn begin_array_value<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
         self.0.begin_array_value(w, first)
     }
     fn end_array_value<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
@@ -197,7 +205,11 @@ impl<F: Formatter> Formatter for Safe<F> {
     fn end_object<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
         self.0.end_object(w)
     }
-    fn begin_object_key<W: ?Sized + io::Write>(&mut self, w: &mut W, first: bool) -> io::Result<()> {
+    fn begin_object_key<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
         self.0.begin_object_key(w, first)
     }
     fn end_object_key<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
@@ -259,7 +271,10 @@ mod tests {
         let mut obj = Map::new();
         obj.insert("event".into(), "message".into());
         obj.insert("message".into(), Value::String("\u{1}".repeat(20_000)));
-        obj.insert("data".into(), serde_json::json!({"big": "x".repeat(500_000)}));
+        obj.insert(
+            "data".into(),
+            serde_json::json!({"big": "x".repeat(500_000)}),
+        );
         obj.insert("small".into(), "\u{9b}".into());
         let out = json_line(obj);
         assert!(out.len() <= MAX_OUTPUT_LINE, "{}", out.len());

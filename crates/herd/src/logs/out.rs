@@ -35,7 +35,7 @@ pub const QUEUE_BYTES: usize = 1 << 20;
 /// Extra room for herd's own events when worker lines filled the queue.
 const EVENT_RESERVE: usize = 256 << 10;
 /// A write that has made no progress for this long means the reader is gone or paused.
-pub const STALL: Duration = Duration::from_secs(1);
+pub const STALL: Duration = Duration::from_secs(2);
 /// How long herd waits at exit for stdout to take what is queued.
 pub const EXIT_FLUSH: Duration = Duration::from_secs(2);
 /// Bytes per write(2), so progress is seen on a slow pipe.
@@ -198,8 +198,8 @@ impl Output {
         }
     }
 
-    /// Lets the writer finish what is queued, waiting at most `bound`: a stdout that stays
-    /// blocked must not keep herd from exiting.
+    /// Lets the writer finish what is queued, waiting at most `bound`, and not at all for a
+    /// stdout that has already stalled: a blocked stdout must not keep herd from exiting.
     pub fn finish(&self, bound: Duration) {
         let deadline = Instant::now() + bound;
         let mut q = self.shared.lock();
@@ -207,13 +207,13 @@ impl Output {
         self.shared.changed.notify_all();
         while !(q.broken || q.bytes == 0 && q.items.is_empty()) {
             let now = Instant::now();
-            if now >= deadline {
+            if now >= deadline || self.stalled() {
                 return;
             }
             q = self
                 .shared
                 .changed
-                .wait_timeout(q, deadline - now)
+                .wait_timeout(q, (deadline - now).min(RECHECK))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
@@ -266,22 +266,25 @@ fn write_loop(shared: &Shared) {
     }
 }
 
-/// Writes everything to fd 1; false once it cannot (a closed pipe, a bad fd).
+/// Writes everything to fd 1; false once nobody can read it again (a closed pipe, no fd).
+/// Other errors (a full disk under `herd start`'s log file) lose this batch only.
 fn write_all(shared: &Shared, mut bytes: &[u8]) -> bool {
+    use rustix::io::Errno;
     let stdout = std::io::stdout();
     let fd = stdout.as_fd();
     while !bytes.is_empty() {
         let chunk = &bytes[..bytes.len().min(WRITE_CHUNK)];
         match rustix::io::write(fd, chunk) {
-            Ok(0) => return false,
+            Ok(0) => return true,
             Ok(n) => {
                 bytes = &bytes[n..];
                 shared.progressed();
             }
-            Err(rustix::io::Errno::INTR) => {}
+            Err(Errno::INTR) => {}
             // Someone else made the shared file description non-blocking.
-            Err(rustix::io::Errno::AGAIN) => std::thread::sleep(Duration::from_millis(10)),
-            Err(_) => return false,
+            Err(Errno::AGAIN) => std::thread::sleep(Duration::from_millis(10)),
+            Err(Errno::PIPE | Errno::BADF) => return false,
+            Err(_) => return true,
         }
     }
     true

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::util::{
-    cli, cli_command, fixture, get, port_of, poll_until, spawn_cli, wait_status, workers, TempDir,
+    cli, cli_command, fixture, get, poll_until, port_of, spawn_cli, wait_status, workers, TempDir,
     WAIT,
 };
 
@@ -84,7 +84,8 @@ impl Supervised {
                     line.pop();
                 }
                 let mut all = shared.lock().unwrap_or_else(|e| e.into_inner());
-                if all.len() < 100_000 {
+                // Every event; worker lines only up to a bound.
+                if all.len() < 20_000 || !contains(&line, r#""line":"#) {
                     all.push(line);
                 }
             }
@@ -138,7 +139,10 @@ fn children_of(pid: u32) -> Vec<u32> {
     };
     for task in tasks.flatten() {
         if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
-            out.extend(text.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+            out.extend(
+                text.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
         }
     }
     out
@@ -196,7 +200,9 @@ fn assert_capped(lines: &[Vec<u8>]) {
 
 /// Waits (in JSON) for every slot to be ready; the first `bound` port.
 fn json_ready(lines: &Lines) -> u16 {
-    wait_raw(lines, "all_ready", |l| contains(l, r#""event":"all_ready""#));
+    wait_raw(lines, "all_ready", |l| {
+        contains(l, r#""event":"all_ready""#)
+    });
     let bound = wait_raw(lines, "bound", |l| contains(l, r#""event":"bound""#));
     port_of(&serde_json::from_slice::<Value>(&bound).expect("bound is JSON"))
 }
@@ -260,11 +266,11 @@ fn a_blocked_stdout_stops_neither_routing_nor_control_nor_sigterm() {
         pipe_is_full(out.get_ref()).then_some(())
     });
 
-    // Routing: keep making requests for 3 s (long enough for herd to give up on its stdout
-    // and start dropping lines), each answered within a bound.
+    // Routing: keep making requests for 5 s (long enough for herd to give up on its stdout,
+    // after 2 s without progress, and drop lines), each answered within a bound.
     let started = Instant::now();
     let mut served = 0;
-    while served < 20 || started.elapsed() < Duration::from_secs(3) {
+    while served < 20 || started.elapsed() < Duration::from_secs(5) {
         assert!(served < 10_000, "bounded load loop");
         let t = Instant::now();
         let r = get(port, "/")
@@ -328,6 +334,57 @@ fn a_blocked_stdout_stops_neither_routing_nor_control_nor_sigterm() {
     eprintln!("herd exited {:?} after SIGTERM", t.elapsed());
 }
 
+/// A worker that floods output must not starve the runtime thread: herd reads its pipe as
+/// fast as it can, and before the fix one chunk's lines went out without ever yielding, so
+/// SIGTERM was seen 2 s late and the 2 s `--kill-timeout` fired after 5-11 s.
+#[test]
+fn a_flooding_worker_does_not_starve_signals_or_timers() {
+    let home = TempDir::new();
+    let name = "out-starve";
+    let mut herd = Supervised::spawn(home.path(), "json", name, 2, &["--kill-timeout", "2s"]);
+    let lines = herd.collect();
+    let port = json_ready(&lines);
+    for _ in 0..2 {
+        get(port, "/flood").expect("/flood");
+    }
+    wait_raw(&lines, "the flood", |l| contains(l, "flood yyyy"));
+    let before = std::time::SystemTime::now();
+    herd.signal(libc::SIGTERM);
+    let status = herd.wait_exit(WAIT);
+    assert!(status.is_some(), "herd did not exit after SIGTERM");
+    let all = snapshot(&lines);
+    let event = |name: &str| -> Value {
+        let tag = format!(r#""event":"{name}""#);
+        let line = all
+            .iter()
+            .find(|l| contains(l, &tag))
+            .unwrap_or_else(|| panic!("no {name} event"));
+        serde_json::from_slice(line).expect("JSON")
+    };
+    let ms = |e: &Value| -> i64 {
+        let ts = e["ts"].as_str().expect("ts");
+        // `…T14:32:50.846Z`: milliseconds of the day (the test does not run over midnight).
+        let time = &ts[ts.len() - 13..ts.len() - 1];
+        let parts: Vec<f64> = time.split(':').map(|p| p.parse().expect("ts")).collect();
+        ((parts[0] * 3600.0 + parts[1] * 60.0 + parts[2]) * 1000.0) as i64
+    };
+    let stopping = event("stopping");
+    let kill = event("kill");
+    let sent = before
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64
+        % 86_400_000;
+    let seen_after = ms(&stopping) - sent;
+    let kill_after = ms(&kill) - ms(&stopping);
+    eprintln!("SIGTERM seen after {seen_after} ms; --kill-timeout 2s fired after {kill_after} ms");
+    assert!(seen_after < 1000, "SIGTERM was seen {seen_after} ms late");
+    assert!(
+        kill_after < 4000,
+        "the 2 s --kill-timeout fired after {kill_after} ms"
+    );
+}
+
 /// (b) JSON: a worker prints a 1 MB line of control bytes (6 MB once JSON-escaped) and sends
 /// a 500 KB message and a 500 KB broadcast. Before the fix the `message` and `broadcast`
 /// events carried the whole payload (one stdout line of ~500 KB) and the escaped line was
@@ -387,7 +444,9 @@ fn huge_lines_and_events_are_capped_in_text() {
     for path in ["/bigcast", "/bigmsg", "/bigline"] {
         get(port, path).unwrap_or_else(|e| panic!("{path}: {e}"));
     }
-    wait_raw(&lines, "the broadcast event", |l| contains(l, "broadcast to"));
+    wait_raw(&lines, "the broadcast event", |l| {
+        contains(l, "broadcast to")
+    });
     wait_raw(&lines, "the message event", |l| contains(l, "message: "));
     wait_raw(&lines, "the other worker got the broadcast", |l| {
         contains(l, "got message: ")
@@ -449,7 +508,10 @@ fn terminal_escapes_from_workers_are_shown_escaped() {
     let logs = cli(home.path(), &["logs", name]);
     logs.assert_ok();
     let controls = terminal_controls(logs.stdout.as_bytes(), true);
-    assert!(controls.is_empty(), "herd logs after the crash: {controls:?}");
+    assert!(
+        controls.is_empty(),
+        "herd logs after the crash: {controls:?}"
+    );
 }
 
 /// (d) `herd start` reads the supervisor's log file (`HERD_HOME/NAME.log`, appended to
@@ -466,6 +528,8 @@ fn a_huge_log_file_costs_herd_start_bounded_memory() {
     let missing = home.join("no-such-program");
     let missing = missing.to_str().expect("utf-8 path");
     let t = Instant::now();
+    // Reaped by wait4 below, which also reports its peak RSS.
+    #[allow(clippy::zombie_processes)]
     let child = cli_command(home.path(), &["start", "--name", name, missing])
         .spawn()
         .expect("start herd start");
