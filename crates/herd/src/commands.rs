@@ -3,13 +3,13 @@
 //! ([`crate::control`]); none needs a runtime.
 
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use comfy_table::{presets, Cell, CellAlignment, Table};
 use herd_proto::control::{AppStatus, Request, Response};
 
 use crate::control::{Client, ClientError};
+use crate::logs::line::{file_tail, sanitize, to_json_pretty};
 use crate::paths::{AppName, Home};
 
 /// Exit code for a command whose operation failed (a reload that kept the old version).
@@ -27,11 +27,13 @@ fn request(
 /// Prints an operation's outcome; exit 0 only on success.
 pub fn outcome(home: &Home, name: &AppName, req: Request) -> anyhow::Result<u8> {
     let response = request(home, name, &req, None)?;
+    // Messages can quote a worker's output: escaped like every line shown on a terminal.
+    let message = sanitize(&response.message);
     if response.ok {
-        println!("{name}: {}", response.message);
+        println!("{name}: {message}");
         Ok(0)
     } else {
-        eprintln!("error: {name}: {}", response.message);
+        eprintln!("error: {name}: {message}");
         Ok(FAILED)
     }
 }
@@ -42,10 +44,12 @@ pub fn status(home: &Home, name: &AppName, json: bool) -> anyhow::Result<u8> {
         anyhow::bail!("{name}: {}", response.message);
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
+        println!("{}", to_json_pretty(&status)?);
         return Ok(0);
     }
-    println!(
+    // Every string shown comes through the supervisor and may quote a worker (`last exit`
+    // is its last output): control characters are shown escaped, never sent to the terminal.
+    let header = format!(
         "{} — {} {}, {} of {} ready, balance {}, supervisor pid {} ({}), up {}",
         status.name,
         status.kind,
@@ -57,8 +61,9 @@ pub fn status(home: &Home, name: &AppName, json: bool) -> anyhow::Result<u8> {
         bytes(status.supervisor_memory_bytes),
         duration(status.uptime_ms)
     );
+    println!("{}", sanitize(&header));
     if !status.listen.is_empty() {
-        println!("listening on {}", status.listen.join(", "));
+        println!("listening on {}", sanitize(&status.listen.join(", ")));
     }
     let mut table = Table::new();
     table.load_preset(presets::UTF8_HORIZONTAL_ONLY);
@@ -89,17 +94,17 @@ pub fn status(home: &Home, name: &AppName, json: bool) -> anyhow::Result<u8> {
             Cell::new(w.instance),
             Cell::new(worker),
             Cell::new(pid),
-            Cell::new(&w.state),
+            Cell::new(sanitize(&w.state)),
             Cell::new(duration(w.uptime_ms)),
-            Cell::new(restarts(w.restarts, &w.restarts_by_reason)),
+            Cell::new(sanitize(&restarts(w.restarts, &w.restarts_by_reason))),
             Cell::new(format!("{:.1}%", w.cpu_percent)).set_alignment(CellAlignment::Right),
             Cell::new(bytes(w.memory_bytes)).set_alignment(CellAlignment::Right),
             Cell::new(w.connections).set_alignment(CellAlignment::Right),
-            Cell::new(w.health.as_deref().unwrap_or("-")),
+            Cell::new(sanitize(w.health.as_deref().unwrap_or("-"))),
             Cell::new(
                 w.last_exit
                     .as_deref()
-                    .map(|s| shorten(s, 60))
+                    .map(|s| shorten(&sanitize(s), 60))
                     .unwrap_or_default(),
             ),
         ]);
@@ -117,11 +122,11 @@ pub fn ls(home: &Home, json: bool) -> anyhow::Result<u8> {
                 ..
             }) => apps.push(status),
             Ok(_) | Err(ClientError::NotRunning(_)) => {}
-            Err(e) => eprintln!("warning: {name}: {e}"),
+            Err(e) => eprintln!("warning: {}: {}", name, sanitize(&e.to_string())),
         }
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&apps)?);
+        println!("{}", to_json_pretty(&apps)?);
         return Ok(0);
     }
     if apps.is_empty() {
@@ -135,16 +140,16 @@ pub fn ls(home: &Home, json: bool) -> anyhow::Result<u8> {
     ]);
     for a in &apps {
         table.add_row(vec![
-            Cell::new(&a.name),
-            Cell::new(&a.state),
-            Cell::new(&a.balance),
+            Cell::new(sanitize(&a.name)),
+            Cell::new(sanitize(&a.state)),
+            Cell::new(sanitize(&a.balance)),
             Cell::new(format!("{}/{}", a.ready, a.desired)),
             Cell::new(a.pid),
             Cell::new(duration(a.uptime_ms)),
             Cell::new(a.restarts).set_alignment(CellAlignment::Right),
             Cell::new(format!("{:.1}%", a.cpu_percent)).set_alignment(CellAlignment::Right),
             Cell::new(bytes(a.memory_bytes)).set_alignment(CellAlignment::Right),
-            Cell::new(a.listen.join(" ")),
+            Cell::new(sanitize(&a.listen.join(" "))),
         ]);
     }
     println!("{table}");
@@ -172,9 +177,11 @@ pub fn logs(
     }
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
+    // The supervisor escapes what it keeps; escaped again here (idempotent) so nothing a
+    // worker printed reaches the terminal raw, whoever answered on the socket.
     for line in &response.lines {
         // A closed stdout (`herd logs app | head`) is a normal way to stop reading.
-        if writeln!(out, "{}", line.text).is_err() {
+        if writeln!(out, "{}", sanitize(&line.text)).is_err() {
             return Ok(0);
         }
     }
@@ -188,7 +195,7 @@ pub fn logs(
         let text = serde_json::from_str::<herd_proto::control::LogLine>(&raw)
             .map(|l| l.text)
             .unwrap_or(raw);
-        if writeln!(out, "{}", text.trim_end())
+        if writeln!(out, "{}", sanitize(text.trim_end()))
             .and_then(|_| out.flush())
             .is_err()
         {
@@ -266,21 +273,15 @@ pub fn start(
     let deadline = Instant::now() + wait;
     loop {
         if let Some(status) = child.try_wait()? {
-            let text = String::from_utf8_lossy(&read_tail(&log, start_offset)).into_owned();
-            let tail: Vec<&str> = text
-                .lines()
-                .rev()
-                .take(15)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect();
+            // The file is appended to by every start of this app and never rotated: read
+            // only its end.
+            let tail = file_tail(&log, start_offset, 15, 64 * 1024).unwrap_or_default();
             eprintln!(
                 "error: {name} did not start ({}):",
                 crate::supervisor::describe_status(&status)
             );
             for line in tail {
-                eprintln!("  {line}");
+                eprintln!("  {}", sanitize(&line));
             }
             return Ok(FAILED);
         }
@@ -305,7 +306,10 @@ pub fn start(
                             .map(|e| format!("{name}[{}] {e}", w.instance))
                     })
                     .unwrap_or_else(|| "see herd logs".into());
-                eprintln!("error: {name} did not start: its workers keep exiting. {why}");
+                eprintln!(
+                    "error: {name} did not start: its workers keep exiting. {}",
+                    sanitize(&why)
+                );
                 let _ = request(home, name, &Request::Stop, Some(Duration::from_secs(30)));
                 return Ok(FAILED);
             }
@@ -316,22 +320,6 @@ pub fn start(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// What the supervisor wrote to its log file since `from`, at most its last 64 KiB.
-fn read_tail(log: &std::fs::File, from: u64) -> Vec<u8> {
-    let len = log.metadata().map(|m| m.len()).unwrap_or(0);
-    let from = from.max(len.saturating_sub(64 * 1024));
-    let mut out = vec![0; usize::try_from(len.saturating_sub(from)).unwrap_or(0)];
-    let mut at = 0;
-    while at < out.len() {
-        match log.read_at(&mut out[at..], from + at as u64) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => at += n,
-        }
-    }
-    out.truncate(at);
-    out
 }
 
 /// `3 (crash 2, memory 1)`.

@@ -2,16 +2,24 @@
 //!
 //! Each worker's stdout and stderr is a pipe read by its own task ([`pump`]), cut into whole
 //! lines and written with a prefix naming the app, instance and pid (`web[1] 4312 | …`), or
-//! as one JSON object per line with `--log-format json`. A line longer than [`MAX_LINE`] is
-//! cut with a marker saying how much was dropped, so a worker printing a 10 MB line or a
-//! flood of output costs herd at most one line buffer per stream: memory stays bounded, and
-//! a worker that writes faster than herd's stdout drains blocks on its own pipe.
+//! as one JSON object per line with `--log-format json`. A worker line longer than
+//! [`MAX_LINE`] is cut with a marker saying how much was dropped, so a worker printing a
+//! 10 MB line costs herd at most one line buffer per stream.
+//!
+//! Every line, worker line or event, is made in [`line`]: capped at
+//! [`line::MAX_OUTPUT_LINE`] bytes and with control characters escaped, so a worker can
+//! neither write a huge line through an event nor reach the terminal with an escape
+//! sequence. Lines then go to [`out::Output`], a bounded queue in front of stdout drained by
+//! a thread of its own: a stdout that blocks never blocks the supervisor.
 //!
 //! Colour (one per instance) only on a terminal, and never with `NO_COLOR` set.
 
+pub mod line;
+pub mod out;
+
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -20,6 +28,8 @@ use serde_json::{Map, Value};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::broadcast;
 
+use self::line::{json_line, text_line};
+use self::out::Output;
 use crate::spec::LogFormat;
 
 /// Longest worker line herd writes whole (16 KiB); the rest of a longer line is dropped.
@@ -67,7 +77,8 @@ struct LoggerInner {
     app: String,
     format: LogFormat,
     color: bool,
-    /// Recent lines, uncoloured, for `herd logs`, and their total size.
+    out: Output,
+    /// Recent lines, uncoloured and escaped, for `herd logs`, and their total size.
     ring: RefCell<(VecDeque<LogLine>, usize)>,
     /// `herd logs -f` subscribers.
     follow: broadcast::Sender<LogLine>,
@@ -76,20 +87,27 @@ struct LoggerInner {
 const COLORS: [&str; 6] = ["36", "33", "35", "32", "34", "31"];
 
 impl Logger {
-    pub fn new(app: &str, format: LogFormat) -> Self {
+    /// A logger for `app`, with the thread that writes its stdout.
+    pub fn new(app: &str, format: LogFormat) -> std::io::Result<Self> {
         let color = format == LogFormat::Text
             && std::io::stdout().is_terminal()
             && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
         let (follow, _) = broadcast::channel(256);
-        Logger {
+        Ok(Logger {
             inner: Rc::new(LoggerInner {
                 app: app.to_string(),
                 format,
                 color,
+                out: Output::start(app, format)?,
                 ring: RefCell::new((VecDeque::with_capacity(256), 0)),
                 follow,
             }),
-        }
+        })
+    }
+
+    /// herd's stdout queue, for the bounded flush at exit ([`Output::finish`]).
+    pub fn output(&self) -> Output {
+        self.inner.out.clone()
     }
 
     /// The last `n` lines (of one instance, if given) and a receiver for the lines that
@@ -113,6 +131,7 @@ impl Logger {
         (lines, rx)
     }
 
+    /// Keeps a line (already escaped and capped) for `herd logs`.
     fn remember(&self, instance: Option<usize>, text: String) {
         let line = LogLine { instance, text };
         if self.inner.follow.receiver_count() > 0 {
@@ -130,18 +149,25 @@ impl Logger {
         }
     }
 
-    /// One line a worker printed.
-    pub fn line(&self, who: Who, stream: Stream, line: &str) {
-        self.remember(
-            Some(who.instance),
-            format!("{}[{}] {} | {line}", self.inner.app, who.instance, who.pid),
-        );
-        let mut out = Vec::with_capacity(line.len() + 48);
-        match self.inner.format {
-            LogFormat::Text => {
+    /// One line a worker printed: waits while herd's stdout drains slowly, so the worker
+    /// waits on its own pipe (see [`out`]).
+    pub async fn line(&self, who: Who, stream: Stream, line: &str) {
+        let plain = text_line(&format!(
+            "{}[{}] {} | {line}",
+            self.inner.app, who.instance, who.pid
+        ));
+        let mut out = match self.inner.format {
+            LogFormat::Text if self.inner.color => {
+                let mut out = Vec::with_capacity(plain.len() + 16);
                 self.prefix(&mut out, who.instance);
-                let _ = write!(out, " {} | {line}", who.pid);
+                // The plain line starts with the uncoloured prefix.
+                let rest = plain
+                    .strip_prefix(&format!("{}[{}]", self.inner.app, who.instance))
+                    .unwrap_or(&plain);
+                out.extend_from_slice(rest.as_bytes());
+                out
             }
+            LogFormat::Text => plain.clone().into_bytes(),
             LogFormat::Json => {
                 let mut obj = Map::new();
                 obj.insert("ts".into(), Value::String(timestamp()));
@@ -151,41 +177,42 @@ impl Logger {
                 obj.insert("pid".into(), who.pid.into());
                 obj.insert("stream".into(), stream.name().into());
                 obj.insert("line".into(), Value::String(line.to_string()));
-                let _ = serde_json::to_writer(&mut out, &obj);
+                json_line(obj)
             }
-        }
+        };
         out.push(b'\n');
-        write_out(&out);
+        self.remember(Some(who.instance), plain);
+        self.inner.out.line(out).await;
     }
 
     /// One of herd's own events. `message` is the human sentence; `fields` go to JSON only.
+    /// Never waits: with herd's stdout blocked, events are dropped and counted.
     pub fn event(&self, name: &str, who: Option<Who>, message: &str, fields: &[(&str, Value)]) {
-        let text = match who {
+        let plain = text_line(&match who {
             Some(who) => format!(
                 "herd: {}[{}] pid {} {message}",
                 self.inner.app, who.instance, who.pid
             ),
             None => format!("herd: {} {message}", self.inner.app),
-        };
-        self.remember(who.map(|w| w.instance), text);
-        let mut out = Vec::with_capacity(message.len() + 64);
-        match self.inner.format {
-            LogFormat::Text => {
-                out.extend_from_slice(if self.inner.color {
-                    b"\x1b[1mherd:\x1b[0m "
-                } else {
-                    b"herd: "
-                });
+        });
+        let mut out = match self.inner.format {
+            LogFormat::Text if self.inner.color => {
+                let mut out = Vec::with_capacity(plain.len() + 32);
+                out.extend_from_slice(b"\x1b[1mherd:\x1b[0m ");
+                let rest = plain.strip_prefix("herd: ").unwrap_or(&plain);
                 match who {
                     Some(who) => {
                         self.prefix(&mut out, who.instance);
-                        let _ = write!(out, " pid {} {message}", who.pid);
+                        let rest = rest
+                            .strip_prefix(&format!("{}[{}]", self.inner.app, who.instance))
+                            .unwrap_or(rest);
+                        out.extend_from_slice(rest.as_bytes());
                     }
-                    None => {
-                        let _ = write!(out, "{} {message}", self.inner.app);
-                    }
+                    None => out.extend_from_slice(rest.as_bytes()),
                 }
+                out
             }
+            LogFormat::Text => plain.clone().into_bytes(),
             LogFormat::Json => {
                 let mut obj = Map::new();
                 obj.insert("ts".into(), Value::String(timestamp()));
@@ -200,29 +227,19 @@ impl Logger {
                 for (key, value) in fields {
                     obj.insert((*key).to_string(), value.clone());
                 }
-                let _ = serde_json::to_writer(&mut out, &obj);
+                json_line(obj)
             }
-        }
+        };
         out.push(b'\n');
-        write_out(&out);
+        self.remember(who.map(|w| w.instance), plain);
+        self.inner.out.event(out);
     }
 
     fn prefix(&self, out: &mut Vec<u8>, instance: usize) {
-        if self.inner.color {
-            let color = COLORS[instance % COLORS.len()];
-            let _ = write!(out, "\x1b[{color}m{}[{instance}]\x1b[0m", self.inner.app);
-        } else {
-            let _ = write!(out, "{}[{instance}]", self.inner.app);
-        }
+        use std::io::Write;
+        let color = COLORS[instance % COLORS.len()];
+        let _ = write!(out, "\x1b[{color}m{}[{instance}]\x1b[0m", self.inner.app);
     }
-}
-
-/// Writes to herd's stdout. A closed stdout (`herd run | head`) must not stop the supervisor,
-/// so errors are dropped.
-fn write_out(bytes: &[u8]) {
-    let mut stdout = std::io::stdout().lock();
-    let _ = stdout.write_all(bytes);
-    let _ = stdout.flush();
 }
 
 /// Reads one worker stream to its end, writing each line through `logger` and keeping the
@@ -241,18 +258,28 @@ pub async fn pump(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        cutter.feed(&chunk[..n], |line| emit(&logger, who, stream, &tail, line));
+        let mut pos = 0;
+        while let Some(line) = cutter.next_line(&chunk[..n], &mut pos) {
+            emit(&logger, who, stream, &tail, &line).await;
+        }
     }
-    cutter.finish(|line| emit(&logger, who, stream, &tail, line));
+    if let Some(line) = cutter.finish() {
+        emit(&logger, who, stream, &tail, &line).await;
+    }
 }
 
-fn emit(logger: &Logger, who: Who, stream: Stream, tail: &Tail, line: &str) {
-    logger.line(who, stream, line);
-    let mut tail = tail.borrow_mut();
-    if tail.len() == TAIL_LINES {
-        tail.pop_front();
+async fn emit(logger: &Logger, who: Who, stream: Stream, tail: &Tail, line: &str) {
+    // A chunk holds up to thousands of lines, and queueing one rarely waits: without this a
+    // flooding worker's pump would keep the runtime thread from signals, timers and routing.
+    tokio::task::consume_budget().await;
+    {
+        let mut tail = tail.borrow_mut();
+        if tail.len() == TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(line.chars().take(300).collect());
     }
-    tail.push_back(line.chars().take(300).collect());
+    logger.line(who, stream, line).await;
 }
 
 /// Splits a byte stream into lines of at most [`MAX_LINE`] bytes, cutting longer ones.
@@ -263,47 +290,48 @@ struct LineCutter {
 }
 
 impl LineCutter {
-    fn feed(&mut self, mut bytes: &[u8], mut out: impl FnMut(&str)) {
-        while !bytes.is_empty() {
-            let (part, rest, ends) = match bytes.iter().position(|&b| b == b'\n') {
-                Some(i) => (&bytes[..i], &bytes[i + 1..], true),
-                None => (bytes, &[][..], false),
+    /// The next whole line in `bytes[*pos..]`, moving `pos` past it; `None` once `bytes` is
+    /// used up (an unfinished line stays here for the next chunk).
+    fn next_line(&mut self, bytes: &[u8], pos: &mut usize) -> Option<String> {
+        while *pos < bytes.len() {
+            let rest = &bytes[*pos..];
+            let (part, used, ends) = match rest.iter().position(|&b| b == b'\n') {
+                Some(i) => (&rest[..i], i + 1, true),
+                None => (rest, rest.len(), false),
             };
             let room = MAX_LINE - self.line.len();
             let take = part.len().min(room);
             self.line.extend_from_slice(&part[..take]);
             self.dropped += part.len() - take;
+            *pos += used;
             if ends {
-                self.flush(&mut out);
+                return Some(self.take());
             }
-            bytes = rest;
         }
+        None
     }
 
-    fn finish(&mut self, mut out: impl FnMut(&str)) {
-        if !self.line.is_empty() || self.dropped > 0 {
-            self.flush(&mut out);
-        }
+    /// What is left at the end of the stream.
+    fn finish(&mut self) -> Option<String> {
+        (!self.line.is_empty() || self.dropped > 0).then(|| self.take())
     }
 
-    fn flush(&mut self, out: &mut impl FnMut(&str)) {
+    fn take(&mut self) -> String {
         if self.line.last() == Some(&b'\r') {
             self.line.pop();
         }
         let text = String::from_utf8_lossy(&self.line);
-        if self.dropped > 0 {
-            out(&format!(
-                "{text} … [line cut: {} more bytes dropped]",
-                self.dropped
-            ));
+        let out = if self.dropped > 0 {
+            format!("{text} … [line cut: {} more bytes dropped]", self.dropped)
         } else {
-            out(&text);
-        }
+            text.into_owned()
+        };
         self.line.clear();
         self.dropped = 0;
         if self.line.capacity() > 4 * 1024 {
             self.line.shrink_to(1024);
         }
+        out
     }
 }
 
@@ -346,9 +374,12 @@ mod tests {
         let mut cutter = LineCutter::default();
         let mut out = Vec::new();
         for chunk in chunks {
-            cutter.feed(chunk, |l| out.push(l.to_string()));
+            let mut pos = 0;
+            while let Some(line) = cutter.next_line(chunk, &mut pos) {
+                out.push(line);
+            }
         }
-        cutter.finish(|l| out.push(l.to_string()));
+        out.extend(cutter.finish());
         out
     }
 

@@ -170,8 +170,10 @@ fn run(args: cli::RunArgs) -> anyhow::Result<u8> {
         .enable_all()
         .build()?;
     let local = tokio::task::LocalSet::new();
+    let logger = logs::Logger::new(&name, log_format)
+        .map_err(|e| anyhow::anyhow!("cannot start the thread that writes herd's output: {e}"))?;
+    let output = logger.output();
     let code = local.block_on(&runtime, async move {
-        let logger = logs::Logger::new(&name, log_format);
         let (mut sup, rx) = Supervisor::new(plan, logger, run_dir);
         sup.set_control_path(control_path.clone());
         let tx = sup.sender();
@@ -182,6 +184,9 @@ fn run(args: cli::RunArgs) -> anyhow::Result<u8> {
         serving.abort();
         anyhow::Ok(code)
     });
+    // Whatever stdout has not taken within the bound is lost: a blocked stdout must not keep
+    // herd running after its workers are gone.
+    output.finish(logs::out::EXIT_FLUSH);
     // The supervisor removed its control socket before answering `herd stop`, under the
     // name's lock; a new supervisor of the name waits for the lock.
     let code = code?;
