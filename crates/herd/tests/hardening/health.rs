@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::util::{
-    cli, home_of, kill, run_to_end, spawn_cli, start_named_listener, start_named_node,
-    wait_dead, wait_status, workers, Herd, TempDir, WAIT,
+    cli, home_of, kill, run_to_end, spawn_cli, start_named_listener, start_named_node, wait_dead,
+    wait_status, workers, Herd, TempDir, WAIT,
 };
 
 const NOBODY: u32 = 65534;
@@ -30,10 +30,7 @@ fn herd_loopback_listeners(herd_pid: u32) -> BTreeSet<u16> {
         for fd in fds.flatten() {
             if let Ok(target) = std::fs::read_link(fd.path()) {
                 let t = target.to_string_lossy();
-                if let Some(inode) = t
-                    .strip_prefix("socket:[")
-                    .and_then(|s| s.strip_suffix(']'))
-                {
+                if let Some(inode) = t.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')) {
                     inodes.insert(inode.to_string());
                 }
             }
@@ -193,12 +190,19 @@ fn foreign_connections_to_herds_ports_do_not_fail_probes() {
     };
     // Twenty probes answered while the attacker runs (about 2.5 s), or a failure.
     let bad_event = |e: &serde_json::Value| {
-        matches!(e["event"].as_str(), Some("probe_failed" | "replacing" | "hung"))
+        matches!(
+            e["event"].as_str(),
+            Some("probe_failed" | "replacing" | "hung")
+        )
     };
     herd.wait_for("20 probes during the attack", |events| {
         let probes = events[mark..]
             .iter()
-            .filter(|e| e["line"].as_str().is_some_and(|l| l.contains("health probe")))
+            .filter(|e| {
+                e["line"]
+                    .as_str()
+                    .is_some_and(|l| l.contains("health probe"))
+            })
             .count();
         probes >= 20 || events[mark..].iter().any(bad_event)
     });
@@ -368,7 +372,10 @@ fn a_user_worker_cannot_redirect_the_run_directory() {
     });
     let pid = second["pid"].as_u64().expect("pid") as u32;
     let socket = notify_socket_of(pid);
-    let run_dir = socket.parent().expect("socket in a directory").to_path_buf();
+    let run_dir = socket
+        .parent()
+        .expect("socket in a directory")
+        .to_path_buf();
 
     // Undo a successful hijack before asserting, so nothing is left in /tmp.
     let moved = PathBuf::from(format!("{}.moved", run_dir.display()));
@@ -400,7 +407,11 @@ fn a_user_worker_cannot_redirect_the_run_directory() {
         dir_meta.mode()
     );
     let sock_meta = std::fs::symlink_metadata(&socket).expect("notify socket");
-    assert_eq!(sock_meta.uid(), NOBODY, "the worker's socket is the worker's");
+    assert_eq!(
+        sock_meta.uid(),
+        NOBODY,
+        "the worker's socket is the worker's"
+    );
     assert_eq!(sock_meta.mode() & 0o077, 0, "nobody else may write to it");
     let predictable = format!("herd-{name}-{}", herd.pid());
     let dir_name = run_dir.file_name().expect("name").to_string_lossy();
@@ -468,7 +479,10 @@ fn run_dirs_left_by_a_killed_herd_are_removed_safely() {
     let _ = std::fs::remove_dir_all(&foreign);
     drop(second);
     assert!(victim_ok, "a look-alike symlink was followed");
-    assert!(foreign_ok, "another user's look-alike directory was touched");
+    assert!(
+        foreign_ok,
+        "another user's look-alike directory was touched"
+    );
     assert!(link_ok, "the look-alike symlink itself is left alone");
     assert!(
         !stale_left,
@@ -483,8 +497,16 @@ fn run_dirs_left_by_a_killed_herd_are_removed_safely() {
 fn zero_and_negative_values_are_refused_clearly() {
     let cases: [(&[&str], &str, &str); 6] = [
         (&["--watchdog", "0s"], "--watchdog", "greater than 0"),
-        (&["--health-interval", "0ms"], "--health-interval", "greater than 0"),
-        (&["--health-timeout", "0s"], "--health-timeout", "greater than 0"),
+        (
+            &["--health-interval", "0ms"],
+            "--health-interval",
+            "greater than 0",
+        ),
+        (
+            &["--health-timeout", "0s"],
+            "--health-timeout",
+            "greater than 0",
+        ),
         (&["-i", "-3"], "--instances", "at least 1"),
         (&["--max-restarts", "-1"], "--max-restarts", "negative"),
         (&["--kill-timeout", "-5s"], "--kill-timeout", "negative"),
