@@ -46,7 +46,7 @@ pub enum Command {
         #[arg(value_parser = clap::value_parser!(AppName))]
         name: AppName,
         /// Slots replaced at a time.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, allow_negative_numbers = true, value_parser = spec::parse_positive_count_usize)]
         parallel: usize,
     },
     /// Stop every worker, then start them again.
@@ -71,13 +71,13 @@ pub enum Command {
         #[arg(value_parser = clap::value_parser!(AppName))]
         name: AppName,
         /// How many recent lines.
-        #[arg(short = 'n', long, default_value_t = 100)]
+        #[arg(short = 'n', long, default_value_t = 100, allow_negative_numbers = true, value_parser = spec::parse_count_usize)]
         lines: usize,
         /// Keep printing new lines.
         #[arg(short = 'f', long)]
         follow: bool,
         /// Only this worker slot.
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true, value_parser = spec::parse_count_usize)]
         instance: Option<usize>,
     },
     /// Send a JSON message to the workers' process.on('message').
@@ -86,7 +86,7 @@ pub enum Command {
         name: AppName,
         json: String,
         /// Only this worker slot.
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true, value_parser = spec::parse_count_usize)]
         instance: Option<usize>,
     },
 }
@@ -94,7 +94,7 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     /// Number of workers: a count, or `max` for one per available core.
-    #[arg(short = 'i', long, value_name = "N|max", default_value = "max", value_parser = clap::value_parser!(Instances))]
+    #[arg(short = 'i', long, value_name = "N|max", default_value = "max", allow_hyphen_values = true, value_parser = clap::value_parser!(Instances))]
     pub instances: Instances,
 
     /// Address to listen on (repeatable): PORT, HOST:PORT, [V6]:PORT or unix:PATH.
@@ -118,19 +118,19 @@ pub struct RunArgs {
     pub user: Option<String>,
 
     /// How long a stopping worker gets before SIGKILL.
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = spec::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "5s", allow_hyphen_values = true, value_parser = spec::parse_duration)]
     pub kill_timeout: Duration,
 
     /// First step of the crash-restart backoff (x1.5 per unstable restart, at most 15s).
-    #[arg(long, value_name = "DURATION", default_value = "100ms", value_parser = spec::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "100ms", allow_hyphen_values = true, value_parser = spec::parse_duration)]
     pub restart_delay: Duration,
 
     /// A worker that stays up this long is stable: the backoff resets.
-    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = spec::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "1s", allow_hyphen_values = true, value_parser = spec::parse_duration)]
     pub min_uptime: Duration,
 
     /// Unstable restarts in a row before a worker slot is marked errored.
-    #[arg(long, value_name = "N", default_value_t = 15)]
+    #[arg(long, value_name = "N", default_value_t = 15, allow_negative_numbers = true, value_parser = spec::parse_count_u32)]
     pub max_restarts: u32,
 
     /// Do not restart workers that exit on their own.
@@ -165,12 +165,12 @@ pub struct RunArgs {
     pub no_keepalive_drain: bool,
 
     /// How long a new worker may take to become ready.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = spec::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10s", allow_hyphen_values = true, value_parser = spec::parse_positive_duration)]
     pub listen_timeout: Duration,
 
     /// A ready worker silent this long is hung and replaced: no WATCHDOG=1 (socket
     /// activation), no answer to herd's event-loop ping, or a hand-off unanswered (Node).
-    #[arg(long, value_name = "DURATION", value_parser = spec::parse_duration)]
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true, value_parser = spec::parse_positive_duration)]
     pub watchdog: Option<Duration>,
 
     /// Probe each worker with GET PATH; replace it after --health-failures failures in a row.
@@ -178,15 +178,15 @@ pub struct RunArgs {
     pub health_check: Option<String>,
 
     /// Time between two probes of a worker.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = spec::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10s", allow_hyphen_values = true, value_parser = spec::parse_positive_duration)]
     pub health_interval: Duration,
 
     /// How long a probe may take.
-    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = spec::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "2s", allow_hyphen_values = true, value_parser = spec::parse_positive_duration)]
     pub health_timeout: Duration,
 
     /// Failed probes in a row before the worker is replaced.
-    #[arg(long, value_name = "N", default_value_t = 3)]
+    #[arg(long, value_name = "N", default_value_t = 3, allow_negative_numbers = true, value_parser = spec::parse_positive_count_u32)]
     pub health_failures: u32,
 
     /// Replace a worker whose resident memory passes SIZE (300M, 1G); checked every second.
@@ -194,19 +194,19 @@ pub struct RunArgs {
     pub max_memory: Option<u64>,
 
     /// Replace a worker after herd handed it N connections (round-robin, sticky).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = spec::parse_positive_count)]
     pub max_requests: Option<u64>,
 
     /// Up to N more connections, chosen per worker, so workers recycle at different times.
-    #[arg(long, value_name = "N", default_value_t = 0)]
+    #[arg(long, value_name = "N", default_value_t = 0, allow_negative_numbers = true, value_parser = spec::parse_count)]
     pub max_requests_jitter: u64,
 
     /// Replace a worker once it has run this long.
-    #[arg(long, value_name = "DURATION", value_parser = spec::parse_duration)]
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true, value_parser = spec::parse_positive_duration)]
     pub max_age: Option<Duration>,
 
     /// Up to this much longer, chosen per worker.
-    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = spec::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "0s", allow_hyphen_values = true, value_parser = spec::parse_duration)]
     pub max_age_jitter: Duration,
 
     /// The program or script to run (a .js file runs as a Node cluster worker).
@@ -259,7 +259,7 @@ impl RunArgs {
                     path,
                     interval: self.health_interval,
                     timeout: self.health_timeout,
-                    failures: self.health_failures.max(1),
+                    failures: self.health_failures,
                 }),
                 max_memory: self.max_memory,
                 max_requests: self.max_requests,
@@ -370,6 +370,22 @@ mod tests {
             err.contains("--instances") && err.contains("at least 1"),
             "{err}"
         );
+        for (args, says) in [
+            (&["--watchdog", "0s"][..], "greater than 0"),
+            (&["--health-failures", "0"][..], "at least 1"),
+            (&["-i", "-3"][..], "at least 1"),
+            (&["--max-restarts", "-1"][..], "negative"),
+            (&["--kill-timeout", "-1s"][..], "negative"),
+        ] {
+            let mut argv = vec!["herd", "run"];
+            argv.extend_from_slice(args);
+            argv.push("x");
+            let err = Cli::try_parse_from(argv).unwrap_err().to_string();
+            assert!(
+                err.contains(says) && !err.contains("unexpected"),
+                "{args:?}: {err}"
+            );
+        }
         let err = Cli::try_parse_from(["herd", "run", "--kill-timeout", "5", "x"])
             .unwrap_err()
             .to_string();

@@ -15,6 +15,7 @@ mod node;
 mod paths;
 mod plan;
 mod procfs;
+mod rundir;
 mod sdnotify;
 mod spawn;
 mod spec;
@@ -139,13 +140,13 @@ fn run(args: cli::RunArgs) -> anyhow::Result<u8> {
     let home = paths::herd_home().map_err(anyhow::Error::msg)?;
     // Held open for the whole run: the control socket is used through this descriptor.
     let home_dir = paths::Home::open(&home).map_err(anyhow::Error::msg)?;
-    // Notify sockets live here. Workers run as another user (`--user`) cannot enter the
-    // private HERD_HOME, so theirs get a directory of their own, handed to that user.
-    let run_dir = match spec.user {
-        Some(_) => std::env::temp_dir().join(format!("herd-{name}-{}", std::process::id())),
-        None => home.join(format!("{name}-{}", std::process::id())),
+    // Notify sockets live here (see rundir.rs). Workers run as another user (`--user`)
+    // cannot enter the private HERD_HOME, so theirs is in the temp directory.
+    let run_parent = match spec.user {
+        Some(_) => std::env::temp_dir(),
+        None => home.clone(),
     };
-    paths::private_dir(&run_dir).map_err(anyhow::Error::msg)?;
+    let run_dir = rundir::create(&run_parent).map_err(anyhow::Error::msg)?;
     // The name's lock is held (`_lock`) until this function returns, after the supervisor.
     let control::Registration {
         listener: control,

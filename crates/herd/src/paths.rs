@@ -8,7 +8,7 @@
 
 use std::fmt;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -85,28 +85,6 @@ pub fn herd_home() -> Result<PathBuf, String> {
         Some(home) => Ok(Path::new(&home).join(".herd")),
         None => Err("cannot find a home for herd's runtime files: set HERD_HOME".into()),
     }
-}
-
-/// Creates `dir` (and parents) if needed and makes sure it is private to this user.
-pub fn private_dir(dir: &Path) -> Result<(), String> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let meta = std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    if meta.uid() != rustix::process::geteuid().as_raw() {
-        return Err(format!(
-            "{} belongs to another user (uid {}); set HERD_HOME to a directory of your own",
-            dir.display(),
-            meta.uid()
-        ));
-    }
-    if meta.permissions().mode() & 0o077 != 0 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| format!("cannot make {} private: {e}", dir.display()))?;
-    }
-    Ok(())
 }
 
 /// `HERD_HOME`, open. Whatever its path comes to mean later, the checks made on this

@@ -18,15 +18,26 @@
 //!
 //! std has already put stdin/stdout/stderr in place, moved the child into its own process
 //! group and changed directory and user when the hook runs.
+//!
+//! # Reaping, and signalling only what is still ours
+//!
+//! A pid (and a process-group id) is only pinned while its process is unreaped: once herd
+//! reaps a worker, the kernel may hand its number to an unrelated process, which may make
+//! itself a group leader with that number. So herd reaps workers itself, not through tokio:
+//! [`wait_exit`] waits on a pidfd for the leader to *exit* (it is then a zombie, and its
+//! number is still pinned), SIGKILLs what is left of the group, marks the [`Leader`] reaped
+//! and only then reaps it. Every later signal goes through [`Leader::signal_group`], which
+//! does nothing once the leader is reaped — a late `KillDue` timer cannot hit a stranger.
 
+use std::cell::Cell;
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::Stdio;
-
-use tokio::process::{Child, Command};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::rc::Rc;
 
 /// The first fd number a worker's passed sockets get.
 pub const FIRST_FD: RawFd = 3;
@@ -48,15 +59,15 @@ pub struct SpawnRequest<'a> {
     pub gid: Option<u32>,
 }
 
-/// Starts the worker. Its stdout and stderr are pipes; stdin is /dev/null.
+/// Starts the worker. Its stdout and stderr are pipes; stdin is /dev/null. The caller owns
+/// the reaping: pass the child to [`wait_exit`] (std's `Child` never reaps on its own).
 pub fn spawn(req: &SpawnRequest<'_>) -> io::Result<Child> {
     let mut image = ExecImage::new(req)?;
     let mut cmd = Command::new(req.program);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(false);
+        .process_group(0);
     if let Some(cwd) = req.cwd {
         cmd.current_dir(cwd);
     }
@@ -72,6 +83,92 @@ pub fn spawn(req: &SpawnRequest<'_>) -> io::Result<Child> {
         cmd.pre_exec(move || image.exec());
     }
     cmd.spawn()
+}
+
+/// A worker's process as herd sees it: its pid, which is also its process group's id, and
+/// whether herd has reaped it (after which neither number may be signalled).
+#[derive(Debug, Clone)]
+pub struct Leader {
+    pid: u32,
+    reaped: Rc<Cell<bool>>,
+}
+
+impl Leader {
+    pub fn new(pid: u32) -> Self {
+        Leader {
+            pid,
+            reaped: Rc::new(Cell::new(pid == 0)),
+        }
+    }
+
+    /// Signals the worker's whole process group, only while the leader is unreaped (its
+    /// number cannot have been reused then). Returns whether a signal was sent.
+    pub fn signal_group(&self, signal: rustix::process::Signal) -> bool {
+        if self.reaped.get() {
+            return false;
+        }
+        match rustix::process::Pid::from_raw(self.pid as i32) {
+            Some(pid) => rustix::process::kill_process_group(pid, signal).is_ok(),
+            None => false,
+        }
+    }
+
+    #[cfg(test)]
+    pub fn reaped(&self) -> bool {
+        self.reaped.get()
+    }
+}
+
+/// Waits for the worker to exit, kills what is left of its process group while the
+/// leader's zombie still pins the group's number, marks `leader` reaped, then reaps it.
+pub async fn wait_exit(mut child: Child, leader: Leader) -> io::Result<ExitStatus> {
+    let result = exited(&child).await;
+    // The leader is a zombie now (or waiting failed: then kill it, it is still ours).
+    if result.is_err() {
+        let _ = child.kill();
+    }
+    leader.signal_group(rustix::process::Signal::KILL);
+    leader.reaped.set(true);
+    match result {
+        Ok(()) => match child.try_wait()? {
+            Some(status) => Ok(status),
+            None => child.wait(),
+        },
+        Err(e) => {
+            let _ = child.wait();
+            Err(e)
+        }
+    }
+}
+
+/// Returns once `child` has exited, without reaping it.
+async fn exited(child: &Child) -> io::Result<()> {
+    let pid = rustix::process::Pid::from_raw(child.id() as i32)
+        .ok_or_else(|| io::Error::other("worker has no pid"))?;
+    match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
+        Ok(fd) => {
+            // SAFETY: the AsyncFd owns `fd`, which stays open and the same until it drops.
+            let fd = unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+            }?;
+            // Readable once the process has exited.
+            let _ = fd.readable().await?;
+            Ok(())
+        }
+        Err(_) => {
+            // Kernels before 5.3: a blocking waitid that leaves the zombie in place.
+            tokio::task::spawn_blocking(move || {
+                rustix::process::waitid(
+                    rustix::process::WaitId::Pid(pid),
+                    rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOWAIT,
+                )
+                .map(|_| ())
+                .map_err(io::Error::from)
+            })
+            .await
+            .map_err(io::Error::other)?
+        }
+    }
 }
 
 /// argv, envp and fd plan, laid out before fork so the child needs no allocation.
@@ -300,6 +397,85 @@ mod tests {
         assert_eq!(&buf[..2], b"0\0");
         unsafe { write_decimal(buf.as_mut_ptr(), u64::MAX) };
         assert_eq!(&buf[..21], b"18446744073709551615\0");
+    }
+
+    /// A child in its own process group that stays until killed.
+    fn sleeper() -> Child {
+        Command::new("sleep")
+            .arg("30")
+            .process_group(0)
+            .spawn()
+            .expect("spawn sleep")
+    }
+
+    #[test]
+    fn a_reaped_leader_is_never_signalled() {
+        let mut child = sleeper();
+        let leader = Leader::new(child.id());
+        // The state rule: once marked reaped, no signal goes out, whatever the number names.
+        leader.reaped.set(true);
+        assert!(!leader.signal_group(rustix::process::Signal::KILL));
+        assert!(
+            child.try_wait().expect("try_wait").is_none(),
+            "still running"
+        );
+        // While unreaped, the group is signalled.
+        leader.reaped.set(false);
+        assert!(leader.signal_group(rustix::process::Signal::KILL));
+        let status = child.wait().expect("wait");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+        assert!(!Leader::new(0).signal_group(rustix::process::Signal::KILL));
+    }
+
+    #[test]
+    fn wait_exit_kills_the_group_before_reaping() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        // The leader leaves a grandchild in its group and exits.
+        let child = Command::new("sh")
+            .args(["-c", "sleep 30 >/dev/null & echo $!"])
+            .stdout(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .expect("spawn sh");
+        let leader = Leader::new(child.id());
+        let mut child = child;
+        let mut out = String::new();
+        use std::io::Read;
+        child
+            .stdout
+            .take()
+            .expect("stdout")
+            .read_to_string(&mut out)
+            .expect("read");
+        let grandchild: i32 = out.trim().parse().expect("grandchild pid");
+        let status = rt
+            .block_on(wait_exit(child, leader.clone()))
+            .expect("status");
+        assert!(status.success(), "{status:?}");
+        assert!(leader.reaped());
+        assert!(!leader.signal_group(rustix::process::Signal::TERM));
+        // The grandchild got SIGKILL: wait for it to be gone (it is not our child; init reaps).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{grandchild}/stat"));
+            let gone = stat.map_or(true, |s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, r)| r.trim_start().chars().next())
+                    .is_none_or(|c| c == 'Z' || c == 'X')
+            });
+            if gone {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "grandchild {grandchild} survived"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 
     #[test]

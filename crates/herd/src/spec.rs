@@ -37,6 +37,11 @@ impl FromStr for Instances {
         if s == "max" {
             return Ok(Instances::Max);
         }
+        if s.strip_prefix('-').is_some_and(is_whole) {
+            return Err(format!(
+                "`{s}` is negative: must be at least 1 (or `max` for one per core)"
+            ));
+        }
         match s.parse::<usize>() {
             Ok(0) => Err("must be at least 1 (or `max` for one per core)".into()),
             Ok(n) if n > 1024 => Err(format!("{n} is more than the 1024 workers herd allows")),
@@ -61,6 +66,11 @@ impl Instances {
 /// Parses `250ms`, `5s`, `1m`, `1h`, `1.5s`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
+    if s.starts_with('-') {
+        return Err(format!(
+            "`{s}` is negative; a duration is 0 or more, like 250ms, 5s, 1m or 1h"
+        ));
+    }
     let split = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(s.len());
@@ -85,6 +95,62 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("`{s}` is too long (more than a year)"));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+/// A duration that must not be zero (`--watchdog`, `--health-interval`, …): 0 would mean
+/// "always late" or "check without pause", never what anyone wants.
+pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!(
+            "`{s}`: must be greater than 0, like 250ms, 5s or 1m"
+        ));
+    }
+    Ok(d)
+}
+
+fn is_whole(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// A whole number >= 0 for a count flag, with an error that says what is wrong.
+pub fn parse_count(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    if t.strip_prefix('-').is_some_and(is_whole) {
+        return Err(format!("`{s}` is negative; give a whole number, 0 or more"));
+    }
+    if !is_whole(t) {
+        return Err(format!("`{s}` is not a whole number like 3"));
+    }
+    t.parse().map_err(|_| format!("`{s}` is too large"))
+}
+
+/// [`parse_count`], at least 1.
+pub fn parse_positive_count(s: &str) -> Result<u64, String> {
+    match parse_count(s)? {
+        0 => Err(format!("`{s}`: must be at least 1")),
+        n => Ok(n),
+    }
+}
+
+/// [`parse_count`] for a `u32` flag.
+pub fn parse_count_u32(s: &str) -> Result<u32, String> {
+    u32::try_from(parse_count(s)?).map_err(|_| format!("`{s}` is too large"))
+}
+
+/// [`parse_positive_count`] for a `u32` flag.
+pub fn parse_positive_count_u32(s: &str) -> Result<u32, String> {
+    u32::try_from(parse_positive_count(s)?).map_err(|_| format!("`{s}` is too large"))
+}
+
+/// [`parse_count`] for a `usize` flag.
+pub fn parse_count_usize(s: &str) -> Result<usize, String> {
+    usize::try_from(parse_count(s)?).map_err(|_| format!("`{s}` is too large"))
+}
+
+/// [`parse_positive_count`] for a `usize` flag.
+pub fn parse_positive_count_usize(s: &str) -> Result<usize, String> {
+    usize::try_from(parse_positive_count(s)?).map_err(|_| format!("`{s}` is too large"))
 }
 
 /// One address herd listens on for the workers.
@@ -385,6 +451,29 @@ mod tests {
         assert!(parse_duration("5x").unwrap_err().contains("unknown unit"));
         assert!(parse_duration("ms").is_err());
         assert!(parse_duration("1..2s").is_err());
+    }
+
+    #[test]
+    fn zero_and_negative_values_say_so() {
+        assert!(parse_duration("-5s").unwrap_err().contains("negative"));
+        assert!(parse_positive_duration("0s")
+            .unwrap_err()
+            .contains("greater than 0"));
+        assert_eq!(parse_positive_duration("1ms"), Ok(Duration::from_millis(1)));
+        assert!(parse_count("-1").unwrap_err().contains("negative"));
+        assert!(parse_count("x").unwrap_err().contains("not a whole number"));
+        assert!(parse_count("+3").is_err());
+        assert_eq!(parse_count("0"), Ok(0));
+        assert!(parse_positive_count("0")
+            .unwrap_err()
+            .contains("at least 1"));
+        assert!(parse_count_u32("4294967296")
+            .unwrap_err()
+            .contains("too large"));
+        assert!("-3"
+            .parse::<Instances>()
+            .unwrap_err()
+            .contains("at least 1"));
     }
 
     #[test]

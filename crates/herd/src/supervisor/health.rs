@@ -195,7 +195,7 @@ impl Supervisor {
             &format!("hung: {why} (--watchdog) — killing it (SIGABRT, then SIGKILL) and starting a replacement"),
             &[("reason", json!("hung")), ("detail", json!(why))],
         );
-        super::signal_group(w.pid, rustix::process::Signal::ABORT);
+        w.signal_group(rustix::process::Signal::ABORT);
         self.detach(&mut w);
         self.workers.insert(id, w);
         self.after(
@@ -203,6 +203,7 @@ impl Supervisor {
             Event::KillDue {
                 id,
                 signal: rustix::process::Signal::KILL,
+                after: format!("SIGABRT and {} (hung)", human(ABORT_GRACE)),
             },
         );
     }
@@ -260,54 +261,100 @@ impl Supervisor {
             return;
         };
         let tx = self.tx.clone();
-        let pair = if self
-            .workers
-            .get(&id)
-            .is_some_and(|w| w.health_port.is_none())
-        {
-            Some(self.probe_pair())
-        } else {
-            None
-        };
         let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
         w.probing = true;
+        let deadline = tokio::time::Instant::now() + check.timeout;
         if let Some(port) = w.health_port {
             tokio::task::spawn_local(async move {
-                let result = match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
-                    Ok(stream) => health::probe(stream, &check.path, check.timeout).await,
-                    Err(e) => Err(format!("cannot connect to its health socket: {e}")),
+                let result = match tokio::time::timeout_at(
+                    deadline,
+                    tokio::net::TcpStream::connect(("127.0.0.1", port)),
+                )
+                .await
+                {
+                    Ok(Ok(stream)) => health::probe(stream, &check.path, deadline).await,
+                    Ok(Err(e)) => Err(format!("cannot connect to its health socket: {e}")),
+                    Err(_) => Err(format!(
+                        "its health socket did not accept within {}",
+                        human(check.timeout)
+                    )),
                 };
                 let _ = tx.send(Event::Probe { id, result });
             });
             return;
         }
-        // Node: hand the worker one end of a loopback connection on a server it holds.
-        let pair = pair.expect("made above for workers without a health port");
+        // Node: the worker gets the server end of a loopback connection nobody else can
+        // make (health::private_pair), handed over on a TCP server it holds.
+        if !w
+            .servers
+            .iter()
+            .any(|&s| self.servers.get(s).is_some_and(|s| s.sockname.is_some()))
+        {
+            let _ = tx.send(Event::Probe {
+                id,
+                result: Err("it holds no TCP server herd can reach".into()),
+            });
+            return;
+        }
+        tokio::task::spawn_local(async move {
+            match tokio::time::timeout_at(deadline, health::private_pair(deadline)).await {
+                Ok(Ok(conn)) => {
+                    let _ = tx.send(Event::ProbeConn { id, conn });
+                }
+                Ok(Err(e)) => {
+                    let _ = tx.send(Event::Probe {
+                        id,
+                        result: Err(format!("cannot make the probe connection: {e}")),
+                    });
+                }
+                Err(_) => {
+                    let _ = tx.send(Event::Probe {
+                        id,
+                        result: Err("the probe connection was not made in time".into()),
+                    });
+                }
+            }
+        });
+    }
+
+    /// The private probe connection is ready: the worker gets its server end as a
+    /// `newconn` (so the app's server sees an ordinary connection), herd speaks HTTP on the
+    /// other.
+    pub(super) fn on_probe_conn(&mut self, id: WorkerId, conn: health::ProbeConn) {
+        let Some(check) = self.plan.spec.health.check.clone() else {
+            return;
+        };
+        let tx = self.tx.clone();
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
         let server = w
             .servers
             .iter()
             .copied()
             .find(|&s| self.servers.get(s).is_some_and(|s| s.sockname.is_some()));
-        let (Some(server), Ok((client, served))) = (server, pair) else {
+        let key_json = server.and_then(|s| self.servers.get(s).map(|s| Rc::clone(&s.key_json)));
+        let (Some(server), Some(key_json)) = (server, key_json) else {
             let _ = tx.send(Event::Probe {
                 id,
                 result: Err("it holds no TCP server herd can reach".into()),
             });
             return;
         };
-        let key_json = match self.servers.get(server) {
-            Some(s) => std::rc::Rc::clone(&s.key_json),
-            None => return,
-        };
-        let conn = Pending {
+        let health::ProbeConn {
+            client,
+            served,
+            deadline,
+        } = conn;
+        let pending = Pending {
             fd: served,
             peer: 0,
             attempts: 0,
             probe: true,
         };
-        if w.hand_off(&self.tx, server, &key_json, conn).is_err() {
+        if w.hand_off(&self.tx, server, &key_json, pending).is_err() {
             let _ = tx.send(Event::Probe {
                 id,
                 result: Err("its IPC channel is closed".into()),
@@ -315,26 +362,9 @@ impl Supervisor {
             return;
         }
         tokio::task::spawn_local(async move {
-            let result = match tokio::net::TcpStream::from_std(client) {
-                Ok(stream) => health::probe(stream, &check.path, check.timeout).await,
-                Err(e) => Err(e.to_string()),
-            };
+            let result = health::probe(client, &check.path, deadline).await;
             let _ = tx.send(Event::Probe { id, result });
         });
-    }
-
-    /// A connected loopback pair: (herd's client end, the end for the worker).
-    fn probe_pair(&mut self) -> std::io::Result<(std::net::TcpStream, std::os::fd::OwnedFd)> {
-        if self.probe_listener.is_none() {
-            self.probe_listener = Some(std::net::TcpListener::bind(("127.0.0.1", 0))?);
-        }
-        let listener = self.probe_listener.as_ref().expect("just set");
-        let client = std::net::TcpStream::connect(listener.local_addr()?)?;
-        // The handshake completed inside the kernel: the connection is already queued.
-        let (served, _) = listener.accept()?;
-        served.set_nonblocking(true)?;
-        client.set_nonblocking(true)?;
-        Ok((client, served.into()))
     }
 
     pub(super) fn on_probe(&mut self, id: WorkerId, result: Result<u16, String>) {

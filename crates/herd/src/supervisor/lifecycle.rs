@@ -91,13 +91,22 @@ impl Supervisor {
         let next = if asked {
             rustix::process::Signal::TERM
         } else {
-            signal_group(w.pid, rustix::process::Signal::TERM);
+            w.signal_group(rustix::process::Signal::TERM);
             rustix::process::Signal::KILL
         };
-        self.after(kill_timeout, Event::KillDue { id, signal: next });
+        self.after(
+            kill_timeout,
+            Event::KillDue {
+                id,
+                signal: next,
+                after: format!("--kill-timeout {}", human(kill_timeout)),
+            },
+        );
     }
 
-    pub(super) fn kill_due(&mut self, id: WorkerId, signal: rustix::process::Signal) {
+    /// A timer to escalate fired. The worker may have exited meanwhile: once herd has reaped
+    /// it (its record is gone, or its [`crate::spawn::Leader`] says reaped) nothing is sent.
+    pub(super) fn kill_due(&mut self, id: WorkerId, signal: rustix::process::Signal, after: &str) {
         let Some(w) = self.workers.get(&id) else {
             return;
         };
@@ -107,19 +116,22 @@ impl Supervisor {
         } else {
             "SIGKILL"
         };
+        if !w.signal_group(signal) {
+            return;
+        }
         self.logger.event(
             "kill",
             Some(who),
-            &format!("still running after --kill-timeout — sending {sig}"),
+            &format!("still running after {after} — sending {sig}"),
             &[],
         );
-        signal_group(w.pid, signal);
         if signal == rustix::process::Signal::TERM {
             self.after(
                 TERM_GRACE,
                 Event::KillDue {
                     id,
                     signal: rustix::process::Signal::KILL,
+                    after: format!("SIGTERM and {}", human(TERM_GRACE)),
                 },
             );
         }
@@ -129,8 +141,8 @@ impl Supervisor {
         let Some(mut w) = self.workers.remove(&id) else {
             return;
         };
-        // Whatever the worker left in its process group goes with it.
-        signal_group(w.pid, rustix::process::Signal::KILL);
+        // Whatever the worker left in its process group went with it, just before it was
+        // reaped (spawn::wait_exit): after the reap the group's number is not ours to signal.
         let who = w.who();
         let uptime = w.started.elapsed();
         let how = match &status {
@@ -323,13 +335,14 @@ impl Supervisor {
                     ),
                     &[],
                 );
-                signal_group(w.pid, rustix::process::Signal::TERM);
+                w.signal_group(rustix::process::Signal::TERM);
                 let grace = self.plan.spec.policy.kill_timeout.min(TERM_GRACE);
                 self.after(
                     grace,
                     Event::KillDue {
                         id,
                         signal: rustix::process::Signal::KILL,
+                        after: format!("SIGTERM and {}", human(grace)),
                     },
                 );
             }
@@ -348,6 +361,7 @@ impl Supervisor {
                 Event::KillDue {
                     id,
                     signal: rustix::process::Signal::TERM,
+                    after: format!("its IPC channel closed and --kill-timeout {}", human(grace)),
                 },
             );
         }
@@ -423,7 +437,7 @@ impl Supervisor {
             self.logger.event(
                 "notify_error",
                 Some(who),
-                &format!("ignored a malformed notify message: {m}"),
+                &format!("ignored a notify message: {m}"),
                 &[],
             );
         }

@@ -109,9 +109,16 @@ pub enum Event {
     KillDue {
         id: WorkerId,
         signal: rustix::process::Signal,
+        /// What the worker was given time for, for the log: "--kill-timeout 5.0s", …
+        after: String,
     },
     /// Once a second, when a health check or limit is on.
     Tick,
+    /// A Node probe's private connection is made: hand the served end to the worker.
+    ProbeConn {
+        id: WorkerId,
+        conn: crate::health::ProbeConn,
+    },
     Probe {
         id: WorkerId,
         result: Result<u16, String>,
@@ -191,8 +198,6 @@ pub struct Supervisor {
     op: Option<ops::Op>,
     /// Graceful replacements (health, limits) waiting their turn.
     replacements: std::collections::VecDeque<(WorkerId, &'static str)>,
-    /// herd's end of Node health probes.
-    probe_listener: Option<std::net::TcpListener>,
     stop_replies: Vec<oneshot::Sender<Response>>,
     started: std::time::Instant,
     /// herd's own service manager (systemd `Type=notify`), if any.
@@ -229,7 +234,6 @@ impl Supervisor {
             run_dir,
             op: None,
             replacements: std::collections::VecDeque::new(),
-            probe_listener: None,
             stop_replies: Vec::new(),
             started: std::time::Instant::now(),
             manager: crate::sdnotify::Manager::from_env(),
@@ -391,10 +395,11 @@ impl Supervisor {
                     self.mark_ready(id, "timeout");
                 }
             }
-            Event::KillDue { id, signal } => self.kill_due(id, signal),
+            Event::KillDue { id, signal, after } => self.kill_due(id, signal, &after),
             Event::Signal(kind) => self.on_signal(kind),
             Event::Control { request, reply } => self.on_control(request, reply),
             Event::Tick => self.on_tick(),
+            Event::ProbeConn { id, conn } => self.on_probe_conn(id, conn),
             Event::Probe { id, result } => self.on_probe(id, result),
         }
     }
@@ -508,7 +513,7 @@ impl Supervisor {
                 );
                 self.phase = Phase::Stopping { code, forced: true };
                 for w in self.workers.values() {
-                    signal_group(w.pid, rustix::process::Signal::KILL);
+                    w.signal_group(rustix::process::Signal::KILL);
                 }
             }
             _ => {}
@@ -547,13 +552,6 @@ impl Supervisor {
             tokio::time::sleep(delay).await;
             let _ = tx.send(event);
         });
-    }
-}
-
-/// Signals a worker's whole process group. Errors (it is already gone) are ignored.
-fn signal_group(pid: u32, signal: rustix::process::Signal) {
-    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
-        let _ = rustix::process::kill_process_group(pid, signal);
     }
 }
 

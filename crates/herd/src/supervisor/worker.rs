@@ -3,8 +3,7 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
-use std::os::unix::net::UnixDatagram;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Instant;
@@ -15,7 +14,7 @@ use crate::logs::{self, Logger, Stream, Tail, Who};
 use crate::node::channel::{self, Channel, Out};
 use crate::node::servers::ServerId;
 use crate::plan::Plan;
-use crate::spawn::{self, SpawnRequest, FIRST_FD};
+use crate::spawn::{self, Leader, SpawnRequest, FIRST_FD};
 use crate::spec::WorkerKind;
 use crate::supervisor::{Event, WorkerId};
 
@@ -33,6 +32,8 @@ pub struct Worker {
     pub id: WorkerId,
     pub instance: usize,
     pub pid: u32,
+    /// Signals go through it: never to a pid or group herd has reaped.
+    pub leader: Leader,
     pub started: Instant,
     /// Sent `online` (Node).
     pub online: bool,
@@ -78,6 +79,11 @@ pub struct Worker {
 }
 
 impl Worker {
+    /// Signals the worker's process group, unless herd has reaped it (see [`Leader`]).
+    pub fn signal_group(&self, signal: rustix::process::Signal) -> bool {
+        self.leader.signal_group(signal)
+    }
+
     pub fn who(&self) -> Who {
         Who {
             instance: self.instance,
@@ -179,8 +185,9 @@ pub struct Launcher {
     pub tx: UnboundedSender<Event>,
     /// herd's environment without the variables that must not leak, plus `--env`.
     base_env: Vec<(OsString, OsString)>,
-    /// Private directory for notify sockets.
+    /// Private directory for notify sockets (see rundir.rs), and herd's fd of it.
     run_dir: PathBuf,
+    run_dir_fd: Result<OwnedFd, String>,
     /// The command line, with herd's keep-alive drain preloaded for Node workers.
     argv: Vec<OsString>,
 }
@@ -230,6 +237,14 @@ impl Launcher {
             base_env.retain(|(k, _)| k != key.as_str());
             base_env.push((key.into(), value.into()));
         }
+        let run_dir_fd = crate::rundir::open(&run_dir)
+            .and_then(|fd| {
+                if let Some(user) = &plan.user {
+                    crate::rundir::share_with_group(&fd, user.gid)?;
+                }
+                Ok(fd)
+            })
+            .map_err(|e| format!("run directory {}: {e}", run_dir.display()));
         let mut argv = plan.argv.clone();
         if plan.kind == WorkerKind::Node && plan.spec.keepalive_drain {
             let path = run_dir.join("herd-drain.js");
@@ -254,6 +269,7 @@ impl Launcher {
             tx,
             base_env,
             run_dir,
+            run_dir_fd,
             argv,
         }
     }
@@ -271,14 +287,19 @@ impl Launcher {
             set("PORT", port.to_string());
         }
 
-        let notify_path = self.run_dir.join(format!("w{id}.notify"));
-        let _ = std::fs::remove_file(&notify_path);
-        let notify = UnixDatagram::bind(&notify_path)?;
-        if let Some(user) = &plan.user {
-            // The worker must reach its notify socket: its directory and the socket are its.
-            std::os::unix::fs::chown(&self.run_dir, Some(user.uid), Some(user.gid))?;
-            std::os::unix::fs::chown(&notify_path, Some(user.uid), Some(user.gid))?;
-        }
+        // The socket is the worker's (0600); the directory stays herd's (rundir.rs).
+        let dir = self
+            .run_dir_fd
+            .as_ref()
+            .map_err(|e| io::Error::other(e.clone()))?;
+        let notify_name = format!("w{id}.notify");
+        let notify_path = self.run_dir.join(&notify_name);
+        let notify = crate::rundir::bind_notify(
+            dir,
+            &self.run_dir,
+            &notify_name,
+            plan.user.as_ref().map(|u| (u.uid, u.gid)),
+        )?;
         notify.set_nonblocking(true)?;
         set("NOTIFY_SOCKET", notify_path.to_string_lossy().into_owned());
 
@@ -332,7 +353,8 @@ impl Launcher {
             gid: plan.user.as_ref().map(|u| u.gid),
         })?;
         drop(fds);
-        let pid = child.id().unwrap_or(0);
+        let pid = child.id();
+        let leader = Leader::new(pid);
         let tail: Tail = Default::default();
         let who = Who {
             instance,
@@ -340,7 +362,24 @@ impl Launcher {
             pid,
         };
 
-        if let Some(out) = child.stdout.take() {
+        let stdout = child
+            .stdout
+            .take()
+            .map(tokio::process::ChildStdout::from_std)
+            .transpose();
+        let stderr = child
+            .stderr
+            .take()
+            .map(tokio::process::ChildStderr::from_std)
+            .transpose();
+        let tx = self.tx.clone();
+        let watched = leader.clone();
+        // From here on the child is reaped by this task only (spawn::wait_exit).
+        tokio::task::spawn_local(async move {
+            let status = spawn::wait_exit(child, watched).await;
+            let _ = tx.send(Event::Exited { id, status });
+        });
+        if let Some(out) = stdout? {
             tokio::task::spawn_local(logs::pump(
                 out,
                 self.logger.clone(),
@@ -349,7 +388,7 @@ impl Launcher {
                 Rc::clone(&tail),
             ));
         }
-        if let Some(err) = child.stderr.take() {
+        if let Some(err) = stderr? {
             tokio::task::spawn_local(logs::pump(
                 err,
                 self.logger.clone(),
@@ -359,13 +398,8 @@ impl Launcher {
             ));
         }
         let tx = self.tx.clone();
-        tokio::task::spawn_local(async move {
-            let status = child.wait().await;
-            let _ = tx.send(Event::Exited { id, status });
-        });
-        let tx = self.tx.clone();
         let notify = tokio::net::UnixDatagram::from_std(notify)?;
-        let notify_task = tokio::task::spawn_local(notify_loop(notify, id, tx));
+        let notify_task = tokio::task::spawn_local(notify_loop(notify, id, pid, tx));
 
         let channel = match ipc {
             Some((ours, theirs)) => {
@@ -382,6 +416,7 @@ impl Launcher {
             id,
             instance,
             pid,
+            leader,
             started: Instant::now(),
             online: false,
             ready: false,
@@ -413,13 +448,51 @@ impl Launcher {
 }
 
 /// Reads a worker's notify datagrams (`READY=1`, `STATUS=…`) until the socket is dropped.
-async fn notify_loop(sock: tokio::net::UnixDatagram, id: WorkerId, tx: UnboundedSender<Event>) {
+///
+/// Only the worker may speak for itself: the socket has `SO_PASSCRED`, and a datagram counts
+/// only if the kernel says its sender is in the worker's process group (the worker, or a
+/// child it did not move out of the group). Anything else — another local process that
+/// found the socket, a datagram without credentials — is dropped; the first and then every
+/// power-of-two-th is reported, so a flood cannot flood the log.
+async fn notify_loop(
+    sock: tokio::net::UnixDatagram,
+    id: WorkerId,
+    leader: u32,
+    tx: UnboundedSender<Event>,
+) {
     let mut buf = vec![0u8; herd_proto::notify::MAX_DATAGRAM + 1];
+    let mut refused: u64 = 0;
     loop {
-        let n = match sock.recv(&mut buf).await {
-            Ok(n) => n,
+        let got = sock
+            .async_io(tokio::io::Interest::READABLE, || {
+                recv_with_sender(sock.as_fd(), &mut buf)
+            })
+            .await;
+        let (n, sender) = match got {
+            Ok(got) => got,
             Err(_) => return,
         };
+        if !in_group(sender, leader) {
+            refused += 1;
+            if refused.is_power_of_two() {
+                let who = match sender {
+                    Some(pid) => format!("pid {pid}"),
+                    None => "a process herd cannot identify".into(),
+                };
+                let event = Event::Notify {
+                    id,
+                    messages: Vec::new(),
+                    malformed: vec![format!(
+                        "a datagram from {who}, which is not in the worker's process group \
+                         ({refused} refused so far)"
+                    )],
+                };
+                if tx.send(event).is_err() {
+                    return;
+                }
+            }
+            continue;
+        }
         let event = match herd_proto::notify::parse(&buf[..n]) {
             Ok(parsed) => Event::Notify {
                 id,
@@ -435,5 +508,48 @@ async fn notify_loop(sock: tokio::net::UnixDatagram, id: WorkerId, tx: Unbounded
         if tx.send(event).is_err() {
             return;
         }
+    }
+}
+
+/// One datagram and the pid the kernel vouches for (`SCM_CREDENTIALS`). File descriptors
+/// sent along are closed: the control buffer holds credentials only.
+fn recv_with_sender(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Option<u32>)> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmCredentials(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let msg = rustix::net::recvmsg(
+        fd,
+        &mut [io::IoSliceMut::new(buf)],
+        &mut control,
+        RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC,
+    )?;
+    let mut sender = None;
+    for m in control.drain() {
+        match m {
+            RecvAncillaryMessage::ScmCredentials(cred) => {
+                sender = Some(cred.pid.as_raw_nonzero().get() as u32);
+            }
+            RecvAncillaryMessage::ScmRights(fds) => drop(fds.collect::<Vec<_>>()),
+            _ => {}
+        }
+    }
+    Ok((msg.bytes, sender))
+}
+
+/// Whether `sender` is the worker `leader` or in its process group.
+fn in_group(sender: Option<u32>, leader: u32) -> bool {
+    let Some(sender) = sender.filter(|&p| p != 0) else {
+        return false;
+    };
+    if leader == 0 {
+        return false;
+    }
+    if sender == leader {
+        return true;
+    }
+    match rustix::process::Pid::from_raw(sender as i32) {
+        Some(pid) => rustix::process::getpgid(Some(pid))
+            .is_ok_and(|group| group.as_raw_nonzero().get() as u32 == leader),
+        None => false,
     }
 }
