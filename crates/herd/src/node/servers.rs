@@ -9,7 +9,7 @@
 //! attached the worker accepts itself (`shared`); without, herd accepts and hands each
 //! connection over (`round-robin`, `sticky`). UDP is always shared.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -50,6 +50,8 @@ pub struct Server {
     pub unix_path: Option<PathBuf>,
     /// Bound from `--listen`: owned by the plan, never closed early.
     pub from_cli: bool,
+    /// Connections closed because every worker refused them.
+    pub refused: crate::node::channel::Tally,
 }
 
 impl Server {
@@ -88,19 +90,23 @@ impl Drop for Server {
     }
 }
 
+/// The servers by id. An id is never reused: events still queued for a removed server
+/// (accepted connections, hand-off answers) then find nothing, instead of a new server that
+/// took its number.
 #[derive(Default)]
 pub struct Servers {
     by_key: HashMap<String, ServerId>,
-    slots: Vec<Option<Server>>,
+    by_id: BTreeMap<ServerId, Server>,
+    next: ServerId,
 }
 
 impl Servers {
     pub fn get(&self, id: ServerId) -> Option<&Server> {
-        self.slots.get(id).and_then(Option::as_ref)
+        self.by_id.get(&id)
     }
 
     pub fn get_mut(&mut self, id: ServerId) -> Option<&mut Server> {
-        self.slots.get_mut(id).and_then(Option::as_mut)
+        self.by_id.get_mut(&id)
     }
 
     pub fn by_key(&self, key: &str) -> Option<ServerId> {
@@ -108,37 +114,26 @@ impl Servers {
     }
 
     pub fn ids(&self) -> impl Iterator<Item = ServerId> + '_ {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.is_some())
-            .map(|(i, _)| i)
+        self.by_id.keys().copied()
     }
 
     pub fn insert(&mut self, server: Server) -> ServerId {
-        let id = self
-            .slots
-            .iter()
-            .position(Option::is_none)
-            .unwrap_or(self.slots.len());
+        let id = self.next;
+        self.next += 1;
         self.by_key.insert(server.key.clone(), id);
-        if id == self.slots.len() {
-            self.slots.push(Some(server));
-        } else {
-            self.slots[id] = Some(server);
-        }
+        self.by_id.insert(id, server);
         id
     }
 
     pub fn remove(&mut self, id: ServerId) -> Option<Server> {
-        let server = self.slots.get_mut(id)?.take()?;
+        let server = self.by_id.remove(&id)?;
         self.by_key.remove(&server.key);
         Some(server)
     }
 
     pub fn clear(&mut self) {
         self.by_key.clear();
-        self.slots.clear();
+        self.by_id.clear();
     }
 }
 
@@ -340,5 +335,6 @@ pub fn new_server(query: &QueryServer, bound: Bound) -> Server {
         accept_task: None,
         unix_path: bound.unix_path,
         from_cli: bound.from_cli,
+        refused: Default::default(),
     }
 }
