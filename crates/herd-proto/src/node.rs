@@ -256,10 +256,19 @@ pub fn parse(line: &[u8]) -> Result<Message<'_>, ProtoError> {
     let text = std::str::from_utf8(line).map_err(|e| ProtoError::NotJson(e.to_string()))?;
     let fields: Fields<'_> = match serde_json::from_str(text) {
         Ok(fields) => fields,
-        // Valid JSON that is not an object of the expected shape is a user message.
-        Err(_) => {
+        // Valid JSON that is not an object of the expected shape is a user message, unless
+        // Node would take it for one of its own (a `seq` out of range, say): then it is
+        // neither, and must not reach the app's side of herd as a user message.
+        Err(e) => {
             let raw: &RawValue =
                 serde_json::from_str(text).map_err(|e| ProtoError::NotJson(e.to_string()))?;
+            let value: serde_json::Value = serde_json::from_str(raw.get()).unwrap_or_default();
+            if is_internal(&value) {
+                return Err(ProtoError::Malformed {
+                    what: "NODE_ message",
+                    detail: e.to_string(),
+                });
+            }
             return Ok(Message::User(raw.get()));
         }
     };

@@ -99,7 +99,9 @@ fn a_worker_that_asks_and_never_reads_is_replaced_before_herd_bloats() {
     herd.wait_ready();
     let flooder = pid_of_instance(&herd, 0);
     herd.wait_event("the flood to end, or the flooder to go", |e| {
-        e["line"].as_str().is_some_and(|l| l.starts_with("flooded "))
+        e["line"]
+            .as_str()
+            .is_some_and(|l| l.starts_with("flooded "))
             || (e["event"] == "exited" && e["pid"] == flooder)
     });
     assert_hwm_bounded(&herd);
