@@ -22,7 +22,8 @@
 //! else) while a message that will send it waits. The round-robin hand-off (`newconn`) is
 //! queued as a small [`Out::NewConn`] record and encoded into a reused buffer.
 //!
-//! Reading ([`read_loop`]) turns lines into owned [`Ipc`] events for the supervisor. fds a
+//! Reading ([`read_loop`]) turns lines into owned [`Ipc`] events for the supervisor, and
+//! stops reading while more than [`MAX_INBOX`] bytes of them wait to be handled. fds a
 //! worker sends herd (user code `process.send(msg, socket)`) are acknowledged and closed:
 //! herd has no use for them, and holding them would leak. They are closed on a separate
 //! thread ([`close_elsewhere`]), never on the runtime thread: the worker chose them, and the
@@ -507,9 +508,17 @@ pub fn close_elsewhere(fd: OwnedFd) -> bool {
     false
 }
 
-/// An owned message from a worker, for the supervisor.
+/// An owned message from a worker, for the supervisor, with its share of the worker's inbox
+/// (see [`read_loop`]): dropping it, once handled, lets the reader read more.
 #[derive(Debug)]
-pub enum Ipc {
+pub struct Ipc {
+    pub kind: IpcKind,
+    _charge: Charge,
+}
+
+/// What a worker said.
+#[derive(Debug)]
+pub enum IpcKind {
     HandleAck,
     HandleNack,
     /// The worker sent herd an fd; it must be acknowledged.
@@ -542,32 +551,74 @@ pub enum Ipc {
     Garbage(String),
 }
 
-fn to_owned(msg: Message<'_>) -> Option<Ipc> {
+fn to_owned(msg: Message<'_>) -> Option<IpcKind> {
     Some(match msg {
-        Message::HandleAck => Ipc::HandleAck,
-        Message::HandleNack => Ipc::HandleNack,
-        Message::Handle { .. } => Ipc::WorkerHandle,
-        Message::Reply { ack, accepted } => Ipc::Reply {
+        Message::HandleAck => IpcKind::HandleAck,
+        Message::HandleNack => IpcKind::HandleNack,
+        Message::Handle { .. } => IpcKind::WorkerHandle,
+        Message::Reply { ack, accepted } => IpcKind::Reply {
             ack: u64::try_from(ack).ok()?,
             accepted,
         },
-        Message::Online => Ipc::Online,
-        Message::QueryServer(q) => Ipc::QueryServer(q),
-        Message::BadQueryServer { seq, detail } => Ipc::BadQueryServer { seq, detail },
-        Message::Listening => Ipc::Listening,
-        Message::Close { key } => Ipc::Close {
+        Message::Online => IpcKind::Online,
+        Message::QueryServer(q) => IpcKind::QueryServer(q),
+        Message::BadQueryServer { seq, detail } => IpcKind::BadQueryServer { seq, detail },
+        Message::Listening => IpcKind::Listening,
+        Message::Close { key } => IpcKind::Close {
             key: key.into_owned(),
         },
-        Message::ExitedAfterDisconnect { seq } => Ipc::ExitedAfterDisconnect { seq },
-        Message::SocketNotifyClose { key } => Ipc::SocketNotifyClose {
+        Message::ExitedAfterDisconnect { seq } => IpcKind::ExitedAfterDisconnect { seq },
+        Message::SocketNotifyClose { key } => IpcKind::SocketNotifyClose {
             key: key.into_owned(),
         },
-        Message::SocketGetCount { key } => Ipc::SocketGetCount {
+        Message::SocketGetCount { key } => IpcKind::SocketGetCount {
             key: key.into_owned(),
         },
         Message::OtherInternal => return None,
-        Message::User(raw) => Ipc::User(raw.to_string()),
+        Message::User(raw) => IpcKind::User(raw.to_string()),
     })
+}
+
+/// Bytes of a worker's messages read and not yet handled by the supervisor. The reader waits
+/// past this, so a worker that writes faster than herd handles is held back by its own
+/// socket, not buffered in herd.
+const MAX_INBOX: usize = 2 << 20;
+/// What an event costs besides its line, so a flood of tiny lines is bounded too.
+const EVENT_COST: usize = 128;
+
+#[derive(Default)]
+struct Inbox {
+    bytes: std::cell::Cell<usize>,
+    handled: tokio::sync::Notify,
+}
+
+/// One message's share of its worker's [`Inbox`], returned on drop.
+struct Charge {
+    inbox: Rc<Inbox>,
+    bytes: usize,
+}
+
+impl Charge {
+    fn new(inbox: &Rc<Inbox>, bytes: usize) -> Self {
+        inbox.bytes.set(inbox.bytes.get() + bytes);
+        Charge {
+            inbox: Rc::clone(inbox),
+            bytes,
+        }
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.inbox.bytes.set(self.inbox.bytes.get() - self.bytes);
+        self.inbox.handled.notify_one();
+    }
+}
+
+impl std::fmt::Debug for Charge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} bytes", self.bytes)
+    }
 }
 
 /// Most fds herd holds from a worker before it is treated as misbehaving.
@@ -587,7 +638,11 @@ async fn read_until_end(
     let mut lines = Lines::default();
     let mut fds = HeldFds::default();
     let mut received: Vec<OwnedFd> = Vec::new();
+    let inbox = Rc::new(Inbox::default());
     loop {
+        while inbox.bytes.get() > MAX_INBOX {
+            inbox.handled.notified().await;
+        }
         sock.readable().await.map_err(|e| e.to_string())?;
         let spare = lines.spare(8192);
         let spare_len = spare.len();
@@ -629,13 +684,15 @@ async fn read_until_end(
                 Ok(None) => break,
                 Err(e) => return Err(e.to_string()),
             };
+            let charge = Charge::new(&inbox, line.len() + EVENT_COST);
             let msg = match node::parse(line) {
                 Ok(msg) => msg,
                 Err(e) => {
-                    let _ = tx.send(Event::Ipc {
-                        id,
-                        msg: Ipc::Garbage(e.to_string()),
-                    });
+                    let msg = Ipc {
+                        kind: IpcKind::Garbage(e.to_string()),
+                        _charge: charge,
+                    };
+                    let _ = tx.send(Event::Ipc { id, msg });
                     continue;
                 }
             };
@@ -649,7 +706,11 @@ async fn read_until_end(
                     }
                 }
             }
-            if let Some(msg) = to_owned(msg) {
+            if let Some(kind) = to_owned(msg) {
+                let msg = Ipc {
+                    kind,
+                    _charge: charge,
+                };
                 if tx.send(Event::Ipc { id, msg }).is_err() {
                     return Ok(());
                 }

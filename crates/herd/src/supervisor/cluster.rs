@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use super::*;
 use crate::balance::{self, AcceptGate};
-use crate::node::channel::{self, Answer, Ipc, MAX_ECHO};
+use crate::node::channel::{self, Answer, Ipc, IpcKind, MAX_ECHO};
 use crate::node::servers::{self, ServerId};
 use crate::spec::{Balance, Ready};
 
@@ -16,8 +16,8 @@ impl Supervisor {
         let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
-        match msg {
-            Ipc::HandleAck => {
+        match msg.kind {
+            IpcKind::HandleAck => {
                 let answer = match w.channel.as_mut() {
                     Some(c) => c.on_ack(),
                     None => return,
@@ -35,7 +35,7 @@ impl Supervisor {
                 }
                 w.send(&self.tx, |c| c.flush());
             }
-            Ipc::HandleNack => {
+            IpcKind::HandleNack => {
                 let answer = match w.channel.as_mut() {
                     Some(c) => c.on_nack(),
                     None => return,
@@ -51,7 +51,7 @@ impl Supervisor {
                     w.send(&self.tx, |c| c.flush());
                 }
             }
-            Ipc::Reply { ack, accepted } => {
+            IpcKind::Reply { ack, accepted } => {
                 // Only a hand-off whose fd arrived can be answered: before that, herd may
                 // still send it, and acting on the answer would give the connection to two
                 // workers (or close an fd a queued message is about to send).
@@ -74,10 +74,10 @@ impl Supervisor {
                 }
                 self.drain(server);
             }
-            Ipc::WorkerHandle => {
+            IpcKind::WorkerHandle => {
                 w.send(&self.tx, |c| c.line(r#"{"cmd":"NODE_HANDLE_ACK"}"#));
             }
-            Ipc::SocketNotifyClose { key } => {
+            IpcKind::SocketNotifyClose { key } => {
                 if key.len() > MAX_ECHO {
                     w.protocol_error(&format!(
                         "NODE_SOCKET_NOTIFY_CLOSE with a {}-byte key (herd echoes at most {MAX_ECHO})",
@@ -91,7 +91,7 @@ impl Supervisor {
                 );
                 w.send(&self.tx, |c| c.line(&line));
             }
-            Ipc::SocketGetCount { key } => {
+            IpcKind::SocketGetCount { key } => {
                 if key.len() > MAX_ECHO {
                     w.protocol_error(&format!(
                         "NODE_SOCKET_GET_COUNT with a {}-byte key (herd echoes at most {MAX_ECHO})",
@@ -105,12 +105,12 @@ impl Supervisor {
                 );
                 w.send(&self.tx, |c| c.line(&line));
             }
-            Ipc::Online => {
+            IpcKind::Online => {
                 w.online = true;
                 let who = w.who();
                 self.logger.event("online", Some(who), "online", &[]);
             }
-            Ipc::ExitedAfterDisconnect { seq } => {
+            IpcKind::ExitedAfterDisconnect { seq } => {
                 // The worker is leaving on its own (cluster.worker.disconnect()/kill()) and
                 // waits for this ack before it goes. It gets no new connections; its exit
                 // restarts the slot like any other, so the app keeps N workers.
@@ -125,8 +125,8 @@ impl Supervisor {
                     &[],
                 );
             }
-            Ipc::QueryServer(query) => self.query_server(id, *query),
-            Ipc::BadQueryServer { seq, detail } => {
+            IpcKind::QueryServer(query) => self.query_server(id, *query),
+            IpcKind::BadQueryServer { seq, detail } => {
                 let who = w.who();
                 self.logger.event(
                     "listen_error",
@@ -142,14 +142,14 @@ impl Supervisor {
                     w.send(&self.tx, |c| c.cluster(&fields));
                 }
             }
-            Ipc::Listening => {
+            IpcKind::Listening => {
                 if self.plan.ready == Ready::Listening {
                     self.mark_ready(id, "listening");
                 }
             }
-            Ipc::Close { key } => self.server_closed_by(id, &key),
-            Ipc::User(text) => self.user_message(id, text),
-            Ipc::Garbage(error) => {
+            IpcKind::Close { key } => self.server_closed_by(id, &key),
+            IpcKind::User(text) => self.user_message(id, text),
+            IpcKind::Garbage(error) => {
                 let who = w.who();
                 self.logger.event(
                     "ipc_error",
