@@ -7,7 +7,11 @@
 //! borrowed fields. The `encode_*` functions append exact wire bytes to a reusable buffer.
 //!
 //! A message is *internal* when it is an object whose `cmd` is a string starting with
-//! `NODE_` (and longer than 5 characters); anything else is a user message.
+//! `NODE_` (and longer than 5 characters); anything else is a user message. Node decides
+//! this on the top-level value only (`isInternal` in `lib/internal/child_process.js`), and
+//! acts on internal messages instead of showing them to the app, so herd never sends a user
+//! message that [`is_internal`] accepts: a worker's broadcast or `herd send` data could
+//! otherwise tell every worker `{"cmd":"NODE_CLUSTER","act":"disconnect"}`.
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
@@ -252,10 +256,19 @@ pub fn parse(line: &[u8]) -> Result<Message<'_>, ProtoError> {
     let text = std::str::from_utf8(line).map_err(|e| ProtoError::NotJson(e.to_string()))?;
     let fields: Fields<'_> = match serde_json::from_str(text) {
         Ok(fields) => fields,
-        // Valid JSON that is not an object of the expected shape is a user message.
-        Err(_) => {
+        // Valid JSON that is not an object of the expected shape is a user message, unless
+        // Node would take it for one of its own (a `seq` out of range, say): then it is
+        // neither, and must not reach the app's side of herd as a user message.
+        Err(e) => {
             let raw: &RawValue =
                 serde_json::from_str(text).map_err(|e| ProtoError::NotJson(e.to_string()))?;
+            let value: serde_json::Value = serde_json::from_str(raw.get()).unwrap_or_default();
+            if is_internal(&value) {
+                return Err(ProtoError::Malformed {
+                    what: "NODE_ message",
+                    detail: e.to_string(),
+                });
+            }
             return Ok(Message::User(raw.get()));
         }
     };
@@ -312,6 +325,16 @@ pub fn parse(line: &[u8]) -> Result<Message<'_>, ProtoError> {
         },
         _ => Message::OtherInternal,
     })
+}
+
+/// Whether Node would treat `value`, sent as a message, as one of its own: an object whose
+/// `cmd` is a string that starts with `NODE_`. Stricter than Node (which also wants more than
+/// the prefix), so a future Node that widens its rule is still covered.
+pub fn is_internal(value: &serde_json::Value) -> bool {
+    value
+        .get("cmd")
+        .and_then(serde_json::Value::as_str)
+        .is_some_and(|cmd| cmd.starts_with("NODE_"))
 }
 
 /// Appends `{"cmd":"NODE_CLUSTER",<fields>,"seq":N}\n`; `fields` is a JSON object body

@@ -18,7 +18,7 @@
 //! own uid, so herd's bind is the worker's.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -61,6 +61,8 @@ pub struct Server {
     pub unix_file: Option<SocketFile>,
     /// Bound from `--listen`: owned by the plan, never closed early.
     pub from_cli: bool,
+    /// Connections closed because every worker refused them.
+    pub refused: crate::node::channel::Tally,
 }
 
 impl Server {
@@ -120,10 +122,14 @@ struct Binding {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// The servers by id. An id is never reused: events still queued for a removed server
+/// (accepted connections, hand-off answers) then find nothing, instead of a new server that
+/// took its number.
 #[derive(Default)]
 pub struct Servers {
     by_key: HashMap<String, ServerId>,
-    slots: Vec<Option<Server>>,
+    by_id: BTreeMap<ServerId, Server>,
+    next: ServerId,
     binding: HashMap<String, Binding>,
     /// Socket-file removals under way.
     removing: Vec<tokio::task::JoinHandle<()>>,
@@ -131,11 +137,11 @@ pub struct Servers {
 
 impl Servers {
     pub fn get(&self, id: ServerId) -> Option<&Server> {
-        self.slots.get(id).and_then(Option::as_ref)
+        self.by_id.get(&id)
     }
 
     pub fn get_mut(&mut self, id: ServerId) -> Option<&mut Server> {
-        self.slots.get_mut(id).and_then(Option::as_mut)
+        self.by_id.get_mut(&id)
     }
 
     pub fn by_key(&self, key: &str) -> Option<ServerId> {
@@ -143,31 +149,20 @@ impl Servers {
     }
 
     pub fn ids(&self) -> impl Iterator<Item = ServerId> + '_ {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.is_some())
-            .map(|(i, _)| i)
+        self.by_id.keys().copied()
     }
 
     pub fn insert(&mut self, server: Server) -> ServerId {
-        let id = self
-            .slots
-            .iter()
-            .position(Option::is_none)
-            .unwrap_or(self.slots.len());
+        let id = self.next;
+        self.next += 1;
         self.by_key.insert(server.key.clone(), id);
-        if id == self.slots.len() {
-            self.slots.push(Some(server));
-        } else {
-            self.slots[id] = Some(server);
-        }
+        self.by_id.insert(id, server);
         id
     }
 
     /// Closes server `id` and removes its socket file; returns how it was shown.
     pub fn close(&mut self, id: ServerId) -> Option<String> {
-        let mut server = self.slots.get_mut(id)?.take()?;
+        let mut server = self.by_id.remove(&id)?;
         self.by_key.remove(&server.key);
         if let Some(file) = server.unix_file.take() {
             self.remove_file(file);
@@ -184,7 +179,7 @@ impl Servers {
 
     pub fn clear(&mut self) {
         self.by_key.clear();
-        self.slots.clear();
+        self.by_id.clear();
     }
 
     /// Servers bound and binds under way.
@@ -540,5 +535,6 @@ pub fn new_server(query: &QueryServer, bound: Bound) -> Server {
         accept_task: None,
         unix_file: bound.unix_file,
         from_cli: bound.from_cli,
+        refused: Default::default(),
     }
 }

@@ -1,14 +1,13 @@
 //! Messages from Node workers: the cluster protocol (`queryServer`, `close`, hand-off
 //! replies, disconnect) and user messages (`process.send`), including broadcast.
 
-use std::os::fd::AsFd;
 use std::rc::Rc;
 
 use serde_json::{json, Value};
 
 use super::*;
 use crate::balance::{self, AcceptGate};
-use crate::node::channel::Ipc;
+use crate::node::channel::{self, Answer, Ipc, IpcKind, MAX_ECHO};
 use crate::node::servers::{self, ServerId};
 use crate::spec::{Balance, Ready};
 
@@ -17,48 +16,101 @@ impl Supervisor {
         let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
-        match msg {
-            Ipc::HandleAck => {
-                w.send(&self.tx, |c| c.on_ack());
+        match msg.kind {
+            IpcKind::HandleAck => {
+                let answer = match w.channel.as_mut() {
+                    Some(c) => c.on_ack(),
+                    None => return,
+                };
+                match answer {
+                    Answer::Delivered(Some(seq)) => {
+                        if let Some(f) = w.inflight.iter_mut().find(|f| f.seq == seq) {
+                            f.delivered = true;
+                        }
+                    }
+                    Answer::Unexpected => {
+                        w.protocol_error("it acknowledged an fd herd did not send");
+                    }
+                    _ => {}
+                }
+                w.send(&self.tx, |c| c.flush());
             }
-            Ipc::HandleNack => {
-                w.send(&self.tx, |c| c.on_nack());
+            IpcKind::HandleNack => {
+                let answer = match w.channel.as_mut() {
+                    Some(c) => c.on_nack(),
+                    None => return,
+                };
+                match answer {
+                    Answer::GaveUp(Some(seq)) => self.hand_off_failed(id, seq),
+                    Answer::Unexpected => {
+                        w.protocol_error("it refused an fd herd did not send");
+                    }
+                    _ => {}
+                }
+                if let Some(w) = self.workers.get_mut(&id) {
+                    w.send(&self.tx, |c| c.flush());
+                }
             }
-            Ipc::Reply { ack, accepted } => {
-                let Some(i) = w.inflight.iter().position(|f| f.seq == ack) else {
+            IpcKind::Reply { ack, accepted } => {
+                // Only a hand-off whose fd arrived can be answered: before that, herd may
+                // still send it, and acting on the answer would give the connection to two
+                // workers (or close an fd a queued message is about to send).
+                let Some(i) = w.inflight.iter().position(|f| f.seq == ack && f.delivered) else {
+                    if w.channel.is_none() {
+                        return; // Detached: what it had went elsewhere.
+                    }
+                    w.protocol_error(&format!(
+                        "it answered hand-off {ack}, which it has not received"
+                    ));
                     return;
                 };
                 let f = w.inflight.swap_remove(i);
-                if accepted == Some(false) && !f.conn.probe {
-                    let mut conn = f.conn;
-                    conn.attempts += 1;
-                    self.route_avoiding(f.server, conn, Some(id));
+                let server = f.server;
+                if accepted == Some(false) && !f.probe {
+                    if let Some(mut conn) = f.into_pending() {
+                        conn.attempts = conn.attempts.saturating_add(1);
+                        self.route_avoiding(server, conn, Some(id));
+                    }
                 }
-                self.drain(f.server);
+                self.drain(server);
             }
-            Ipc::WorkerHandle => {
+            IpcKind::WorkerHandle => {
                 w.send(&self.tx, |c| c.line(r#"{"cmd":"NODE_HANDLE_ACK"}"#));
             }
-            Ipc::SocketNotifyClose { key } => {
+            IpcKind::SocketNotifyClose { key } => {
+                if key.len() > MAX_ECHO {
+                    w.protocol_error(&format!(
+                        "NODE_SOCKET_NOTIFY_CLOSE with a {}-byte key (herd echoes at most {MAX_ECHO})",
+                        key.len()
+                    ));
+                    return;
+                }
                 let line = format!(
                     r#"{{"cmd":"NODE_SOCKET_ALL_CLOSED","key":{}}}"#,
                     herd_proto::node::quote(&key)
                 );
                 w.send(&self.tx, |c| c.line(&line));
             }
-            Ipc::SocketGetCount { key } => {
+            IpcKind::SocketGetCount { key } => {
+                if key.len() > MAX_ECHO {
+                    w.protocol_error(&format!(
+                        "NODE_SOCKET_GET_COUNT with a {}-byte key (herd echoes at most {MAX_ECHO})",
+                        key.len()
+                    ));
+                    return;
+                }
                 let line = format!(
                     r#"{{"cmd":"NODE_SOCKET_COUNT","key":{},"count":0}}"#,
                     herd_proto::node::quote(&key)
                 );
                 w.send(&self.tx, |c| c.line(&line));
             }
-            Ipc::Online => {
+            IpcKind::Online => {
                 w.online = true;
                 let who = w.who();
                 self.logger.event("online", Some(who), "online", &[]);
             }
-            Ipc::ExitedAfterDisconnect { seq } => {
+            IpcKind::ExitedAfterDisconnect { seq } => {
                 // The worker is leaving on its own (cluster.worker.disconnect()/kill()) and
                 // waits for this ack before it goes. It gets no new connections; its exit
                 // restarts the slot like any other, so the app keeps N workers.
@@ -73,8 +125,8 @@ impl Supervisor {
                     &[],
                 );
             }
-            Ipc::QueryServer(query) => self.query_server(id, *query),
-            Ipc::BadQueryServer { seq, detail } => {
+            IpcKind::QueryServer(query) => self.query_server(id, *query),
+            IpcKind::BadQueryServer { seq, detail } => {
                 let who = w.who();
                 self.logger.event(
                     "listen_error",
@@ -90,14 +142,14 @@ impl Supervisor {
                     w.send(&self.tx, |c| c.cluster(&fields));
                 }
             }
-            Ipc::Listening => {
+            IpcKind::Listening => {
                 if self.plan.ready == Ready::Listening {
                     self.mark_ready(id, "listening");
                 }
             }
-            Ipc::Close { key } => self.server_closed_by(id, &key),
-            Ipc::User(text) => self.user_message(id, text),
-            Ipc::Garbage(error) => {
+            IpcKind::Close { key } => self.server_closed_by(id, &key),
+            IpcKind::User(text) => self.user_message(id, text),
+            IpcKind::Garbage(error) => {
                 let who = w.who();
                 self.logger.event(
                     "ipc_error",
@@ -120,37 +172,111 @@ impl Supervisor {
             return;
         }
         if value.get("herd").and_then(Value::as_str) == Some("broadcast") {
-            let data = value.get("data").cloned().unwrap_or(Value::Null);
-            let line = data.to_string();
+            let data = value.get("data").unwrap_or(&Value::Null);
+            let line = match channel::user_line(data) {
+                Ok(line) => line,
+                Err(why) => {
+                    if let Some(w) = self.workers.get_mut(&id) {
+                        w.protocol_error(&format!("broadcast refused: {why}"));
+                    }
+                    return;
+                }
+            };
             let others: Vec<WorkerId> = self.workers.keys().copied().filter(|&o| o != id).collect();
+            let mut sent = 0;
             for other in &others {
                 if let Some(o) = self.workers.get_mut(other) {
-                    o.send(&self.tx, |c| c.line(&line));
+                    if o.send(&self.tx, |c| c.user(std::rc::Rc::clone(&line))) {
+                        sent += 1;
+                    }
                 }
             }
+            // The event says how much, not what: a payload may be a megabyte.
+            let bytes = line.len() - 1;
             self.logger.event(
                 "broadcast",
                 Some(who),
-                &format!("broadcast to {} workers: {line}", others.len()),
-                &[("data", data)],
+                &format!(
+                    "broadcast {bytes} bytes to {sent} of {} workers",
+                    others.len()
+                ),
+                &[("bytes", json!(bytes)), ("workers", json!(sent))],
             );
             return;
         }
-        let shown = if text.len() > 1000 {
-            format!("{}…", &text[..text.floor_char_boundary(1000)])
+        let bytes = text.len();
+        let (shown, data) = if bytes > 1000 {
+            let cut = format!(
+                "{}… ({bytes} bytes)",
+                &text[..text.floor_char_boundary(1000)]
+            );
+            (cut, Value::Null)
         } else {
-            text
+            (text, value)
         };
         self.logger.event(
             "message",
             Some(who),
             &format!("message: {shown}"),
-            &[("data", value)],
+            &[("data", data), ("bytes", json!(bytes))],
         );
+    }
+
+    /// A hand-off the worker NACKed past the limit: it never got the fd. The connection goes
+    /// to another worker (or, refused everywhere, is closed), never stays in flight.
+    fn hand_off_failed(&mut self, id: WorkerId, seq: u64) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        let Some(i) = w.inflight.iter().position(|f| f.seq == seq) else {
+            return;
+        };
+        let f = w.inflight.swap_remove(i);
+        if let Some(n) = w.given_up.note() {
+            let total = w.given_up.total;
+            let who = w.who();
+            self.logger.event(
+                "handoff_failed",
+                Some(who),
+                &format!(
+                    "it refused {n} connection(s) {} times (NACK); they go to another worker; {total} so far",
+                    channel::MAX_NACKS + 1
+                ),
+                &[("failed", json!(total))],
+            );
+        }
+        let server = f.server;
+        if !f.probe {
+            if let Some(mut conn) = f.into_pending() {
+                conn.attempts = conn.attempts.saturating_add(1);
+                self.route_avoiding(server, conn, Some(id));
+            }
+        }
+        self.drain(server);
     }
 
     pub(super) fn query_server(&mut self, id: WorkerId, query: herd_proto::node::QueryServer) {
         let key = query.key();
+        let data_len = query.data.as_ref().map_or(0, |d| d.get().len());
+        if key.len() > MAX_ECHO || data_len > MAX_ECHO {
+            // Its reply would echo them (to every worker, for `data`): refuse it unechoed.
+            if let Some(w) = self.workers.get_mut(&id) {
+                let who = w.who();
+                self.logger.event(
+                    "listen_error",
+                    Some(who),
+                    &format!("cannot listen: its listen() request has a {}-byte key and {data_len}-byte data (herd echoes at most {MAX_ECHO}); answering EINVAL", key.len()),
+                    &[],
+                );
+                let seq = query.seq;
+                let fields = format!(
+                    r#""errno":{},"key":"herd:invalid:{seq}","ack":{seq},"data":null"#,
+                    -libc::EINVAL
+                );
+                w.send(&self.tx, |c| c.cluster(&fields));
+            }
+            return;
+        }
         if let Some(server) = self.servers.by_key(&key) {
             self.attach(id, server, &query);
             return;
@@ -290,7 +416,7 @@ impl Supervisor {
         match s.mode {
             Balance::Shared => {
                 let socket = Rc::clone(&s.socket);
-                w.send(&self.tx, |c| c.cluster_with_fd(&fields, socket.as_fd()));
+                w.send(&self.tx, |c| c.cluster_with_fd(&fields, socket));
             }
             Balance::RoundRobin | Balance::Sticky => {
                 w.send(&self.tx, |c| c.cluster(&fields));

@@ -437,12 +437,18 @@ impl Supervisor {
                 }
             }
             Request::Send { data, instance } => {
-                let line = data.to_string();
+                let line = match crate::node::channel::user_line(&data) {
+                    Ok(line) => line,
+                    Err(why) => {
+                        let _ = reply.send(Response::error(format!("not sent: {why}")));
+                        return;
+                    }
+                };
                 let mut sent = 0;
                 for w in self.workers.values_mut() {
                     if instance.is_none_or(|i| i == w.instance)
                         && !w.stopping
-                        && w.send(&self.tx, |c| c.line(&line))
+                        && w.send(&self.tx, |c| c.user(Rc::clone(&line)))
                     {
                         sent += 1;
                     }

@@ -18,13 +18,17 @@ impl Supervisor {
                 s.workers.retain(|&x| x != w.id);
             }
         }
+        // The channel (and every queued message holding a connection's fd) is gone, so each
+        // connection it had is ours alone again.
         for f in std::mem::take(&mut w.inflight) {
-            let mut conn = f.conn;
-            if conn.probe {
+            let server = f.server;
+            if f.probe {
                 continue;
             }
-            conn.attempts += 1;
-            self.route(f.server, conn);
+            if let Some(mut conn) = f.into_pending() {
+                conn.attempts = conn.attempts.saturating_add(1);
+                self.route(server, conn);
+            }
         }
     }
 
@@ -44,7 +48,19 @@ impl Supervisor {
         };
         let limit = s.workers.len().max(1) + 2;
         if usize::from(conn.attempts) > limit {
-            return; // Refused everywhere: closing it is all that is left.
+            // Refused everywhere: closing it (dropping the fd) is all that is left.
+            if let Some(n) = s.refused.note() {
+                let (total, display) = (s.refused.total, s.display.clone());
+                self.logger.event(
+                    "conn_closed",
+                    None,
+                    &format!(
+                        "closed {n} connection(s) on {display} that every worker refused or failed to take; {total} so far"
+                    ),
+                    &[("closed", serde_json::json!(total))],
+                );
+            }
+            return;
         }
         let workers = &self.workers;
         let pick = match s.mode {
@@ -76,7 +92,9 @@ impl Supervisor {
         let w = self.workers.get_mut(&id).expect("picked from workers");
         if let Err(conn) = w.hand_off(&self.tx, server, &key_json, conn) {
             // The channel just broke; the worker is on its way out. Try the others.
-            self.route_avoiding(server, conn, Some(id));
+            if let Some(conn) = conn {
+                self.route_avoiding(server, conn, Some(id));
+            }
             return;
         }
         let health = &self.plan.spec.health;

@@ -3,7 +3,7 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Instant;
@@ -11,7 +11,7 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::logs::{self, Logger, Stream, Tail, Who};
-use crate::node::channel::{self, Channel, Out};
+use crate::node::channel::{self, Channel, Out, SendError, Tally};
 use crate::node::servers::ServerId;
 use crate::plan::Plan;
 use crate::spawn::{self, Leader, SpawnRequest, FIRST_FD};
@@ -19,13 +19,38 @@ use crate::spec::WorkerKind;
 use crate::supervisor::{Event, WorkerId};
 
 /// A connection handed to a worker that has not said whether it took it.
+///
+/// The fd is shared with the queued `newconn` message until that message is answered, so
+/// the descriptor stays this connection's (its number cannot be reused) for as long as herd
+/// may still send it. Only a *delivered* hand-off (the worker ACKed its fd) may be answered
+/// with `accepted`; until then the channel may still send it, so re-routing it would hand
+/// one connection to two workers.
 #[derive(Debug)]
 pub struct InFlight {
     pub seq: u64,
     pub server: ServerId,
-    pub conn: crate::balance::Pending,
+    pub fd: Rc<OwnedFd>,
+    pub peer: u64,
+    pub attempts: u8,
+    pub probe: bool,
     /// When it was handed over (hang detection).
     pub at: Instant,
+    /// The worker acknowledged the fd (`NODE_HANDLE_ACK`).
+    pub delivered: bool,
+}
+
+impl InFlight {
+    /// The connection back, to route elsewhere; `None` when a queued message still holds
+    /// it (it then goes where that message goes, and nowhere else).
+    pub fn into_pending(self) -> Option<crate::balance::Pending> {
+        let fd = Rc::try_unwrap(self.fd).ok()?;
+        Some(crate::balance::Pending {
+            fd,
+            peer: self.peer,
+            attempts: self.attempts,
+            probe: self.probe,
+        })
+    }
 }
 
 pub struct Worker {
@@ -70,6 +95,13 @@ pub struct Worker {
     /// Node: the IPC channel, until it closes.
     pub channel: Option<Channel>,
     pub inflight: Vec<InFlight>,
+    /// User messages dropped because it did not read them (counted, logged now and then).
+    pub dropped: Tally,
+    /// Protocol errors it made (answers to nothing, oversized echoes), ignored.
+    pub protocol_errors: Tally,
+    /// Hand-offs it NACKed past the limit, given to another worker or closed.
+    pub given_up: Tally,
+    logger: Logger,
     /// Servers it holds (Node).
     pub servers: Vec<ServerId>,
     pub tail: Tail,
@@ -102,11 +134,13 @@ impl Worker {
     }
 
     /// Queues a message and arranges a later flush if the socket is full. Returns false
-    /// when the channel is broken (the worker is going away).
+    /// when the message was not queued: the channel is broken (the worker is going away), the
+    /// worker is stuck (it is reported, and replaced), or a user message was dropped (counted
+    /// and logged now and then).
     pub fn send(
         &mut self,
         tx: &UnboundedSender<Event>,
-        f: impl FnOnce(&mut Channel) -> io::Result<channel::Flush>,
+        f: impl FnOnce(&mut Channel) -> Result<channel::Flush, SendError>,
     ) -> bool {
         let Some(chan) = self.channel.as_mut() else {
             return false;
@@ -127,32 +161,76 @@ impl Worker {
                 });
                 true
             }
-            Err(_) => {
+            Err(SendError::Dropped { bytes, why }) => {
+                if let Some(n) = self.dropped.note() {
+                    let total = self.dropped.total;
+                    self.logger.event(
+                        "ipc_dropped",
+                        Some(self.who()),
+                        &format!(
+                            "dropped {n} message(s) for it ({bytes} bytes, {why}); {total} so far"
+                        ),
+                        &[
+                            ("dropped", serde_json::json!(total)),
+                            ("bytes", serde_json::json!(bytes)),
+                        ],
+                    );
+                }
+                false
+            }
+            Err(SendError::Stuck(why)) => {
+                // Its queue is dropped with the channel; the supervisor kills and replaces it.
+                self.channel = None;
+                let _ = tx.send(Event::IpcClosed {
+                    id: self.id,
+                    reason: Some(why),
+                });
+                false
+            }
+            Err(SendError::Broken) => {
                 self.channel = None;
                 false
             }
         }
     }
 
-    /// Hands a connection over (`newconn`).
+    /// Logs a protocol error the worker made (rate-limited); the message is ignored.
+    pub fn protocol_error(&mut self, what: &str) {
+        if let Some(n) = self.protocol_errors.note() {
+            let total = self.protocol_errors.total;
+            self.logger.event(
+                "ipc_error",
+                Some(self.who()),
+                &format!("{what} — ignored ({n} since the last such line, {total} in all)"),
+                &[("errors", serde_json::json!(total))],
+            );
+        }
+    }
+
+    /// Hands a connection over (`newconn`). When the channel cannot take it, the connection
+    /// comes back (`None` only if something else still holds its fd, which nothing does).
     pub fn hand_off(
         &mut self,
         tx: &UnboundedSender<Event>,
         server: ServerId,
         key_json: &Rc<str>,
         conn: crate::balance::Pending,
-    ) -> Result<(), crate::balance::Pending> {
+    ) -> Result<(), Option<crate::balance::Pending>> {
         let Some(chan) = self.channel.as_mut() else {
-            return Err(conn);
+            return Err(Some(conn));
         };
         let seq = chan.next_seq();
-        let fd = conn.fd.as_raw_fd();
         let counted = !conn.probe;
+        let fd = Rc::new(conn.fd);
         self.inflight.push(InFlight {
             seq,
             server,
-            conn,
+            fd: Rc::clone(&fd),
+            peer: conn.peer,
+            attempts: conn.attempts,
+            probe: conn.probe,
             at: Instant::now(),
+            delivered: false,
         });
         let key_json = Rc::clone(key_json);
         if self.send(tx, |c| c.push(Out::NewConn { key_json, seq, fd })) {
@@ -162,7 +240,8 @@ impl Worker {
             Ok(())
         } else {
             let f = self.inflight.pop().expect("pushed above");
-            Err(f.conn)
+            // The refused message was dropped with its fd clone, so this is the only owner.
+            Err(f.into_pending())
         }
     }
 }
@@ -438,6 +517,10 @@ impl Launcher {
             health_port,
             channel,
             inflight: Vec::new(),
+            dropped: Tally::default(),
+            protocol_errors: Tally::default(),
+            given_up: Tally::default(),
+            logger: self.logger.clone(),
             servers: Vec::new(),
             tail,
             status: None,

@@ -1,0 +1,160 @@
+//! Properties of the Node IPC parser: whatever a worker writes, [`Lines`] and [`parse`]
+//! never panic, never hold more than their limit, and read back what herd encodes.
+
+use herd_proto::node::{
+    encode_cluster, encode_handle, encode_newconn, encode_user, is_internal, parse, quote, Lines,
+    Message, ProtoError,
+};
+use proptest::prelude::*;
+
+const LIMIT: usize = 256;
+
+/// Feeds `chunks` through a [`Lines`] with [`LIMIT`], parsing each line. Returns the lines,
+/// or stops at the first framing error.
+fn feed(chunks: &[Vec<u8>]) -> (Vec<Vec<u8>>, Option<ProtoError>) {
+    let mut lines = Lines::with_limit(LIMIT);
+    let mut out = Vec::new();
+    for chunk in chunks {
+        let spare = lines.spare(chunk.len().max(1));
+        let len = spare.len();
+        spare[..chunk.len()].copy_from_slice(chunk);
+        lines.filled(len, chunk.len());
+        loop {
+            match lines.next_line() {
+                Ok(Some(line)) => {
+                    let _ = parse(line);
+                    out.push(line.to_vec());
+                }
+                Ok(None) => break,
+                Err(e) => return (out, Some(e)),
+            }
+        }
+        // Without a newline in sight, herd never holds more than the limit.
+        assert!(lines.pending() <= LIMIT, "{} bytes held", lines.pending());
+    }
+    (out, None)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn arbitrary_bytes_never_panic(
+        chunks in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..200), 0..20),
+    ) {
+        let _ = feed(&chunks);
+        for chunk in &chunks {
+            let _ = parse(chunk);
+        }
+    }
+
+    #[test]
+    fn json_looking_lines_never_panic(
+        text in r#"\{("(cmd|act|key|seq|ack|accepted|msg|data|address|port|addressType|fd|index)":(null|true|false|-?[0-9]{1,20}|"NODE_[A-Z_]{0,20}"|"[a-zA-Z]{0,8}"|\{\}|\[\]),?){0,8}\}"#,
+    ) {
+        let _ = parse(text.as_bytes());
+    }
+
+    #[test]
+    fn a_line_over_the_limit_is_an_error_not_growth(
+        extra in 1usize..1000,
+        split in 1usize..50,
+        newline in any::<bool>(),
+    ) {
+        let mut bytes = vec![b'x'; LIMIT + extra];
+        if newline {
+            bytes.push(b'\n');
+        }
+        let chunks: Vec<Vec<u8>> = bytes.chunks(split).map(<[u8]>::to_vec).collect();
+        let (lines, err) = feed(&chunks);
+        prop_assert!(lines.is_empty());
+        prop_assert_eq!(err, Some(ProtoError::LineTooLong));
+    }
+
+    #[test]
+    fn lines_split_anywhere_come_back_whole(
+        msgs in prop::collection::vec("[ -~]{0,60}", 1..10),
+        cut in prop::collection::vec(1usize..40, 1..40),
+    ) {
+        let stream: Vec<u8> = msgs.iter().flat_map(|m| m.bytes().chain([b'\n'])).collect();
+        let mut chunks = Vec::new();
+        let mut at = 0;
+        for c in cut.iter().cycle() {
+            if at >= stream.len() {
+                break;
+            }
+            let end = (at + c).min(stream.len());
+            chunks.push(stream[at..end].to_vec());
+            at = end;
+        }
+        let (lines, err) = feed(&chunks);
+        prop_assert_eq!(err, None);
+        let want: Vec<Vec<u8>> = msgs.iter().map(|m| m.as_bytes().to_vec()).collect();
+        prop_assert_eq!(lines, want);
+    }
+
+    #[test]
+    fn encoded_replies_parse_back(ack in 0u64..1 << 53, seq in 0..i64::MAX as u64, accepted in any::<bool>()) {
+        let mut out = Vec::new();
+        encode_cluster(&mut out, &format!(r#""ack":{ack},"accepted":{accepted}"#), seq);
+        prop_assert_eq!(out.pop(), Some(b'\n'));
+        prop_assert_eq!(
+            parse(&out),
+            Ok(Message::Reply { ack: ack as i64, accepted: Some(accepted) })
+        );
+    }
+
+    #[test]
+    fn a_message_node_takes_for_its_own_is_never_a_user_message(
+        cmd in "NODE_[A-Z_]{1,12}",
+        seq in any::<u64>(),
+        extra in "[a-z]{0,6}",
+    ) {
+        let line = format!(r#"{{"cmd":"{cmd}","seq":{seq},"{extra}":[1]}}"#);
+        let user = matches!(parse(line.as_bytes()), Ok(Message::User(_)));
+        prop_assert!(!user, "{}", line);
+    }
+
+    #[test]
+    fn encoded_hand_offs_parse_back(key in "\\PC{0,40}", seq in any::<u64>()) {
+        let mut out = Vec::new();
+        encode_newconn(&mut out, &quote(&key), seq);
+        prop_assert_eq!(out.pop(), Some(b'\n'));
+        prop_assert!(!out.contains(&b'\n'));
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("valid JSON");
+        prop_assert_eq!(&v["msg"]["key"], &serde_json::Value::String(key));
+        prop_assert_eq!(v["msg"]["seq"].as_u64(), Some(seq));
+        let handle = matches!(parse(&out), Ok(Message::Handle { .. }));
+        prop_assert!(handle);
+        out.clear();
+        encode_handle(&mut out, r#""act":"x""#, seq);
+        out.pop();
+        let handle = matches!(parse(&out), Ok(Message::Handle { .. }));
+        prop_assert!(handle);
+    }
+
+    #[test]
+    fn user_messages_round_trip_unless_node_would_take_them(
+        s in "\\PC{0,40}",
+        n in any::<i64>(),
+        cmd in prop::option::of("(NODE_)?[A-Za-z_]{0,10}"),
+    ) {
+        let mut value = serde_json::json!({"s": s, "n": n});
+        if let Some(cmd) = &cmd {
+            value["cmd"] = serde_json::Value::String(cmd.clone());
+        }
+        let text = value.to_string();
+        let mut out = Vec::new();
+        encode_user(&mut out, &text);
+        out.pop();
+        let parsed = parse(&out);
+        let internal = cmd.as_deref().is_some_and(|c| c.starts_with("NODE_"));
+        prop_assert_eq!(is_internal(&value), internal);
+        if !internal {
+            prop_assert_eq!(parsed, Ok(Message::User(text.as_str())));
+        } else if cmd.as_deref().is_some_and(|c| c.len() > 5) {
+            let user = matches!(parsed, Ok(Message::User(_)));
+            prop_assert!(!user);
+        }
+    }
+}
