@@ -600,7 +600,7 @@ def build_report(args, herds, records, events, samples, base, final, end_zombies
     failures = attribute(records, events)
     problems: list[str] = []
     lines = [f"# herd soak: {args.minutes:g} min of chaos, seed {seed}", ""]
-    lines.append(f"herd {versions_.get('herd')}, node {versions_.get('node')}, kernel "
+    lines.append(f"{versions_.get('herd')}, node {versions_.get('node')}, kernel "
                  f"{versions_.get('kernel')}, {versions_.get('cpus')} CPUs; load average at start "
                  f"{loadavg}; wall {wall:.0f}s; load {args.rate:g} req/s total; watchdog "
                  f"{args.watchdog:g}s; flood {args.flood_lines} lines per worker.")
