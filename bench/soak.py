@@ -49,7 +49,8 @@ import threading
 import time
 from pathlib import Path
 
-import benchlib as bl
+sys.dont_write_bytecode = True  # no bench/__pycache__ from importing benchlib
+import benchlib as bl  # noqa: E402
 
 SOAK_APP = bl.BENCH / "apps" / "soak_app.js"
 PY_APP = bl.REPO / "examples" / "python" / "server.py"
