@@ -444,8 +444,9 @@ fn huge_lines_and_events_are_capped_in_text() {
     for path in ["/bigcast", "/bigmsg", "/bigline"] {
         get(port, path).unwrap_or_else(|e| panic!("{path}: {e}"));
     }
+    // The event names the size, not the payload: "broadcast N bytes to K of M workers".
     wait_raw(&lines, "the broadcast event", |l| {
-        contains(l, "broadcast to")
+        contains(l, "broadcast ") && contains(l, " bytes to ")
     });
     wait_raw(&lines, "the message event", |l| contains(l, "message: "));
     wait_raw(&lines, "the other worker got the broadcast", |l| {
