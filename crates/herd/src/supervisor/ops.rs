@@ -305,7 +305,10 @@ impl Supervisor {
         // version (an incoming worker that was promoted, or a crash restart during it), an
         // older one the previous version. Slots without a worker count for neither.
         let (mut new_version, mut previous) = (0, 0);
-        for id in self.slots[..self.live_slots()].iter().filter_map(|s| s.worker) {
+        for id in self.slots[..self.live_slots()]
+            .iter()
+            .filter_map(|s| s.worker)
+        {
             match self.workers.get(&id) {
                 Some(w) if w.started >= op.started => new_version += 1,
                 Some(_) => previous += 1,

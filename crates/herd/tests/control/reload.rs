@@ -147,9 +147,8 @@ fn a_bad_release_keeps_the_old_workers_serving() {
         "names the thrown error (the worker's last output)\n{out}"
     );
     assert!(
-        out.stderr.contains(
-            "0 workers run the new version, 2 workers keep running the previous version"
-        ),
+        out.stderr
+            .contains("0 workers run the new version, 2 workers keep running the previous version"),
         "{out}"
     );
 
@@ -303,9 +302,8 @@ fn a_reload_whose_new_worker_never_gets_ready_keeps_the_old_workers() {
     assert_eq!(out.code, Some(1), "{out}\n{}", herd.dump());
     assert!(out.stderr.starts_with("error: "), "{out}");
     assert!(
-        out.stderr.contains(
-            "0 workers run the new version, 2 workers keep running the previous version"
-        ),
+        out.stderr
+            .contains("0 workers run the new version, 2 workers keep running the previous version"),
         "{out}"
     );
     let hung: Vec<u32> = herd.events()[mark..]
@@ -370,9 +368,8 @@ fn a_reload_that_fails_in_its_second_slot_reports_it_and_keeps_serving() {
     );
     // Slot 0 already runs the new version: the error must not say both run the old one.
     assert!(
-        out.stderr.contains(
-            "1 worker runs the new version, 1 worker keeps running the previous version"
-        ),
+        out.stderr
+            .contains("1 worker runs the new version, 1 worker keeps running the previous version"),
         "says truthfully what runs which version\n{out}"
     );
     report.assert_clean("a client during the reload that failed in slot 1");

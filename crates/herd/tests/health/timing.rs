@@ -207,13 +207,26 @@ fn a_probe_that_gets_no_answer_fails_after_the_timeout_and_the_worker_is_replace
         .filter(|(i, e)| *i < replacing_at && is(e, "probe_failed", victim_id))
         .map(|(_, e)| e)
         .collect();
-    let counts: Vec<u64> = failed.iter().filter_map(|e| e["failures"].as_u64()).collect();
-    assert_eq!(counts, [1, 2], "two timed-out probes, then replaced\n{}", herd.dump());
+    let counts: Vec<u64> = failed
+        .iter()
+        .filter_map(|e| e["failures"].as_u64())
+        .collect();
+    assert_eq!(
+        counts,
+        [1, 2],
+        "two timed-out probes, then replaced\n{}",
+        herd.dump()
+    );
     let held: Vec<&Value> = events[mark..replacing_at]
         .iter()
         .filter(|e| e["worker_id"] == victim_id && e["line"] == "holding probe")
         .collect();
-    assert_eq!(held.len(), 2, "each probe reached the worker\n{}", herd.dump());
+    assert_eq!(
+        held.len(),
+        2,
+        "each probe reached the worker\n{}",
+        herd.dump()
+    );
     for (k, (f, h)) in failed.iter().zip(&held).enumerate() {
         assert!(
             f["message"]
@@ -269,12 +282,7 @@ fn ready_message_counts_only_once_the_worker_sends_ready() {
         "app.js",
         name,
         1,
-        &[
-            "--ready",
-            "message",
-            "-e",
-            &env_arg("READY_GATE", &gate),
-        ],
+        &["--ready", "message", "-e", &env_arg("READY_GATE", &gate)],
     );
     let listening = herd.wait_line_after(0, "listening");
     let port = herd.port();
@@ -373,18 +381,18 @@ fn human_ms(text: &str) -> i64 {
 #[test]
 fn max_age_replaces_workers_one_at_a_time_within_age_and_jitter() {
     let name = "max-age";
-    let herd = start_worker(
-        name,
-        2,
-        &["--max-age", "2s", "--max-age-jitter", "2s"],
-    );
+    let herd = start_worker(name, 2, &["--max-age", "2s", "--max-age-jitter", "2s"]);
     herd.wait_ready();
     let port = herd.port();
     let client = Client::start(port, "/", None);
     let start = index_of(&herd.events(), 0, |e| e["event"] == "all_ready").expect("all ready");
     // The two first workers and one successor.
     herd.wait_for("three replacements", |events| {
-        events[start..].iter().filter(|e| e["event"] == "replace").count() >= 3
+        events[start..]
+            .iter()
+            .filter(|e| e["event"] == "replace")
+            .count()
+            >= 3
     });
     client.wait_more(5);
     let report = client.finish();
@@ -418,7 +426,10 @@ fn max_age_replaces_workers_one_at_a_time_within_age_and_jitter() {
             .map(|(_, l)| human_ms(l))
             .unwrap_or_else(|| panic!("the limit in {detail:?}"));
         let age = ts_ms(replacing) - spawned_at[&r.old];
-        eprintln!("{name}: worker {} replaced at {age} ms (its limit {limit} ms)", r.old);
+        eprintln!(
+            "{name}: worker {} replaced at {age} ms (its limit {limit} ms)",
+            r.old
+        );
         assert!(
             (AGE_MS..=AGE_MS + JITTER_MS).contains(&limit),
             "worker {}'s limit {limit} ms is outside --max-age 2s + jitter 0..2s: {replacing}",

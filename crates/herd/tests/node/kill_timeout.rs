@@ -33,9 +33,11 @@ fn escalated(herd: &Herd, from: usize, id: u64, asked: i64) {
     herd.wait_event_after(&format!("worker {id} ignoring SIGTERM"), from, |e| {
         e["worker_id"] == id && e["line"] == "ignoring SIGTERM"
     });
-    herd.wait_event_after(&format!("worker {id} staying after disconnect"), from, |e| {
-        e["worker_id"] == id && e["line"] == "disconnected, staying"
-    });
+    herd.wait_event_after(
+        &format!("worker {id} staying after disconnect"),
+        from,
+        |e| e["worker_id"] == id && e["line"] == "disconnected, staying",
+    );
     let (to_term, to_kill) = (ts_ms(&term) - asked, ts_ms(&kill) - ts_ms(&term));
     eprintln!("worker {id}: SIGTERM {to_term} ms after disconnect, SIGKILL {to_kill} ms later");
     assert!(

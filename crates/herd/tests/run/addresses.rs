@@ -18,7 +18,11 @@ fn get_json(addr: SocketAddr) -> Value {
     stream
         .set_read_timeout(Some(Duration::from_secs(20)))
         .expect("timeout");
-    write!(stream, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("send");
+    write!(
+        stream,
+        "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
     let mut raw = String::new();
     stream.read_to_string(&mut raw).expect("read the answer");
     let (head, body) = raw
@@ -82,7 +86,11 @@ fn an_ipv4_and_an_ipv6_listener_reach_the_worker_as_fds_3_and_4() {
     }
     // The first --listen is fd 3, the second fd 4, each with its own address and name.
     assert_eq!(on_v4["fd"], 3, "{on_v4}");
-    assert_eq!(on_v4["sockname"], serde_json::json!(["127.0.0.1", v4]), "{on_v4}");
+    assert_eq!(
+        on_v4["sockname"],
+        serde_json::json!(["127.0.0.1", v4]),
+        "{on_v4}"
+    );
     assert_eq!(on_v6["fd"], 4, "{on_v6}");
     assert_eq!(on_v6["sockname"], serde_json::json!(["::1", v6]), "{on_v6}");
     let names = |b: &Value| -> Vec<String> {
