@@ -301,7 +301,20 @@ impl Supervisor {
                 self.stop_worker(id);
             }
         }
-        let kept = self.slots.iter().filter(|s| s.worker.is_some()).count();
+        // What each slot runs now: a worker started since the operation began runs the new
+        // version (an incoming worker that was promoted, or a crash restart during it), an
+        // older one the previous version. Slots without a worker count for neither.
+        let (mut new_version, mut previous) = (0, 0);
+        for id in self.slots[..self.live_slots()]
+            .iter()
+            .filter_map(|s| s.worker)
+        {
+            match self.workers.get(&id) {
+                Some(w) if w.started >= op.started => new_version += 1,
+                Some(_) => previous += 1,
+                None => {}
+            }
+        }
         // Workers that were due for a health replacement stay due: their checks resume, and
         // the replacement is tried again after a pause rather than in a tight loop.
         let retry = Instant::now() + REPLACE_RETRY.max(self.plan.spec.policy.listen_timeout);
@@ -320,10 +333,18 @@ impl Supervisor {
                 human(REPLACE_RETRY.max(self.plan.spec.policy.listen_timeout))
             ),
             _ => format!(
-                "{} failed after replacing {} of {} workers: {message}. {kept} workers keep running the previous version.",
+                "{} failed after replacing {} of {} workers: {message}. {}, {}.",
                 op.kind.name(),
                 op.replaced,
-                self.live_slots()
+                self.live_slots(),
+                match new_version {
+                    1 => "1 worker runs the new version".to_string(),
+                    n => format!("{n} workers run the new version"),
+                },
+                match previous {
+                    1 => "1 worker keeps running the previous version".to_string(),
+                    n => format!("{n} workers keep running the previous version"),
+                }
             ),
         };
         self.logger.event("op_failed", None, &message, &[]);

@@ -5,6 +5,7 @@
 
 mod keepalive;
 mod lifecycle;
+mod log_ring;
 mod logs;
 mod reload;
 mod scale;

@@ -147,7 +147,8 @@ fn a_bad_release_keeps_the_old_workers_serving() {
         "names the thrown error (the worker's last output)\n{out}"
     );
     assert!(
-        out.stderr.contains("keep running the previous version"),
+        out.stderr
+            .contains("0 workers run the new version, 2 workers keep running the previous version"),
         "{out}"
     );
 
@@ -301,7 +302,8 @@ fn a_reload_whose_new_worker_never_gets_ready_keeps_the_old_workers() {
     assert_eq!(out.code, Some(1), "{out}\n{}", herd.dump());
     assert!(out.stderr.starts_with("error: "), "{out}");
     assert!(
-        out.stderr.contains("keep running the previous version"),
+        out.stderr
+            .contains("0 workers run the new version, 2 workers keep running the previous version"),
         "{out}"
     );
     let hung: Vec<u32> = herd.events()[mark..]
@@ -363,6 +365,12 @@ fn a_reload_that_fails_in_its_second_slot_reports_it_and_keeps_serving() {
     assert!(
         out.stderr.contains("after replacing 1 of 2 workers"),
         "says how far it got\n{out}"
+    );
+    // Slot 0 already runs the new version: the error must not say both run the old one.
+    assert!(
+        out.stderr
+            .contains("1 worker runs the new version, 1 worker keeps running the previous version"),
+        "says truthfully what runs which version\n{out}"
     );
     report.assert_clean("a client during the reload that failed in slot 1");
     let s = wait_status(&home, name, "settled after the failed reload", |s| {

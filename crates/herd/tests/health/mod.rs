@@ -1,5 +1,5 @@
 //! Health: hang detection (`--watchdog`), HTTP probes (`--health-check`), the recycling
-//! limits (`--max-memory`, `--max-requests`) and readiness (`--ready notify`), against the
+//! limits (`--max-memory`, `--max-requests`, `--max-age`) and readiness (`--ready`), against the
 //! real binary with real Node and Python workers. Fixtures: `fixtures/health_app.js` (Node)
 //! and `fixtures/health_server.py` (socket activation).
 
@@ -8,3 +8,4 @@ mod limits;
 mod probes;
 mod readiness;
 mod support;
+mod timing;

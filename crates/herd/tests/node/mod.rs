@@ -1,7 +1,9 @@
 //! Node apps, unmodified, through Node's cluster IPC protocol (`fixtures/app.js`, real node).
 
 mod balance;
+mod kill_timeout;
 mod lifecycle;
+mod listen_host;
 mod messages;
 mod transports;
 

@@ -1,5 +1,6 @@
 //! `herd run` with socket-activation workers (`fixtures/inherit.py` and friends).
 
+mod addresses;
 mod inherit;
 mod lifecycle;
 mod output;
