@@ -24,15 +24,25 @@ pub const MAX_FDS_PER_READ: usize = 4;
 /// Sends `bytes` (all of them or an error; a short write is reported as such) with `fd`
 /// attached, if any. Returns how many bytes went out.
 pub fn send(sock: impl AsFd, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<usize> {
+    match fd {
+        Some(fd) => send_many(sock, bytes, &[fd]),
+        None => send_many(sock, bytes, &[]),
+    }
+}
+
+/// [`send`] with up to [`MAX_FDS_PER_READ`] fds on one message (a receiver using [`recv`]
+/// accepts that many).
+pub fn send_many(sock: impl AsFd, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
     let iov = [IoSlice::new(bytes)];
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_READ))];
     let mut control = SendAncillaryBuffer::new(&mut space);
-    let fds;
-    if let Some(fd) = fd {
-        fds = [fd];
-        if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
-            return Err(io::Error::other("control buffer too small for one fd"));
-        }
+    if fds.len() > MAX_FDS_PER_READ
+        || (!fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)))
+    {
+        return Err(io::Error::other(format!(
+            "{} fds on one message; at most {MAX_FDS_PER_READ}",
+            fds.len()
+        )));
     }
     Ok(rustix::net::sendmsg(
         sock,

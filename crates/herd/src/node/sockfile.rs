@@ -510,7 +510,7 @@ pub fn helper_main() -> ExitCode {
         ),
     };
     let borrowed: Vec<BorrowedFd<'_>> = out.iter().map(AsFd::as_fd).collect();
-    match send_fds(chan, &answer, &borrowed) {
+    match herd_proto::fdpass::send_many(chan, &answer, &borrowed) {
         Ok(_) => ExitCode::SUCCESS,
         Err(_) => ExitCode::from(2),
     }
@@ -612,24 +612,6 @@ fn become_user(creds: Creds) -> Result<(), Failure> {
         libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
     }
     Ok(())
-}
-
-/// `sendmsg` with any number of fds (up to 2 here).
-fn send_fds(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
-    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
-    use std::mem::MaybeUninit;
-    let iov = [io::IoSlice::new(bytes)];
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
-    let mut control = SendAncillaryBuffer::new(&mut space);
-    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
-        return Err(io::Error::other("too many fds for one answer"));
-    }
-    Ok(rustix::net::sendmsg(
-        sock,
-        &iov,
-        &mut control,
-        SendFlags::NOSIGNAL,
-    )?)
 }
 
 #[cfg(test)]
