@@ -510,7 +510,7 @@ pub fn helper_main() -> ExitCode {
         ),
     };
     let borrowed: Vec<BorrowedFd<'_>> = out.iter().map(AsFd::as_fd).collect();
-    match herd_proto::fdpass::send_many(chan, &answer, &borrowed) {
+    match fdpass::send_many(chan, &answer, &borrowed) {
         Ok(_) => ExitCode::SUCCESS,
         Err(_) => ExitCode::from(2),
     }
