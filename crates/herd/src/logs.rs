@@ -105,6 +105,22 @@ impl Logger {
         })
     }
 
+    /// A logger that prints nothing; `recent` still has its lines (unit tests).
+    #[cfg(test)]
+    pub fn quiet(app: &str) -> Self {
+        let (follow, _) = broadcast::channel(256);
+        Logger {
+            inner: Rc::new(LoggerInner {
+                app: app.to_string(),
+                format: LogFormat::Text,
+                color: false,
+                out: Output::discard(app, LogFormat::Text),
+                ring: RefCell::new((VecDeque::with_capacity(256), 0)),
+                follow,
+            }),
+        }
+    }
+
     /// herd's stdout queue, for the bounded flush at exit ([`Output::finish`]).
     pub fn output(&self) -> Output {
         self.inner.out.clone()

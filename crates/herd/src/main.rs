@@ -12,6 +12,7 @@ mod control;
 mod health;
 mod logs;
 mod node;
+mod os;
 mod paths;
 mod plan;
 mod procfs;

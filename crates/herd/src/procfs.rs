@@ -1,6 +1,6 @@
 //! CPU time and memory of a process, read from `/proc`.
 
-use std::time::Instant;
+use tokio::time::Instant;
 
 /// CPU ticks (user + system) a process has used, from `/proc/PID/stat`.
 pub fn cpu_ticks(pid: u32) -> Option<u64> {
@@ -37,11 +37,12 @@ pub struct CpuSample {
 }
 
 impl CpuSample {
-    pub fn take(pid: u32) -> Option<Self> {
-        Some(CpuSample {
+    /// A reading of `ticks` ([`cpu_ticks`]) taken now.
+    pub fn now(ticks: u64) -> Self {
+        CpuSample {
             at: Instant::now(),
-            ticks: cpu_ticks(pid)?,
-        })
+            ticks,
+        }
     }
 
     /// The reading of a process that started at `at` (no CPU used yet).
@@ -75,7 +76,7 @@ mod tests {
     fn reads_our_own_process() {
         let me = std::process::id();
         assert!(rss_bytes(me).expect("rss") > 100_000);
-        let before = CpuSample::take(me).expect("cpu");
+        let before = CpuSample::now(cpu_ticks(me).expect("cpu"));
         let t = Instant::now();
         let mut x = 0u64;
         let mut ticks = before.ticks;
@@ -92,7 +93,7 @@ mod tests {
             );
             ticks = cpu_ticks(me).expect("cpu");
         }
-        let after = CpuSample::take(me).expect("cpu");
+        let after = CpuSample::now(cpu_ticks(me).expect("cpu"));
         let used = after.ticks - before.ticks;
         assert!(used >= BURN_TICKS, "{used} ticks ({x})");
         // What the reading must say: the ticks we burnt over the wall time they took

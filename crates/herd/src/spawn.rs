@@ -117,6 +117,17 @@ impl Leader {
     pub fn reaped(&self) -> bool {
         self.reaped.get()
     }
+
+    #[cfg(test)]
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// What [`wait_exit`] does once the leader has exited, for a fake OS's workers.
+    #[cfg(test)]
+    pub fn set_reaped(&self) {
+        self.reaped.set(true);
+    }
 }
 
 /// Waits for the worker to exit, kills what is left of its process group while the

@@ -133,6 +133,26 @@ impl Output {
         Ok(Output { shared })
     }
 
+    /// An output that throws every line away, without a writer thread (unit tests).
+    #[cfg(test)]
+    pub fn discard(app: &str, format: LogFormat) -> Self {
+        let queue = Queue {
+            broken: true,
+            ..Queue::default()
+        };
+        Output {
+            shared: Arc::new(Shared {
+                queue: Mutex::new(queue),
+                changed: Condvar::new(),
+                room: Notify::new(),
+                epoch: Instant::now(),
+                progress_ms: AtomicU64::new(0),
+                app: app.to_string(),
+                format,
+            }),
+        }
+    }
+
     /// Queues `line` (newline included) if it fits under `limit`; gives it back if not.
     fn try_push(&self, line: Vec<u8>, limit: usize) -> Result<(), Vec<u8>> {
         let mut q = self.shared.lock();

@@ -35,13 +35,14 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use herd_proto::fdpass;
 use herd_proto::node::{self, Lines, Message, QueryServer};
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::time::Instant;
 
 use crate::supervisor::{Event, WorkerId};
 

@@ -8,15 +8,15 @@
 //! `age`, `reload`), counted per slot and shown by `herd status`.
 
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
+use tokio::time::Instant;
 
 use super::ops::OpKind;
 use super::{human, Event, Supervisor, WorkerId};
 use crate::balance::Pending;
 use crate::health;
-use crate::procfs;
 use crate::spec::WorkerKind;
 
 /// How long a hung worker gets between SIGABRT and SIGKILL.
@@ -142,7 +142,7 @@ impl Supervisor {
                 continue;
             }
             if let Some(max) = health.max_memory {
-                if let Some(rss) = procfs::rss_bytes(w.pid).filter(|&rss| rss > max) {
+                if let Some(rss) = self.os.rss_bytes(w.pid).filter(|&rss| rss > max) {
                     replace.push((
                         w.id,
                         "memory",
@@ -195,7 +195,8 @@ impl Supervisor {
             &format!("hung: {why} (--watchdog) — killing it (SIGABRT, then SIGKILL) and starting a replacement"),
             &[("reason", json!("hung")), ("detail", json!(why))],
         );
-        w.signal_group(rustix::process::Signal::ABORT);
+        self.os
+            .signal_group(&w.leader, rustix::process::Signal::ABORT);
         self.detach(&mut w);
         self.workers.insert(id, w);
         self.after(

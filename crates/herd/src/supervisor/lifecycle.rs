@@ -91,7 +91,8 @@ impl Supervisor {
         let next = if asked {
             rustix::process::Signal::TERM
         } else {
-            w.signal_group(rustix::process::Signal::TERM);
+            self.os
+                .signal_group(&w.leader, rustix::process::Signal::TERM);
             rustix::process::Signal::KILL
         };
         self.after(
@@ -116,7 +117,7 @@ impl Supervisor {
         } else {
             "SIGKILL"
         };
-        if !w.signal_group(signal) {
+        if !self.os.signal_group(&w.leader, signal) {
             return;
         }
         self.logger.event(
@@ -335,7 +336,8 @@ impl Supervisor {
                     ),
                     &[],
                 );
-                w.signal_group(rustix::process::Signal::TERM);
+                self.os
+                    .signal_group(&w.leader, rustix::process::Signal::TERM);
                 let grace = self.plan.spec.policy.kill_timeout.min(TERM_GRACE);
                 self.after(
                     grace,
@@ -392,7 +394,7 @@ impl Supervisor {
             return;
         }
         w.ready = true;
-        w.last_watchdog = std::time::Instant::now();
+        w.last_watchdog = tokio::time::Instant::now();
         let who = w.who();
         let servers = w.servers.clone();
         let promote = w.incoming.then_some(w.instance);
@@ -455,7 +457,7 @@ impl Supervisor {
                 }
                 Notify::Watchdog => {
                     if let Some(w) = self.workers.get_mut(&id) {
-                        w.last_watchdog = std::time::Instant::now();
+                        w.last_watchdog = tokio::time::Instant::now();
                     }
                 }
                 Notify::Stopping => {

@@ -33,6 +33,8 @@ pub mod ops;
 pub mod restart;
 mod routing;
 pub mod status;
+#[cfg(test)]
+mod tests;
 pub mod worker;
 
 use std::collections::BTreeMap;
@@ -52,6 +54,7 @@ use crate::balance::Pending;
 use crate::logs::Logger;
 use crate::node::channel::Ipc;
 use crate::node::servers::{ServerId, Servers};
+use crate::os::Os;
 use crate::plan::Plan;
 use crate::spec::WorkerKind;
 use restart::Backoff;
@@ -188,6 +191,8 @@ pub struct Supervisor {
     logger: Logger,
     tx: UnboundedSender<Event>,
     launcher: Launcher,
+    /// Signals and /proc readings go through it (a fake in unit tests).
+    os: Rc<dyn Os>,
     slots: Vec<Slot>,
     workers: BTreeMap<WorkerId, Worker>,
     next_id: WorkerId,
@@ -199,16 +204,26 @@ pub struct Supervisor {
     /// Graceful replacements (health, limits) waiting their turn.
     replacements: std::collections::VecDeque<(WorkerId, &'static str)>,
     stop_replies: Vec<oneshot::Sender<Response>>,
-    started: std::time::Instant,
+    started: tokio::time::Instant,
     /// herd's own service manager (systemd `Type=notify`), if any.
     manager: Option<crate::sdnotify::Manager>,
     control_path: Option<PathBuf>,
     /// When the health tick last read /proc.
-    last_sample: Option<std::time::Instant>,
+    last_sample: Option<tokio::time::Instant>,
 }
 
 impl Supervisor {
     pub fn new(plan: Plan, logger: Logger, run_dir: PathBuf) -> (Self, UnboundedReceiver<Event>) {
+        Self::with_os(plan, logger, run_dir, Rc::new(crate::os::System))
+    }
+
+    /// A supervisor whose workers are started, signalled and measured through `os`.
+    pub fn with_os(
+        plan: Plan,
+        logger: Logger,
+        run_dir: PathBuf,
+        os: Rc<dyn Os>,
+    ) -> (Self, UnboundedReceiver<Event>) {
         let (tx, rx) = unbounded_channel();
         let plan = Rc::new(plan);
         let launcher = Launcher::new(
@@ -216,6 +231,7 @@ impl Supervisor {
             logger.clone(),
             tx.clone(),
             run_dir.clone(),
+            Rc::clone(&os),
         );
         let slots = (0..plan.instances)
             .map(|_| Slot::new(&plan.spec.policy))
@@ -225,6 +241,7 @@ impl Supervisor {
             logger,
             tx,
             launcher,
+            os,
             slots,
             workers: BTreeMap::new(),
             next_id: 1,
@@ -235,7 +252,7 @@ impl Supervisor {
             op: None,
             replacements: std::collections::VecDeque::new(),
             stop_replies: Vec::new(),
-            started: std::time::Instant::now(),
+            started: tokio::time::Instant::now(),
             manager: crate::sdnotify::Manager::from_env(),
             control_path: None,
             last_sample: None,
@@ -519,7 +536,8 @@ impl Supervisor {
                 );
                 self.phase = Phase::Stopping { code, forced: true };
                 for w in self.workers.values() {
-                    w.signal_group(rustix::process::Signal::KILL);
+                    self.os
+                        .signal_group(&w.leader, rustix::process::Signal::KILL);
                 }
             }
             _ => {}

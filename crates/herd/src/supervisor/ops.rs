@@ -13,11 +13,10 @@
 //! **Scale**: new slots start workers; removed slots (the highest instances) stop theirs
 //! gracefully and disappear once they exited.
 
-use std::collections::VecDeque;
-use std::time::Instant;
-
 use herd_proto::control::Response;
+use std::collections::VecDeque;
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use super::{human, Phase, Slot, Supervisor, WorkerId};
 

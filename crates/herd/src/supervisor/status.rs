@@ -5,7 +5,7 @@
 use herd_proto::control::{AppStatus, WorkerStatus};
 
 use super::{Phase, Slot, Supervisor};
-use crate::procfs::{self, CpuSample};
+use crate::procfs::CpuSample;
 use crate::spec::WorkerKind;
 
 impl Supervisor {
@@ -19,7 +19,7 @@ impl Supervisor {
                     continue;
                 };
                 any = true;
-                let now = CpuSample::take(w.pid);
+                let now = self.os.cpu_ticks(w.pid).map(CpuSample::now);
                 let cpu = match (&now, &w.cpu) {
                     (Some(now), Some(before)) => now.percent_since(before),
                     (Some(now), None) => now.percent_since(&CpuSample::at_start(w.started)),
@@ -44,7 +44,7 @@ impl Supervisor {
                     restarts: slot.restarts,
                     last_exit: slot.last_exit.clone(),
                     cpu_percent: cpu,
-                    memory_bytes: procfs::rss_bytes(w.pid).unwrap_or(0),
+                    memory_bytes: self.os.rss_bytes(w.pid).unwrap_or(0),
                     connections: w.connections,
                     status_text: w.status.clone(),
                     health: w.health.clone(),
@@ -90,7 +90,7 @@ impl Supervisor {
                     restarts: 0,
                     last_exit: None,
                     cpu_percent: 0.0,
-                    memory_bytes: procfs::rss_bytes(w.pid).unwrap_or(0),
+                    memory_bytes: self.os.rss_bytes(w.pid).unwrap_or(0),
                     connections: w.connections,
                     status_text: w.status.clone(),
                     health: w.health.clone(),
@@ -136,7 +136,7 @@ impl Supervisor {
             restarts: self.slots.iter().map(|s| s.restarts).sum(),
             cpu_percent: (workers.iter().map(|w| w.cpu_percent).sum::<f64>() * 10.0).round() / 10.0,
             memory_bytes: workers.iter().map(|w| w.memory_bytes).sum(),
-            supervisor_memory_bytes: procfs::rss_bytes(me).unwrap_or(0),
+            supervisor_memory_bytes: self.os.rss_bytes(me).unwrap_or(0),
             listen,
             workers,
         }

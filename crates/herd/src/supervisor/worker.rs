@@ -6,15 +6,16 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::time::Instant;
 
 use crate::logs::{self, Logger, Stream, Tail, Who};
 use crate::node::channel::{self, Channel, Out, SendError, Tally};
 use crate::node::servers::ServerId;
+use crate::os::{Os, Spawned};
 use crate::plan::Plan;
-use crate::spawn::{self, Leader, SpawnRequest, FIRST_FD};
+use crate::spawn::{Leader, SpawnRequest, FIRST_FD};
 use crate::spec::WorkerKind;
 use crate::supervisor::{Event, WorkerId};
 
@@ -111,11 +112,6 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Signals the worker's process group, unless herd has reaped it (see [`Leader`]).
-    pub fn signal_group(&self, signal: rustix::process::Signal) -> bool {
-        self.leader.signal_group(signal)
-    }
-
     pub fn who(&self) -> Who {
         Who {
             instance: self.instance,
@@ -262,6 +258,8 @@ pub struct Launcher {
     pub plan: Rc<Plan>,
     pub logger: Logger,
     pub tx: UnboundedSender<Event>,
+    /// Where workers are started (the real OS, or a test's fake).
+    os: Rc<dyn Os>,
     /// herd's environment without the variables that must not leak, plus `--env`.
     base_env: Vec<(OsString, OsString)>,
     /// Private directory for notify sockets (see rundir.rs), and herd's fd of it.
@@ -299,6 +297,7 @@ impl Launcher {
         logger: Logger,
         tx: UnboundedSender<Event>,
         run_dir: PathBuf,
+        os: Rc<dyn Os>,
     ) -> Self {
         let mut base_env: Vec<(OsString, OsString)> = std::env::vars_os()
             .filter(|(k, _)| !NOT_INHERITED.iter().any(|n| k == n))
@@ -346,6 +345,7 @@ impl Launcher {
             plan,
             logger,
             tx,
+            os,
             base_env,
             run_dir,
             run_dir_fd,
@@ -421,7 +421,13 @@ impl Launcher {
             env.retain(|(k, _)| k != "LISTEN_FDS" && k != "LISTEN_FDNAMES");
         }
 
-        let mut child = spawn::spawn(&SpawnRequest {
+        let Spawned {
+            pid,
+            leader,
+            stdout,
+            stderr,
+            exit,
+        } = self.os.launch(&SpawnRequest {
             program: &plan.program,
             argv: &self.argv,
             env: &env,
@@ -432,8 +438,6 @@ impl Launcher {
             gid: plan.user.as_ref().map(|u| u.gid),
         })?;
         drop(fds);
-        let pid = child.id();
-        let leader = Leader::new(pid);
         let tail: Tail = Default::default();
         let who = Who {
             instance,
@@ -441,21 +445,16 @@ impl Launcher {
             pid,
         };
 
-        let stdout = child
-            .stdout
-            .take()
+        let stdout = stdout
             .map(tokio::process::ChildStdout::from_std)
             .transpose();
-        let stderr = child
-            .stderr
-            .take()
+        let stderr = stderr
             .map(tokio::process::ChildStderr::from_std)
             .transpose();
         let tx = self.tx.clone();
-        let watched = leader.clone();
         // From here on the child is reaped by this task only (spawn::wait_exit).
         tokio::task::spawn_local(async move {
-            let status = spawn::wait_exit(child, watched).await;
+            let status = exit.await;
             let _ = tx.send(Event::Exited { id, status });
         });
         if let Some(out) = stdout? {
