@@ -16,6 +16,8 @@ mod os;
 mod paths;
 mod plan;
 mod procfs;
+#[allow(dead_code)] // wired into the supervisor in a later commit
+mod reuseport;
 mod rundir;
 mod sdnotify;
 mod spawn;
