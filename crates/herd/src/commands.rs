@@ -11,6 +11,7 @@ use herd_proto::control::{AppStatus, Request, Response};
 use crate::control::{Client, ClientError};
 use crate::logs::line::{file_tail, sanitize, to_json_pretty};
 use crate::paths::{AppName, Home};
+use crate::print::{errln, outln};
 
 /// Exit code for a command whose operation failed (a reload that kept the old version).
 pub const FAILED: u8 = 1;
@@ -30,10 +31,10 @@ pub fn outcome(home: &Home, name: &AppName, req: Request) -> anyhow::Result<u8> 
     // Messages can quote a worker's output: escaped like every line shown on a terminal.
     let message = sanitize(&response.message);
     if response.ok {
-        println!("{name}: {message}");
+        outln!("{name}: {message}")?;
         Ok(0)
     } else {
-        eprintln!("error: {name}: {message}");
+        errln!("error: {name}: {message}");
         Ok(FAILED)
     }
 }
@@ -44,7 +45,7 @@ pub fn status(home: &Home, name: &AppName, json: bool) -> anyhow::Result<u8> {
         anyhow::bail!("{name}: {}", response.message);
     };
     if json {
-        println!("{}", to_json_pretty(&status)?);
+        outln!("{}", to_json_pretty(&status)?)?;
         return Ok(0);
     }
     // Every string shown comes through the supervisor and may quote a worker (`last exit`
@@ -61,9 +62,9 @@ pub fn status(home: &Home, name: &AppName, json: bool) -> anyhow::Result<u8> {
         bytes(status.supervisor_memory_bytes),
         duration(status.uptime_ms)
     );
-    println!("{}", sanitize(&header));
+    outln!("{}", sanitize(&header))?;
     if !status.listen.is_empty() {
-        println!("listening on {}", sanitize(&status.listen.join(", ")));
+        outln!("listening on {}", sanitize(&status.listen.join(", ")))?;
     }
     let mut table = Table::new();
     table.load_preset(presets::UTF8_HORIZONTAL_ONLY);
@@ -109,7 +110,7 @@ pub fn status(home: &Home, name: &AppName, json: bool) -> anyhow::Result<u8> {
             ),
         ]);
     }
-    println!("{table}");
+    outln!("{table}")?;
     Ok(0)
 }
 
@@ -122,15 +123,15 @@ pub fn ls(home: &Home, json: bool) -> anyhow::Result<u8> {
                 ..
             }) => apps.push(status),
             Ok(_) | Err(ClientError::NotRunning(_)) => {}
-            Err(e) => eprintln!("warning: {}: {}", name, sanitize(&e.to_string())),
+            Err(e) => errln!("warning: {}: {}", name, sanitize(&e.to_string())),
         }
     }
     if json {
-        println!("{}", to_json_pretty(&apps)?);
+        outln!("{}", to_json_pretty(&apps)?)?;
         return Ok(0);
     }
     if apps.is_empty() {
-        println!("no apps running (HERD_HOME {})", home.path().display());
+        outln!("no apps running (HERD_HOME {})", home.path().display())?;
         return Ok(0);
     }
     let mut table = Table::new();
@@ -152,7 +153,7 @@ pub fn ls(home: &Home, json: bool) -> anyhow::Result<u8> {
             Cell::new(sanitize(&a.listen.join(" "))),
         ]);
     }
-    println!("{table}");
+    outln!("{table}")?;
     Ok(0)
 }
 
@@ -223,7 +224,7 @@ pub fn stop(home: &Home, name: &AppName) -> anyhow::Result<u8> {
     if !response.ok {
         anyhow::bail!("{name}: {}", response.message);
     }
-    println!("{name}: stopped");
+    outln!("{name}: stopped")?;
     Ok(0)
 }
 
@@ -276,12 +277,12 @@ pub fn start(
             // The file is appended to by every start of this app and never rotated: read
             // only its end.
             let tail = file_tail(&log, start_offset, 15, 64 * 1024).unwrap_or_default();
-            eprintln!(
+            errln!(
                 "error: {name} did not start ({}):",
                 crate::supervisor::describe_status(&status)
             );
             for line in tail {
-                eprintln!("  {}", sanitize(&line));
+                errln!("  {}", sanitize(&line));
             }
             return Ok(FAILED);
         }
@@ -290,7 +291,7 @@ pub fn start(
         }) = request(home, name, &Request::Status, Some(Duration::from_secs(2)))
         {
             if s.ready == s.desired && s.state == "running" {
-                println!("{name}: started {} workers (supervisor pid {}, logs: herd logs {name}, file {})", s.ready, s.pid, log_path.display());
+                outln!("{name}: started {} workers (supervisor pid {}, logs: herd logs {name}, file {})", s.ready, s.pid, log_path.display())?;
                 return Ok(0);
             }
             let crashing = s
@@ -306,7 +307,7 @@ pub fn start(
                             .map(|e| format!("{name}[{}] {e}", w.instance))
                     })
                     .unwrap_or_else(|| "see herd logs".into());
-                eprintln!(
+                errln!(
                     "error: {name} did not start: its workers keep exiting. {}",
                     sanitize(&why)
                 );
@@ -315,7 +316,7 @@ pub fn start(
             }
         }
         if Instant::now() > deadline {
-            eprintln!("error: {name} is running but its workers were not all ready within {}s; see herd status {name}", wait.as_secs());
+            errln!("error: {name} is running but its workers were not all ready within {}s; see herd status {name}", wait.as_secs());
             return Ok(FAILED);
         }
         std::thread::sleep(Duration::from_millis(50));

@@ -14,6 +14,7 @@ mod logs;
 mod node;
 mod paths;
 mod plan;
+mod print;
 mod procfs;
 mod rundir;
 mod sdnotify;
@@ -42,8 +43,15 @@ fn main() -> ExitCode {
     };
     match dispatch(cli.command) {
         Ok(code) => ExitCode::from(code),
+        // The reader of our output went away (`herd ls | head -1`): nothing left to say.
+        Err(e)
+            if e.downcast_ref::<print::StdoutError>()
+                .is_some_and(print::StdoutError::is_closed) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            print::errln!("error: {e:#}");
             ExitCode::from(1)
         }
     }
@@ -127,7 +135,7 @@ fn clap_error(e: clap::Error) -> ExitCode {
     }
     let text = e.to_string();
     let first = text.lines().next().unwrap_or("error: invalid command line");
-    eprintln!("{first}");
+    print::errln!("{first}");
     ExitCode::from(2)
 }
 

@@ -3,6 +3,7 @@
 mod inherit;
 mod lifecycle;
 mod output;
+mod pipes;
 mod serving;
 
 use crate::util::{fixture, Herd};
