@@ -9,6 +9,7 @@ use comfy_table::{presets, Cell, CellAlignment, Table};
 use herd_proto::control::{AppStatus, Request, Response};
 
 use crate::control::{Client, ClientError};
+use crate::fmt::duration_ms;
 use crate::logs::line::{file_tail, sanitize, to_json_pretty};
 use crate::paths::{AppName, Home};
 use crate::print::{errln, outln};
@@ -60,7 +61,7 @@ pub fn status(home: &Home, name: &AppName, json: bool) -> anyhow::Result<u8> {
         status.balance,
         status.pid,
         bytes(status.supervisor_memory_bytes),
-        duration(status.uptime_ms)
+        duration_ms(status.uptime_ms)
     );
     outln!("{}", sanitize(&header))?;
     if !status.listen.is_empty() {
@@ -96,7 +97,7 @@ pub fn status(home: &Home, name: &AppName, json: bool) -> anyhow::Result<u8> {
             Cell::new(worker),
             Cell::new(pid),
             Cell::new(sanitize(&w.state)),
-            Cell::new(duration(w.uptime_ms)),
+            Cell::new(duration_ms(w.uptime_ms)),
             Cell::new(sanitize(&restarts(w.restarts, &w.restarts_by_reason))),
             Cell::new(format!("{:.1}%", w.cpu_percent)).set_alignment(CellAlignment::Right),
             Cell::new(bytes(w.memory_bytes)).set_alignment(CellAlignment::Right),
@@ -146,7 +147,7 @@ pub fn ls(home: &Home, json: bool) -> anyhow::Result<u8> {
             Cell::new(sanitize(&a.balance)),
             Cell::new(format!("{}/{}", a.ready, a.desired)),
             Cell::new(a.pid),
-            Cell::new(duration(a.uptime_ms)),
+            Cell::new(duration_ms(a.uptime_ms)),
             Cell::new(a.restarts).set_alignment(CellAlignment::Right),
             Cell::new(format!("{:.1}%", a.cpu_percent)).set_alignment(CellAlignment::Right),
             Cell::new(bytes(a.memory_bytes)).set_alignment(CellAlignment::Right),
@@ -338,17 +339,6 @@ fn bytes(n: u64) -> String {
         n if n >= 1 << 30 => format!("{:.1} GB", n as f64 / (1u64 << 30) as f64),
         n if n >= 1 << 20 => format!("{:.1} MB", n as f64 / (1u64 << 20) as f64),
         n => format!("{} KB", n / 1024),
-    }
-}
-
-fn duration(ms: u64) -> String {
-    let s = ms / 1000;
-    match s {
-        0 if ms == 0 => "-".into(),
-        0..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m{}s", s / 60, s % 60),
-        3600..=86_399 => format!("{}h{}m", s / 3600, s % 3600 / 60),
-        _ => format!("{}d{}h", s / 86_400, s % 86_400 / 3600),
     }
 }
 
