@@ -124,7 +124,11 @@ pub fn ls(home: &Home, json: bool) -> anyhow::Result<u8> {
                 ..
             }) => apps.push(status),
             Ok(_) | Err(ClientError::NotRunning(_)) => {}
-            Err(e) => errln!("warning: {}: {}", name, sanitize(&e.to_string())),
+            Err(e) => errln!(
+                "warning: {}: {}",
+                name,
+                sanitize(&format!("{:#}", anyhow::Error::from(e)))
+            ),
         }
     }
     if json {
@@ -247,12 +251,10 @@ pub fn start(
     // Opened through HERD_HOME's descriptor: a link or a fifo planted there is refused.
     let log_file = name.file("log");
     let log_path = home.display(&log_file);
-    let log = home
-        .open_private_file(
-            &log_file,
-            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::APPEND,
-        )
-        .map_err(anyhow::Error::msg)?;
+    let log = home.open_private_file(
+        &log_file,
+        rustix::fs::OFlags::RDWR | rustix::fs::OFlags::APPEND,
+    )?;
     let start_offset = log.metadata().map(|m| m.len()).unwrap_or(0);
     let exe = std::env::current_exe()?;
     let mut cmd = std::process::Command::new(exe);

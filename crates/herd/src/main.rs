@@ -64,7 +64,7 @@ fn dispatch(command: Command) -> anyhow::Result<u8> {
         return run(args);
     }
     let home = paths::herd_home().map_err(anyhow::Error::msg)?;
-    let home = paths::Home::open(&home).map_err(anyhow::Error::msg)?;
+    let home = paths::Home::open(&home)?;
     match command {
         Command::Run(_) => unreachable!("handled above"),
         Command::Start(args) => {
@@ -149,7 +149,7 @@ fn run(args: cli::RunArgs) -> anyhow::Result<u8> {
     let app = paths::AppName::new(&name).map_err(anyhow::Error::msg)?;
     let home = paths::herd_home().map_err(anyhow::Error::msg)?;
     // Held open for the whole run: the control socket is used through this descriptor.
-    let home_dir = paths::Home::open(&home).map_err(anyhow::Error::msg)?;
+    let home_dir = paths::Home::open(&home)?;
     // Notify sockets live here (see rundir.rs). Workers run as another user (`--user`)
     // cannot enter the private HERD_HOME, so theirs is in the temp directory.
     let run_parent = match spec.user {
@@ -166,7 +166,7 @@ fn run(args: cli::RunArgs) -> anyhow::Result<u8> {
         Ok(registration) => registration,
         Err(e) => {
             let _ = std::fs::remove_dir(&run_dir);
-            anyhow::bail!(e);
+            return Err(e);
         }
     };
     let plan = match plan::plan(spec) {
