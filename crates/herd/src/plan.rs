@@ -66,33 +66,20 @@ pub struct User {
     pub home: PathBuf,
 }
 
-/// Looks a user up in the password database.
+/// Looks a user up in the password database (however long its entry: the buffer grows).
 pub fn lookup_user(name: &str) -> Result<User, String> {
-    let cname = std::ffi::CString::new(name).map_err(|_| format!("`{name}` is not a user name"))?;
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    // SAFETY: getpwnam_r writes into `pwd` and `buf`, both valid for the given sizes.
-    unsafe {
-        let mut pwd: libc::passwd = std::mem::zeroed();
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
-        let rc = libc::getpwnam_r(
-            cname.as_ptr(),
-            &mut pwd,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut result,
-        );
-        if rc != 0 || result.is_null() {
-            return Err(format!("no user named `{name}` on this machine"));
-        }
-        let home = std::ffi::CStr::from_ptr(pwd.pw_dir)
-            .to_string_lossy()
-            .into_owned();
-        Ok(User {
+    if name.contains('\0') {
+        return Err(format!("`{}` is not a user name", name.escape_debug()));
+    }
+    match nix::unistd::User::from_name(name) {
+        Ok(Some(user)) => Ok(User {
             name: name.to_string(),
-            uid: pwd.pw_uid,
-            gid: pwd.pw_gid,
-            home: PathBuf::from(home),
-        })
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+            home: user.dir,
+        }),
+        Ok(None) => Err(format!("no user named `{name}` on this machine")),
+        Err(e) => Err(format!("cannot look up user `{name}`: {e}")),
     }
 }
 
@@ -344,6 +331,16 @@ pub fn bind_unix(path: &Path, mode: u32) -> Result<(OwnedFd, SocketFile), String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn users_are_looked_up_or_named_missing() {
+        let root = lookup_user("root").expect("root exists");
+        assert_eq!((root.uid, root.gid), (0, 0));
+        let err = lookup_user("no-such-user-herd").expect_err("missing");
+        assert_eq!(err, "no user named `no-such-user-herd` on this machine");
+        let err = lookup_user("ro\0ot").expect_err("NUL");
+        assert!(err.contains("is not a user name"), "{err}");
+    }
 
     #[test]
     fn a_port_in_use_is_named() {
