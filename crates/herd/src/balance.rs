@@ -29,6 +29,7 @@ use tokio::io::Interest;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::Notify;
 
+use crate::mix::mix64;
 use crate::node::servers::ServerId;
 use crate::supervisor::Event;
 
@@ -160,12 +161,12 @@ fn is_transient(e: &io::Error) -> bool {
 fn peer_hash(addr: &SocketAddrAny) -> u64 {
     match std::net::SocketAddr::try_from(addr.clone()) {
         Ok(sa) => match sa.ip() {
-            IpAddr::V4(ip) => mix(u64::from(u32::from(ip))),
+            IpAddr::V4(ip) => mix64(u64::from(u32::from(ip))),
             IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
-                Some(v4) => mix(u64::from(u32::from(v4))),
+                Some(v4) => mix64(u64::from(u32::from(v4))),
                 None => {
                     let bits = u128::from(ip);
-                    mix((bits >> 64) as u64 ^ mix(bits as u64))
+                    mix64((bits >> 64) as u64 ^ mix64(bits as u64))
                 }
             },
         },
@@ -173,17 +174,9 @@ fn peer_hash(addr: &SocketAddrAny) -> u64 {
     }
 }
 
-/// splitmix64's finalizer: a fast, well-spread 64-bit mix.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 /// The rendezvous score of a client on a slot.
 pub fn sticky_score(peer: u64, instance: usize) -> u64 {
-    mix(peer ^ mix(instance as u64 + 1))
+    mix64(peer ^ mix64(instance as u64 + 1))
 }
 
 /// Picks the next eligible worker after `cursor` among `candidates`, advancing the cursor.
@@ -222,7 +215,7 @@ mod tests {
 
     #[test]
     fn sticky_moves_only_the_missing_slots_clients() {
-        let clients: Vec<u64> = (0..2000u64).map(mix).collect();
+        let clients: Vec<u64> = (0..2000u64).map(mix64).collect();
         let best = |peer: u64, slots: &[usize]| {
             *slots
                 .iter()

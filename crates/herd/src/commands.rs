@@ -9,8 +9,10 @@ use comfy_table::{presets, Cell, CellAlignment, Table};
 use herd_proto::control::{AppStatus, Request, Response};
 
 use crate::control::{Client, ClientError};
+use crate::fmt::duration_ms;
 use crate::logs::line::{file_tail, sanitize, to_json_pretty};
 use crate::paths::{AppName, Home};
+use crate::print::{errln, outln};
 
 /// Exit code for a command whose operation failed (a reload that kept the old version).
 pub const FAILED: u8 = 1;
@@ -30,10 +32,10 @@ pub fn outcome(home: &Home, name: &AppName, req: Request) -> anyhow::Result<u8> 
     // Messages can quote a worker's output: escaped like every line shown on a terminal.
     let message = sanitize(&response.message);
     if response.ok {
-        println!("{name}: {message}");
+        outln!("{name}: {message}")?;
         Ok(0)
     } else {
-        eprintln!("error: {name}: {message}");
+        errln!("error: {name}: {message}");
         Ok(FAILED)
     }
 }
@@ -44,7 +46,7 @@ pub fn status(home: &Home, name: &AppName, json: bool) -> anyhow::Result<u8> {
         anyhow::bail!("{name}: {}", response.message);
     };
     if json {
-        println!("{}", to_json_pretty(&status)?);
+        outln!("{}", to_json_pretty(&status)?)?;
         return Ok(0);
     }
     // Every string shown comes through the supervisor and may quote a worker (`last exit`
@@ -59,11 +61,11 @@ pub fn status(home: &Home, name: &AppName, json: bool) -> anyhow::Result<u8> {
         status.balance,
         status.pid,
         bytes(status.supervisor_memory_bytes),
-        duration(status.uptime_ms)
+        duration_ms(status.uptime_ms)
     );
-    println!("{}", sanitize(&header));
+    outln!("{}", sanitize(&header))?;
     if !status.listen.is_empty() {
-        println!("listening on {}", sanitize(&status.listen.join(", ")));
+        outln!("listening on {}", sanitize(&status.listen.join(", ")))?;
     }
     let mut table = Table::new();
     table.load_preset(presets::UTF8_HORIZONTAL_ONLY);
@@ -95,7 +97,7 @@ pub fn status(home: &Home, name: &AppName, json: bool) -> anyhow::Result<u8> {
             Cell::new(worker),
             Cell::new(pid),
             Cell::new(sanitize(&w.state)),
-            Cell::new(duration(w.uptime_ms)),
+            Cell::new(duration_ms(w.uptime_ms)),
             Cell::new(sanitize(&restarts(w.restarts, &w.restarts_by_reason))),
             Cell::new(format!("{:.1}%", w.cpu_percent)).set_alignment(CellAlignment::Right),
             Cell::new(bytes(w.memory_bytes)).set_alignment(CellAlignment::Right),
@@ -109,7 +111,7 @@ pub fn status(home: &Home, name: &AppName, json: bool) -> anyhow::Result<u8> {
             ),
         ]);
     }
-    println!("{table}");
+    outln!("{table}")?;
     Ok(0)
 }
 
@@ -122,15 +124,19 @@ pub fn ls(home: &Home, json: bool) -> anyhow::Result<u8> {
                 ..
             }) => apps.push(status),
             Ok(_) | Err(ClientError::NotRunning(_)) => {}
-            Err(e) => eprintln!("warning: {}: {}", name, sanitize(&e.to_string())),
+            Err(e) => errln!(
+                "warning: {}: {}",
+                name,
+                sanitize(&format!("{:#}", anyhow::Error::from(e)))
+            ),
         }
     }
     if json {
-        println!("{}", to_json_pretty(&apps)?);
+        outln!("{}", to_json_pretty(&apps)?)?;
         return Ok(0);
     }
     if apps.is_empty() {
-        println!("no apps running (HERD_HOME {})", home.path().display());
+        outln!("no apps running (HERD_HOME {})", home.path().display())?;
         return Ok(0);
     }
     let mut table = Table::new();
@@ -145,14 +151,14 @@ pub fn ls(home: &Home, json: bool) -> anyhow::Result<u8> {
             Cell::new(sanitize(&a.balance)),
             Cell::new(format!("{}/{}", a.ready, a.desired)),
             Cell::new(a.pid),
-            Cell::new(duration(a.uptime_ms)),
+            Cell::new(duration_ms(a.uptime_ms)),
             Cell::new(a.restarts).set_alignment(CellAlignment::Right),
             Cell::new(format!("{:.1}%", a.cpu_percent)).set_alignment(CellAlignment::Right),
             Cell::new(bytes(a.memory_bytes)).set_alignment(CellAlignment::Right),
             Cell::new(sanitize(&a.listen.join(" "))),
         ]);
     }
-    println!("{table}");
+    outln!("{table}")?;
     Ok(0)
 }
 
@@ -223,7 +229,7 @@ pub fn stop(home: &Home, name: &AppName) -> anyhow::Result<u8> {
     if !response.ok {
         anyhow::bail!("{name}: {}", response.message);
     }
-    println!("{name}: stopped");
+    outln!("{name}: stopped")?;
     Ok(0)
 }
 
@@ -245,12 +251,10 @@ pub fn start(
     // Opened through HERD_HOME's descriptor: a link or a fifo planted there is refused.
     let log_file = name.file("log");
     let log_path = home.display(&log_file);
-    let log = home
-        .open_private_file(
-            &log_file,
-            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::APPEND,
-        )
-        .map_err(anyhow::Error::msg)?;
+    let log = home.open_private_file(
+        &log_file,
+        rustix::fs::OFlags::RDWR | rustix::fs::OFlags::APPEND,
+    )?;
     let start_offset = log.metadata().map(|m| m.len()).unwrap_or(0);
     let exe = std::env::current_exe()?;
     let mut cmd = std::process::Command::new(exe);
@@ -276,12 +280,12 @@ pub fn start(
             // The file is appended to by every start of this app and never rotated: read
             // only its end.
             let tail = file_tail(&log, start_offset, 15, 64 * 1024).unwrap_or_default();
-            eprintln!(
+            errln!(
                 "error: {name} did not start ({}):",
                 crate::supervisor::describe_status(&status)
             );
             for line in tail {
-                eprintln!("  {}", sanitize(&line));
+                errln!("  {}", sanitize(&line));
             }
             return Ok(FAILED);
         }
@@ -290,7 +294,7 @@ pub fn start(
         }) = request(home, name, &Request::Status, Some(Duration::from_secs(2)))
         {
             if s.ready == s.desired && s.state == "running" {
-                println!("{name}: started {} workers (supervisor pid {}, logs: herd logs {name}, file {})", s.ready, s.pid, log_path.display());
+                outln!("{name}: started {} workers (supervisor pid {}, logs: herd logs {name}, file {})", s.ready, s.pid, log_path.display())?;
                 return Ok(0);
             }
             let crashing = s
@@ -306,7 +310,7 @@ pub fn start(
                             .map(|e| format!("{name}[{}] {e}", w.instance))
                     })
                     .unwrap_or_else(|| "see herd logs".into());
-                eprintln!(
+                errln!(
                     "error: {name} did not start: its workers keep exiting. {}",
                     sanitize(&why)
                 );
@@ -315,7 +319,7 @@ pub fn start(
             }
         }
         if Instant::now() > deadline {
-            eprintln!("error: {name} is running but its workers were not all ready within {}s; see herd status {name}", wait.as_secs());
+            errln!("error: {name} is running but its workers were not all ready within {}s; see herd status {name}", wait.as_secs());
             return Ok(FAILED);
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -337,17 +341,6 @@ fn bytes(n: u64) -> String {
         n if n >= 1 << 30 => format!("{:.1} GB", n as f64 / (1u64 << 30) as f64),
         n if n >= 1 << 20 => format!("{:.1} MB", n as f64 / (1u64 << 20) as f64),
         n => format!("{} KB", n / 1024),
-    }
-}
-
-fn duration(ms: u64) -> String {
-    let s = ms / 1000;
-    match s {
-        0 if ms == 0 => "-".into(),
-        0..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m{}s", s / 60, s % 60),
-        3600..=86_399 => format!("{}h{}m", s / 3600, s % 3600 / 60),
-        _ => format!("{}d{}h", s / 86_400, s % 86_400 / 3600),
     }
 }
 

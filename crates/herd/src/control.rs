@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use herd_proto::control::{
     frame, parse_request, Frame, LogLine, Request, RequestError, Response, MAX_REQUEST,
 };
@@ -71,7 +72,7 @@ pub struct Registration {
 
 /// Takes the name (its lock), removes a stale socket of a dead supervisor and binds the
 /// control socket; refuses when another supervisor holds the name.
-pub fn register(home: &Home, name: &AppName) -> Result<Registration, String> {
+pub fn register(home: &Home, name: &AppName) -> anyhow::Result<Registration> {
     let lock = take_lock(home, name)?;
     // Who holds it, for the message a second supervisor gets.
     let _ = lock.file.set_len(0);
@@ -82,9 +83,9 @@ pub fn register(home: &Home, name: &AppName) -> Result<Registration, String> {
     let sock = name.file("sock");
     remove_stale(home, name)?;
     let socket = home.entry(&sock);
-    let listener = std::os::unix::net::UnixListener::bind(&socket).map_err(|e| {
+    let listener = std::os::unix::net::UnixListener::bind(&socket).with_context(|| {
         format!(
-            "cannot create control socket {}: {e}",
+            "cannot create control socket {}",
             home.display(&sock).display()
         )
     })?;
@@ -95,8 +96,8 @@ pub fn register(home: &Home, name: &AppName) -> Result<Registration, String> {
         rustix::fs::Mode::from_raw_mode(0o600),
         rustix::fs::AtFlags::empty(),
     )
-    .map_err(|e| format!("cannot chmod {}: {e}", home.display(&sock).display()))?;
-    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    .with_context(|| format!("cannot chmod {}", home.display(&sock).display()))?;
+    listener.set_nonblocking(true)?;
     Ok(Registration {
         listener,
         lock,
@@ -135,7 +136,7 @@ fn holds_path(dir: &impl std::os::fd::AsFd, path: &str, file: &std::fs::File) ->
 /// `flock`s the name's lock file. A holder that answers on the socket is a running app; one
 /// that does not may be exiting (after `herd stop` answered) or starting, so it gets
 /// [`LOCK_WAIT`] to finish.
-fn take_lock(home: &Home, name: &AppName) -> Result<NameLock, String> {
+fn take_lock(home: &Home, name: &AppName) -> anyhow::Result<NameLock> {
     use rustix::fs::FlockOperation;
     let path = name.file("lock");
     let deadline = Instant::now() + LOCK_WAIT;
@@ -145,14 +146,14 @@ fn take_lock(home: &Home, name: &AppName) -> Result<NameLock, String> {
             Ok(()) if holds_path(&home.fd(), &path, &file) => {
                 let dir = home
                     .try_clone_fd()
-                    .map_err(|e| format!("{}: {e}", home.path().display()))?;
+                    .with_context(|| format!("{}", home.path().display()))?;
                 return Ok(NameLock { file, dir, path });
             }
             // The previous holder removed it on its way out: take the new one.
             Ok(()) => continue,
             Err(rustix::io::Errno::WOULDBLOCK | rustix::io::Errno::INTR) => {}
             Err(e) => {
-                return Err(format!(
+                return Err(anyhow::anyhow!(
                     "cannot lock {}: {e}",
                     home.display(&path).display()
                 ))
@@ -178,7 +179,7 @@ fn take_lock(home: &Home, name: &AppName) -> Result<NameLock, String> {
                     home.display(&path).display()
                 )
             };
-            return Err(format!(
+            return Err(anyhow::anyhow!(
                 "an app named `{name}` is already running ({holder}control socket {}){state}; stop it with `herd stop {name}` or pass another --name",
                 home.display(&name.file("sock")).display()
             ));
@@ -190,7 +191,7 @@ fn take_lock(home: &Home, name: &AppName) -> Result<NameLock, String> {
 /// Removes `<name>.sock` if it is a dead supervisor's: a socket (not a link, not a file) of
 /// ours that refuses connections. Called with the name's lock held, so no live supervisor
 /// of this herd can be binding it meanwhile.
-fn remove_stale(home: &Home, name: &AppName) -> Result<(), String> {
+fn remove_stale(home: &Home, name: &AppName) -> anyhow::Result<()> {
     let sock = name.file("sock");
     let shown = home.display(&sock);
     let me = rustix::process::geteuid().as_raw();
@@ -199,19 +200,21 @@ fn remove_stale(home: &Home, name: &AppName) -> Result<(), String> {
         Ok(Some((FileType::Socket, uid))) if uid == me => match probe(&home.entry(&sock)) {
             Probe::Refused => home
                 .unlink(&sock)
-                .map_err(|e| format!("cannot remove the stale socket {}: {e}", shown.display())),
+                .with_context(|| format!("cannot remove the stale socket {}", shown.display())),
             Probe::Absent => Ok(()),
-            Probe::Answers => Err(format!(
+            Probe::Answers => Err(anyhow::anyhow!(
                 "an app named `{name}` is already running (control socket {}); stop it with `herd stop {name}` or pass another --name",
                 shown.display()
             )),
-            Probe::Failed(e) => Err(format!("cannot check {}: {e}", shown.display())),
+            Probe::Failed(e) => {
+                Err(anyhow::Error::new(e).context(format!("cannot check {}", shown.display())))
+            }
         },
-        Ok(Some(_)) => Err(format!(
+        Ok(Some(_)) => Err(anyhow::anyhow!(
             "{} is not a control socket of yours; herd leaves it alone: remove it or pass another --name",
             shown.display()
         )),
-        Err(e) => Err(format!("{}: {e}", shown.display())),
+        Err(e) => Err(anyhow::Error::new(e).context(shown.display().to_string())),
     }
 }
 
@@ -549,12 +552,36 @@ pub struct Client {
     reader: BufReader<StdUnixStream>,
 }
 
+/// Why a command got no answer. The io or JSON error is kept as the source, not in the
+/// message: shown with `{:#}` (as `main` does) it reads `CONTEXT: CAUSE`.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("no app named `{0}` is running (see `herd ls`)")]
     NotRunning(String),
-    #[error("{0}")]
-    Io(String),
+    /// Creating or connecting the socket failed (path shown).
+    #[error("{}", .path.display())]
+    Connect {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{}: the supervisor accepts no connections (busy or stuck for {}s)",
+        .path.display(),
+        CONNECT_TIMEOUT.as_secs()
+    )]
+    Busy { path: std::path::PathBuf },
+    #[error("encoding the request")]
+    Encode(#[source] serde_json::Error),
+    #[error("setting the read timeout")]
+    Timeout(#[source] std::io::Error),
+    #[error("sending the request")]
+    Send(#[source] std::io::Error),
+    #[error("the supervisor closed the connection without answering")]
+    NoAnswer,
+    #[error("unreadable answer")]
+    Unreadable(#[source] serde_json::Error),
+    #[error("waiting for the answer")]
+    Receive(#[source] std::io::Error),
 }
 
 impl Client {
@@ -564,7 +591,10 @@ impl Client {
         use socket2::{Domain, SockAddr, Socket, Type};
         let file = name.file("sock");
         let shown = home.display(&file);
-        let io = |e: std::io::Error| ClientError::Io(format!("{}: {e}", shown.display()));
+        let io = |source: std::io::Error| ClientError::Connect {
+            path: shown.clone(),
+            source,
+        };
         let socket = Socket::new(Domain::UNIX, Type::STREAM, None).map_err(io)?;
         // Bounds the wait when the supervisor's queue is full.
         socket
@@ -582,11 +612,7 @@ impl Client {
                 return Err(ClientError::NotRunning(name.to_string()))
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                return Err(ClientError::Io(format!(
-                    "{}: the supervisor accepts no connections (busy or stuck for {}s)",
-                    shown.display(),
-                    CONNECT_TIMEOUT.as_secs()
-                )))
+                return Err(ClientError::Busy { path: shown })
             }
             Err(e) => return Err(io(e)),
         }
@@ -601,18 +627,16 @@ impl Client {
         request: &Request,
         timeout: Option<Duration>,
     ) -> Result<Response, ClientError> {
-        let mut text = serde_json::to_vec(request).map_err(|e| ClientError::Io(e.to_string()))?;
+        let mut text = serde_json::to_vec(request).map_err(ClientError::Encode)?;
         text.push(b'\n');
         let stream = self.reader.get_mut();
         stream
             .set_read_timeout(timeout)
-            .map_err(|e| ClientError::Io(e.to_string()))?;
+            .map_err(ClientError::Timeout)?;
         if let Err(e) = stream.write_all(&text) {
             // A supervisor that refuses (busy, another user) may answer and close before
             // reading: its answer says more than the broken pipe.
-            return self
-                .read_response()
-                .map_err(|_| ClientError::Io(format!("sending the request: {e}")));
+            return self.read_response().map_err(|_| ClientError::Send(e));
         }
         self.read_response()
     }
@@ -620,12 +644,9 @@ impl Client {
     pub fn read_response(&mut self) -> Result<Response, ClientError> {
         let mut line = String::new();
         match self.reader.read_line(&mut line) {
-            Ok(0) => Err(ClientError::Io(
-                "the supervisor closed the connection without answering".into(),
-            )),
-            Ok(_) => serde_json::from_str(&line)
-                .map_err(|e| ClientError::Io(format!("unreadable answer: {e}"))),
-            Err(e) => Err(ClientError::Io(format!("waiting for the answer: {e}"))),
+            Ok(0) => Err(ClientError::NoAnswer),
+            Ok(_) => serde_json::from_str(&line).map_err(ClientError::Unreadable),
+            Err(e) => Err(ClientError::Receive(e)),
         }
     }
 

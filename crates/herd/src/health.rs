@@ -131,9 +131,7 @@ pub fn jitter(worker_id: u64, max: u64) -> u64 {
     if max == 0 {
         return 0;
     }
-    let mut z = worker_id.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 31)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    (z ^ (z >> 29)) % (max + 1)
+    crate::mix::mix64(worker_id) % (max + 1)
 }
 
 #[cfg(test)]

@@ -9,12 +9,15 @@ mod balance;
 mod cli;
 mod commands;
 mod control;
+mod fmt;
 mod health;
 mod logs;
+mod mix;
 mod node;
 mod os;
 mod paths;
 mod plan;
+mod print;
 mod procfs;
 #[allow(dead_code)] // wired into the supervisor in a later commit
 mod reuseport;
@@ -45,8 +48,15 @@ fn main() -> ExitCode {
     };
     match dispatch(cli.command) {
         Ok(code) => ExitCode::from(code),
+        // The reader of our output went away (`herd ls | head -1`): nothing left to say.
+        Err(e)
+            if e.downcast_ref::<print::StdoutError>()
+                .is_some_and(print::StdoutError::is_closed) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            print::errln!("error: {e:#}");
             ExitCode::from(1)
         }
     }
@@ -57,7 +67,7 @@ fn dispatch(command: Command) -> anyhow::Result<u8> {
         return run(args);
     }
     let home = paths::herd_home().map_err(anyhow::Error::msg)?;
-    let home = paths::Home::open(&home).map_err(anyhow::Error::msg)?;
+    let home = paths::Home::open(&home)?;
     match command {
         Command::Run(_) => unreachable!("handled above"),
         Command::Start(args) => {
@@ -130,7 +140,7 @@ fn clap_error(e: clap::Error) -> ExitCode {
     }
     let text = e.to_string();
     let first = text.lines().next().unwrap_or("error: invalid command line");
-    eprintln!("{first}");
+    print::errln!("{first}");
     ExitCode::from(2)
 }
 
@@ -142,7 +152,7 @@ fn run(args: cli::RunArgs) -> anyhow::Result<u8> {
     let app = paths::AppName::new(&name).map_err(anyhow::Error::msg)?;
     let home = paths::herd_home().map_err(anyhow::Error::msg)?;
     // Held open for the whole run: the control socket is used through this descriptor.
-    let home_dir = paths::Home::open(&home).map_err(anyhow::Error::msg)?;
+    let home_dir = paths::Home::open(&home)?;
     // Notify sockets live here (see rundir.rs). Workers run as another user (`--user`)
     // cannot enter the private HERD_HOME, so theirs is in the temp directory.
     let run_parent = match spec.user {
@@ -159,7 +169,7 @@ fn run(args: cli::RunArgs) -> anyhow::Result<u8> {
         Ok(registration) => registration,
         Err(e) => {
             let _ = std::fs::remove_dir(&run_dir);
-            anyhow::bail!(e);
+            return Err(e);
         }
     };
     let plan = match plan::plan(spec) {

@@ -87,6 +87,26 @@ pub fn herd_home() -> Result<PathBuf, String> {
     }
 }
 
+/// Why `HERD_HOME` or a file in it cannot be used. An io error is the source, not part of
+/// the message: shown with `{:#}` (as `main` does) it reads `CONTEXT: CAUSE`.
+#[derive(Debug, thiserror::Error)]
+pub enum HomeError {
+    #[error("cannot create {}", .0.display())]
+    Create(PathBuf, #[source] std::io::Error),
+    #[error("cannot open {}", .0.display())]
+    Open(PathBuf, #[source] std::io::Error),
+    #[error("{}", .0.display())]
+    Stat(PathBuf, #[source] std::io::Error),
+    #[error("cannot make {} private", .0.display())]
+    Chmod(PathBuf, #[source] std::io::Error),
+    #[error("{} belongs to another user (uid {}); set HERD_HOME to a directory of your own", .0.display(), .1)]
+    Foreign(PathBuf, u32),
+    #[error("{} is a symbolic link; herd will not follow it: remove it", .0.display())]
+    Link(PathBuf),
+    #[error("{} is not a regular file of yours; herd leaves it alone: remove it or use another --name", .0.display())]
+    NotOurs(PathBuf),
+}
+
 /// `HERD_HOME`, open. Whatever its path comes to mean later, the checks made on this
 /// descriptor (a directory of ours, 0700) hold for every entry used through it.
 pub struct Home {
@@ -96,19 +116,15 @@ pub struct Home {
 
 impl Home {
     /// Creates `path` if needed, opens it and makes sure it is this user's and private.
-    pub fn open(path: &Path) -> Result<Home, String> {
+    pub fn open(path: &Path) -> Result<Home, HomeError> {
+        let at = || path.to_path_buf();
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(path)
-            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+            .map_err(|e| HomeError::Create(at(), e))?;
         let me = rustix::process::geteuid().as_raw();
-        let foreign = |uid: u32| {
-            format!(
-                "{} belongs to another user (uid {uid}); set HERD_HOME to a directory of your own",
-                path.display()
-            )
-        };
+        let foreign = |uid: u32| HomeError::Foreign(at(), uid);
         let fd = rustix::fs::open(
             path,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -117,15 +133,15 @@ impl Home {
         .map_err(|e| match std::fs::metadata(path) {
             // Another user's private directory cannot even be opened: say whose it is.
             Ok(meta) if meta.uid() != me => foreign(meta.uid()),
-            _ => format!("cannot open {}: {e}", path.display()),
+            _ => HomeError::Open(at(), e.into()),
         })?;
-        let stat = rustix::fs::fstat(&fd).map_err(|e| format!("{}: {e}", path.display()))?;
+        let stat = rustix::fs::fstat(&fd).map_err(|e| HomeError::Stat(at(), e.into()))?;
         if stat.st_uid != me {
             return Err(foreign(stat.st_uid));
         }
         if stat.st_mode & 0o077 != 0 {
             rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o700))
-                .map_err(|e| format!("cannot make {} private: {e}", path.display()))?;
+                .map_err(|e| HomeError::Chmod(at(), e.into()))?;
         }
         Ok(Home {
             path: path.to_path_buf(),
@@ -180,7 +196,8 @@ impl Home {
 
     /// Opens (creating, mode 0600) the regular file `<file>` of ours: a link, a fifo or
     /// another user's file there is refused.
-    pub fn open_private_file(&self, file: &str, flags: OFlags) -> Result<std::fs::File, String> {
+    pub fn open_private_file(&self, file: &str, flags: OFlags) -> Result<std::fs::File, HomeError> {
+        let at = || self.display(file);
         let fd = rustix::fs::openat(
             &self.fd,
             file,
@@ -193,25 +210,19 @@ impl Home {
             Mode::from_raw_mode(0o600),
         )
         .map_err(|e| match e {
-            rustix::io::Errno::LOOP => format!(
-                "{} is a symbolic link; herd will not follow it: remove it",
-                self.display(file).display()
-            ),
-            e => format!("cannot open {}: {e}", self.display(file).display()),
+            rustix::io::Errno::LOOP => HomeError::Link(at()),
+            e => HomeError::Open(at(), e.into()),
         })?;
-        let stat =
-            rustix::fs::fstat(&fd).map_err(|e| format!("{}: {e}", self.display(file).display()))?;
+        let stat = rustix::fs::fstat(&fd).map_err(|e| HomeError::Stat(at(), e.into()))?;
         if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile
             || stat.st_uid != rustix::process::geteuid().as_raw()
         {
-            return Err(format!(
-                "{} is not a regular file of yours; herd leaves it alone: remove it or use another --name",
-                self.display(file).display()
-            ));
+            return Err(HomeError::NotOurs(at()));
         }
         // Back to blocking I/O (O_NONBLOCK only kept a fifo from stalling the open).
-        let flags = rustix::fs::fcntl_getfl(&fd).map_err(|e| e.to_string())?;
-        rustix::fs::fcntl_setfl(&fd, flags - OFlags::NONBLOCK).map_err(|e| e.to_string())?;
+        let flags = rustix::fs::fcntl_getfl(&fd).map_err(|e| HomeError::Stat(at(), e.into()))?;
+        rustix::fs::fcntl_setfl(&fd, flags - OFlags::NONBLOCK)
+            .map_err(|e| HomeError::Stat(at(), e.into()))?;
         Ok(std::fs::File::from(fd))
     }
 
@@ -275,7 +286,8 @@ mod tests {
         std::os::unix::fs::symlink("/etc/passwd", dir.join("x.log")).expect("symlink");
         let err = home
             .open_private_file("x.log", OFlags::WRONLY | OFlags::APPEND)
-            .expect_err("a link is refused");
+            .expect_err("a link is refused")
+            .to_string();
         assert!(err.contains("symbolic link"), "{err}");
         let _listener = std::os::unix::net::UnixListener::bind(home.entry("a.sock")).expect("bind");
         std::os::unix::fs::symlink(dir.join("a.sock"), dir.join("b.sock")).expect("symlink");

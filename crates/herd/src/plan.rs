@@ -66,33 +66,20 @@ pub struct User {
     pub home: PathBuf,
 }
 
-/// Looks a user up in the password database.
+/// Looks a user up in the password database (however long its entry: the buffer grows).
 pub fn lookup_user(name: &str) -> Result<User, String> {
-    let cname = std::ffi::CString::new(name).map_err(|_| format!("`{name}` is not a user name"))?;
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    // SAFETY: getpwnam_r writes into `pwd` and `buf`, both valid for the given sizes.
-    unsafe {
-        let mut pwd: libc::passwd = std::mem::zeroed();
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
-        let rc = libc::getpwnam_r(
-            cname.as_ptr(),
-            &mut pwd,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut result,
-        );
-        if rc != 0 || result.is_null() {
-            return Err(format!("no user named `{name}` on this machine"));
-        }
-        let home = std::ffi::CStr::from_ptr(pwd.pw_dir)
-            .to_string_lossy()
-            .into_owned();
-        Ok(User {
+    if name.contains('\0') {
+        return Err(format!("`{}` is not a user name", name.escape_debug()));
+    }
+    match nix::unistd::User::from_name(name) {
+        Ok(Some(user)) => Ok(User {
             name: name.to_string(),
-            uid: pwd.pw_uid,
-            gid: pwd.pw_gid,
-            home: PathBuf::from(home),
-        })
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+            home: user.dir,
+        }),
+        Ok(None) => Err(format!("no user named `{name}` on this machine")),
+        Err(e) => Err(format!("cannot look up user `{name}`: {e}")),
     }
 }
 
@@ -146,58 +133,11 @@ fn interpreter_for(spec: &Spec) -> (Option<String>, bool) {
     }
 }
 
+/// Resolves `spec` against this machine: the working directory, the program and its kind,
+/// the defaults that depend on the kind, the `--user`, and the sockets bound.
 pub fn plan(spec: Spec) -> Result<Plan, PlanError> {
-    let cwd = match &spec.cwd {
-        Some(dir) => {
-            let abs = std::path::absolute(dir).map_err(|e| PlanError::Cwd {
-                dir: dir.clone(),
-                problem: e.to_string(),
-            })?;
-            if !abs.is_dir() {
-                return Err(PlanError::Cwd {
-                    dir: dir.clone(),
-                    problem: "not a directory".into(),
-                });
-            }
-            Some(abs)
-        }
-        None => None,
-    };
-    let program_error = |problem: String| PlanError::Program {
-        program: spec.program.clone(),
-        problem,
-    };
-    let (interpreter, node) = interpreter_for(&spec);
-    let (program, argv) = match &interpreter {
-        Some(interpreter) => {
-            let script = match &cwd {
-                Some(cwd) => cwd.join(&spec.program),
-                None => PathBuf::from(&spec.program),
-            };
-            if !script.is_file() {
-                return Err(program_error(format!(
-                    "{} does not exist",
-                    script.display()
-                )));
-            }
-            let program = resolve_program(interpreter, cwd.as_deref())
-                .map_err(|e| program_error(format!("its interpreter: {e}")))?;
-            let mut argv = vec![OsString::from(interpreter), OsString::from(&spec.program)];
-            argv.extend(spec.args.iter().map(OsString::from));
-            (program, argv)
-        }
-        None => {
-            let program = resolve_program(&spec.program, cwd.as_deref()).map_err(program_error)?;
-            let mut argv = vec![OsString::from(&spec.program)];
-            argv.extend(spec.args.iter().map(OsString::from));
-            (program, argv)
-        }
-    };
-    let kind = if node {
-        WorkerKind::Node
-    } else {
-        WorkerKind::SocketActivation
-    };
+    let cwd = resolve_cwd(&spec)?;
+    let (program, argv, kind) = resolve_command(&spec, cwd.as_deref())?;
     spec::validate(&spec, kind)?;
     let balance = spec.balance.unwrap_or(match kind {
         WorkerKind::Node => Balance::RoundRobin,
@@ -207,6 +147,88 @@ pub fn plan(spec: Spec) -> Result<Plan, PlanError> {
         WorkerKind::Node => Ready::Listening,
         WorkerKind::SocketActivation => Ready::Delay(std::time::Duration::from_secs(1)),
     });
+    check_health(&spec, balance)?;
+    let user = match &spec.user {
+        Some(name) => Some(resolve_user(name)?),
+        None => None,
+    };
+    let listeners = bind_all(&spec.listen)?;
+    Ok(Plan {
+        instances: spec.instances.resolve(),
+        spec,
+        kind,
+        program,
+        argv,
+        balance,
+        ready,
+        listeners,
+        cwd,
+        user,
+    })
+}
+
+/// `--cwd`, made absolute; it must be a directory.
+fn resolve_cwd(spec: &Spec) -> Result<Option<PathBuf>, PlanError> {
+    let Some(dir) = &spec.cwd else {
+        return Ok(None);
+    };
+    let abs = std::path::absolute(dir).map_err(|e| PlanError::Cwd {
+        dir: dir.clone(),
+        problem: e.to_string(),
+    })?;
+    if !abs.is_dir() {
+        return Err(PlanError::Cwd {
+            dir: dir.clone(),
+            problem: "not a directory".into(),
+        });
+    }
+    Ok(Some(abs))
+}
+
+/// What is exec'd (the interpreter for a script, which must exist), its argv, and the kind
+/// of worker that makes.
+fn resolve_command(
+    spec: &Spec,
+    cwd: Option<&Path>,
+) -> Result<(PathBuf, Vec<OsString>, WorkerKind), PlanError> {
+    let program_error = |problem: String| PlanError::Program {
+        program: spec.program.clone(),
+        problem,
+    };
+    let (interpreter, node) = interpreter_for(spec);
+    let (program, mut argv) = match &interpreter {
+        Some(interpreter) => {
+            let script = match cwd {
+                Some(cwd) => cwd.join(&spec.program),
+                None => PathBuf::from(&spec.program),
+            };
+            if !script.is_file() {
+                return Err(program_error(format!(
+                    "{} does not exist",
+                    script.display()
+                )));
+            }
+            let program = resolve_program(interpreter, cwd)
+                .map_err(|e| program_error(format!("its interpreter: {e}")))?;
+            let argv = vec![OsString::from(interpreter), OsString::from(&spec.program)];
+            (program, argv)
+        }
+        None => {
+            let program = resolve_program(&spec.program, cwd).map_err(program_error)?;
+            (program, vec![OsString::from(&spec.program)])
+        }
+    };
+    argv.extend(spec.args.iter().map(OsString::from));
+    let kind = if node {
+        WorkerKind::Node
+    } else {
+        WorkerKind::SocketActivation
+    };
+    Ok((program, argv, kind))
+}
+
+/// The health flags that depend on the balance mode or need a well-formed path.
+fn check_health(spec: &Spec, balance: Balance) -> Result<(), PlanError> {
     if spec.health.max_requests.is_some() && balance == Balance::Shared {
         return Err(SpecError::Invalid {
             flag: "--max-requests",
@@ -226,26 +248,31 @@ pub fn plan(spec: Spec) -> Result<Plan, PlanError> {
             .into());
         }
     }
-    let user = match &spec.user {
-        Some(name) => {
-            let user = lookup_user(name).map_err(|problem| SpecError::Invalid {
-                flag: "--user",
-                problem,
-            })?;
-            let me = rustix::process::geteuid().as_raw();
-            if me != 0 && me != user.uid {
-                return Err(SpecError::Invalid {
-                    flag: "--user",
-                    problem: format!("running workers as `{name}` needs herd to run as root"),
-                }
-                .into());
-            }
-            Some(user)
+    Ok(())
+}
+
+/// `--user NAME`: the user, whom herd can only become as root (or as that user already).
+fn resolve_user(name: &str) -> Result<User, PlanError> {
+    let user = lookup_user(name).map_err(|problem| SpecError::Invalid {
+        flag: "--user",
+        problem,
+    })?;
+    let me = rustix::process::geteuid().as_raw();
+    if me != 0 && me != user.uid {
+        return Err(SpecError::Invalid {
+            flag: "--user",
+            problem: format!("running workers as `{name}` needs herd to run as root"),
         }
-        None => None,
-    };
-    let mut listeners = Vec::with_capacity(spec.listen.len());
-    for (i, addr) in spec.listen.iter().enumerate() {
+        .into());
+    }
+    Ok(user)
+}
+
+/// Binds every `--listen` address, named `http`, `http1`, …; on a failure the socket files
+/// already made are removed.
+fn bind_all(addrs: &[ListenAddr]) -> Result<Vec<Listener>, PlanError> {
+    let mut listeners = Vec::with_capacity(addrs.len());
+    for (i, addr) in addrs.iter().enumerate() {
         let name = if i == 0 {
             "http".to_string()
         } else {
@@ -266,18 +293,7 @@ pub fn plan(spec: Spec) -> Result<Plan, PlanError> {
             }
         }
     }
-    Ok(Plan {
-        instances: spec.instances.resolve(),
-        spec,
-        kind,
-        program,
-        argv,
-        balance,
-        ready,
-        listeners,
-        cwd,
-        user,
-    })
+    Ok(listeners)
 }
 
 /// Binds and listens, non-blocking and close-on-exec, with the backlog set explicitly.
@@ -344,6 +360,16 @@ pub fn bind_unix(path: &Path, mode: u32) -> Result<(OwnedFd, SocketFile), String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn users_are_looked_up_or_named_missing() {
+        let root = lookup_user("root").expect("root exists");
+        assert_eq!((root.uid, root.gid), (0, 0));
+        let err = lookup_user("no-such-user-herd").expect_err("missing");
+        assert_eq!(err, "no user named `no-such-user-herd` on this machine");
+        let err = lookup_user("ro\0ot").expect_err("NUL");
+        assert!(err.contains("is not a user name"), "{err}");
+    }
 
     #[test]
     fn a_port_in_use_is_named() {

@@ -24,6 +24,19 @@ fn invalid(flag: &'static str, problem: impl Into<String>) -> SpecError {
     }
 }
 
+/// The most workers an app may have (`-i`, `herd scale`).
+pub const MAX_WORKERS: usize = 1024;
+
+/// Refuses a worker count above [`MAX_WORKERS`], saying so.
+pub fn check_worker_count(n: usize) -> Result<usize, String> {
+    if n > MAX_WORKERS {
+        return Err(format!(
+            "{n} is more than the {MAX_WORKERS} workers herd allows"
+        ));
+    }
+    Ok(n)
+}
+
 /// How many workers: a number, or one per available core.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Instances {
@@ -44,8 +57,7 @@ impl FromStr for Instances {
         }
         match s.parse::<usize>() {
             Ok(0) => Err("must be at least 1 (or `max` for one per core)".into()),
-            Ok(n) if n > 1024 => Err(format!("{n} is more than the 1024 workers herd allows")),
-            Ok(n) => Ok(Instances::Count(n)),
+            Ok(n) => check_worker_count(n).map(Instances::Count),
             Err(_) => Err(format!(
                 "`{s}` is not a number; use a count like 4, or `max`"
             )),

@@ -336,128 +336,154 @@ fn decide(
     let kind = query.kind().map_err(|e| (-libc::EINVAL, e.to_string()))?;
     let address = query.address.as_deref();
     let port = query.port.unwrap_or(0);
-    let stream_mode = balance;
     match kind {
         ServerKind::Fd => Err((
             -libc::EBADF,
             "listen({fd}) asks for an fd of the primary; herd has none to give".into(),
         )),
-        ServerKind::Unix => {
-            let path = PathBuf::from(address.unwrap_or_default());
-            if let Some(l) = cli
-                .iter()
-                .find(|l| l.addr == ListenAddr::Unix(path.clone()))
-            {
-                return Ok(Step::Now(reuse(l, stream_mode, None)));
-            }
-            let mut mode = 0o660;
-            if query.readable_all == Some(true) {
-                mode |= 0o444;
-            }
-            if query.writable_all == Some(true) {
-                mode |= 0o222;
-            }
-            Ok(Step::Unix { path, mode })
-        }
+        ServerKind::Unix => Ok(unix_step(query, balance, cli)),
         ServerKind::Tcp4 | ServerKind::Tcp6 => {
-            let port16 = port_of(port)?;
-            if port16 != 0 {
-                let matching = cli.iter().find(|l| match &l.addr {
-                    ListenAddr::Tcp(a) => {
-                        a.port() == port16
-                            && address.is_none_or(|h| h.parse::<IpAddr>().ok() == Some(a.ip()))
-                    }
-                    ListenAddr::Unix(_) => false,
-                });
-                if let Some(l) = matching {
-                    let sockname = match &l.addr {
-                        ListenAddr::Tcp(a) => Some(sockname_json(*a)),
-                        ListenAddr::Unix(_) => None,
-                    };
-                    return Ok(Step::Now(reuse(l, stream_mode, sockname)));
-                }
+            let port = port_of(port)?;
+            if let Some((l, sockname)) = cli_tcp_listener(cli, address, port) {
+                return Ok(Step::Now(reuse(l, balance, sockname)));
             }
-            refuse_privileged(port16, user)?;
-            let candidates: Vec<SocketAddr> = match address {
-                Some(host) => {
-                    let ip: IpAddr = host
-                        .parse()
-                        .map_err(|_| (-libc::EINVAL, format!("`{host}` is not an IP address")))?;
-                    vec![SocketAddr::new(ip, port16)]
-                }
-                // `listen(port)`: every interface, dual-stack if the machine has IPv6 (Node's rule).
-                None => vec![
-                    SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port16),
-                    SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port16),
-                ],
-            };
-            let mut last = None;
-            for addr in candidates {
-                match plan::bind_tcp(addr, true) {
-                    Ok(socket) => {
-                        let local = socket
-                            .local_addr()
-                            .ok()
-                            .and_then(|a| a.as_socket())
-                            .unwrap_or(addr);
-                        return Ok(Step::Now(Ok(Bound {
-                            socket: socket.into(),
-                            display: local.to_string(),
-                            mode: stream_mode,
-                            sockname: Some(sockname_json(local)),
-                            unix_file: None,
-                            from_cli: false,
-                        })));
-                    }
-                    Err(e) => last = Some((addr, e)),
-                }
-            }
-            let (addr, e) = last.expect("at least one candidate");
-            let errno = -e.raw_os_error().unwrap_or(libc::EINVAL);
-            Err((errno, plan::describe_bind_error(&e, &addr.to_string())))
+            refuse_privileged(port, user)?;
+            bind_tcp_for(address, port, balance).map(|b| Step::Now(Ok(b)))
         }
         ServerKind::Udp4 | ServerKind::Udp6 => {
-            let port16 = port_of(port)?;
-            refuse_privileged(port16, user)?;
-            let ip: IpAddr = match (address, kind) {
-                (Some(h), _) => h
-                    .parse()
-                    .map_err(|_| (-libc::EINVAL, format!("`{h}` is not an IP address")))?,
-                (None, ServerKind::Udp6) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-                (None, _) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            };
-            let addr = SocketAddr::new(ip, port16);
-            let socket = Socket::new(
-                Domain::for_address(addr),
-                Type::DGRAM.nonblocking().cloexec(),
-                None,
-            )
-            .and_then(|s| {
-                s.set_reuse_address(true)?;
-                s.bind(&addr.into())?;
-                Ok(s)
-            })
-            .map_err(|e| {
-                (
-                    -e.raw_os_error().unwrap_or(libc::EINVAL),
-                    plan::describe_bind_error(&e, &addr.to_string()),
-                )
-            })?;
-            let local = socket
-                .local_addr()
-                .ok()
-                .and_then(|a| a.as_socket())
-                .unwrap_or(addr);
-            Ok(Step::Now(Ok(Bound {
-                socket: socket.into(),
-                display: format!("udp {local}"),
-                mode: Balance::Shared,
-                sockname: None,
-                unix_file: None,
-                from_cli: false,
-            })))
+            let port = port_of(port)?;
+            refuse_privileged(port, user)?;
+            bind_udp_for(address, kind, port).map(|b| Step::Now(Ok(b)))
         }
     }
+}
+
+/// A unix path: the `--listen` socket at that path, or a bind left to the helper (with the
+/// workers' rights), in the mode `readableAll`/`writableAll` ask for.
+fn unix_step(query: &QueryServer, balance: Balance, cli: &[Listener]) -> Step {
+    let path = PathBuf::from(query.address.as_deref().unwrap_or_default());
+    if let Some(l) = cli
+        .iter()
+        .find(|l| l.addr == ListenAddr::Unix(path.clone()))
+    {
+        return Step::Now(reuse(l, balance, None));
+    }
+    let mut mode = 0o660;
+    if query.readable_all == Some(true) {
+        mode |= 0o444;
+    }
+    if query.writable_all == Some(true) {
+        mode |= 0o222;
+    }
+    Step::Unix { path, mode }
+}
+
+/// The `--listen` TCP socket on `port` (and `address`, if given), with its sockname. Port
+/// 0 asks for a new port, never a `--listen` one.
+fn cli_tcp_listener<'a>(
+    cli: &'a [Listener],
+    address: Option<&str>,
+    port: u16,
+) -> Option<(&'a Listener, Option<String>)> {
+    if port == 0 {
+        return None;
+    }
+    cli.iter().find_map(|l| match &l.addr {
+        ListenAddr::Tcp(a)
+            if a.port() == port
+                && address.is_none_or(|h| h.parse::<IpAddr>().ok() == Some(a.ip())) =>
+        {
+            Some((l, Some(sockname_json(*a))))
+        }
+        _ => None,
+    })
+}
+
+/// Binds a new TCP listener: on `address`, or on every interface, dual-stack if the machine
+/// has IPv6 (Node's rule for `listen(port)`).
+fn bind_tcp_for(
+    address: Option<&str>,
+    port: u16,
+    balance: Balance,
+) -> Result<Bound, (i32, String)> {
+    let candidates: Vec<SocketAddr> = match address {
+        Some(host) => vec![SocketAddr::new(parse_ip(host)?, port)],
+        None => vec![
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port),
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
+        ],
+    };
+    let mut last = None;
+    for addr in candidates {
+        match plan::bind_tcp(addr, true) {
+            Ok(socket) => {
+                let local = local_addr(&socket).unwrap_or(addr);
+                return Ok(Bound {
+                    socket: socket.into(),
+                    display: local.to_string(),
+                    mode: balance,
+                    sockname: Some(sockname_json(local)),
+                    unix_file: None,
+                    from_cli: false,
+                });
+            }
+            Err(e) => last = Some((addr, e)),
+        }
+    }
+    let (addr, e) = last.expect("at least one candidate");
+    Err(bind_error(&e, addr))
+}
+
+/// Binds a UDP socket (always shared: datagrams are not handed out) on `address`, or on
+/// every interface of the family `kind` names.
+fn bind_udp_for(
+    address: Option<&str>,
+    kind: ServerKind,
+    port: u16,
+) -> Result<Bound, (i32, String)> {
+    let ip = match (address, kind) {
+        (Some(h), _) => parse_ip(h)?,
+        (None, ServerKind::Udp6) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        (None, _) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+    };
+    let addr = SocketAddr::new(ip, port);
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::DGRAM.nonblocking().cloexec(),
+        None,
+    )
+    .and_then(|s| {
+        s.set_reuse_address(true)?;
+        s.bind(&addr.into())?;
+        Ok(s)
+    })
+    .map_err(|e| bind_error(&e, addr))?;
+    let local = local_addr(&socket).unwrap_or(addr);
+    Ok(Bound {
+        socket: socket.into(),
+        display: format!("udp {local}"),
+        mode: Balance::Shared,
+        sockname: None,
+        unix_file: None,
+        from_cli: false,
+    })
+}
+
+fn parse_ip(host: &str) -> Result<IpAddr, (i32, String)> {
+    host.parse()
+        .map_err(|_| (-libc::EINVAL, format!("`{host}` is not an IP address")))
+}
+
+fn local_addr(socket: &Socket) -> Option<SocketAddr> {
+    socket.local_addr().ok().and_then(|a| a.as_socket())
+}
+
+/// The negative errno and the user's explanation of a failed bind.
+fn bind_error(e: &std::io::Error, addr: SocketAddr) -> (i32, String) {
+    (
+        -e.raw_os_error().unwrap_or(libc::EINVAL),
+        plan::describe_bind_error(e, &addr.to_string()),
+    )
 }
 
 /// A TCP/UDP port from queryServer (unix sockets send -1, so this is not checked for them).

@@ -81,12 +81,7 @@ pub fn scale_target(to: &str, current: usize) -> Result<usize, String> {
     if target == 0 {
         return Err("an app needs at least 1 worker; use `herd stop` to stop it".into());
     }
-    if target > 1024 {
-        return Err(format!(
-            "{target} is more than the 1024 workers herd allows"
-        ));
-    }
-    Ok(target)
+    crate::spec::check_worker_count(target)
 }
 
 impl Supervisor {

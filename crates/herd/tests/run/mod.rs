@@ -4,6 +4,7 @@ mod addresses;
 mod inherit;
 mod lifecycle;
 mod output;
+mod pipes;
 mod serving;
 
 use crate::util::{fixture, Herd};
