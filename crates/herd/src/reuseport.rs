@@ -223,13 +223,7 @@ fn attach(fd: BorrowedFd<'_>, program: &[libc::sock_filter]) -> io::Result<()> {
 
 // ---------------------------------------------------------------- bucket → slot
 
-/// splitmix64's finalizer.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
+use crate::mix::mix64 as mix;
 
 /// Rendezvous score of a bucket on a slot: the bucket goes to its best live slot.
 fn score(bucket: usize, slot: usize) -> u64 {
