@@ -278,7 +278,7 @@ pub fn start(
             let tail = file_tail(&log, start_offset, 15, 64 * 1024).unwrap_or_default();
             eprintln!(
                 "error: {name} did not start ({}):",
-                crate::supervisor::describe_status(&status)
+                crate::fmt::describe_status(&status)
             );
             for line in tail {
                 eprintln!("  {}", sanitize(&line));

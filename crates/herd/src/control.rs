@@ -37,7 +37,7 @@ use tokio::sync::{broadcast::error::RecvError, mpsc::UnboundedSender, oneshot};
 
 use crate::logs::Logger;
 use crate::paths::{AppName, Home};
-use crate::supervisor::Event;
+use crate::vocab::Event;
 
 /// Control connections of the owner (or root) served at once; more are told "busy".
 pub const MAX_CLIENTS: usize = 32;

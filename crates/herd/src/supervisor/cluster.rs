@@ -8,7 +8,8 @@ use serde_json::{json, Value};
 use super::*;
 use crate::balance::{self, AcceptGate};
 use crate::node::channel::{self, Answer, Ipc, IpcKind, MAX_ECHO};
-use crate::node::servers::{self, ServerId};
+use crate::node::servers;
+use crate::vocab::ServerId;
 use crate::spec::{Balance, Ready};
 
 impl Supervisor {

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::ops::OpKind;
-use super::{human, Event, Supervisor, WorkerId};
+use super::{Event, Supervisor, WorkerId};
+use crate::fmt::human;
 use crate::balance::Pending;
 use crate::health;
 use crate::procfs;

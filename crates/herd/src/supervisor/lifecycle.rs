@@ -8,6 +8,7 @@ use herd_proto::notify::Message as Notify;
 use serde_json::{json, Value};
 
 use super::*;
+use crate::fmt::describe_status;
 use crate::logs::Who;
 use crate::spec::Ready;
 use restart::Verdict;

@@ -36,111 +36,27 @@ pub mod status;
 pub mod worker;
 
 use std::collections::BTreeMap;
-use std::io;
 use std::path::PathBuf;
-use std::process::ExitStatus;
 use std::rc::Rc;
 use std::time::Duration;
 
 use herd_proto::control::{Request, Response};
-use herd_proto::notify::Message as Notify;
 use serde_json::json;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::sync::oneshot;
 
-use crate::balance::Pending;
+use crate::fmt::human;
 use crate::logs::Logger;
-use crate::node::channel::Ipc;
-use crate::node::servers::{ServerId, Servers};
+use crate::node::servers::Servers;
 use crate::plan::Plan;
 use crate::spec::WorkerKind;
 use restart::Backoff;
 use worker::{Launcher, Worker};
 
-pub type WorkerId = u64;
+pub use crate::vocab::{Event, SignalKind, WorkerId};
 
 /// How long a Node worker that ignored `disconnect` and then SIGTERM gets before SIGKILL.
 const TERM_GRACE: Duration = Duration::from_secs(2);
-
-/// Something happened that the supervisor must handle.
-#[derive(Debug)]
-pub enum Event {
-    Exited {
-        id: WorkerId,
-        status: io::Result<ExitStatus>,
-    },
-    Ipc {
-        id: WorkerId,
-        msg: Ipc,
-    },
-    IpcClosed {
-        id: WorkerId,
-        reason: Option<String>,
-    },
-    IpcWritable {
-        id: WorkerId,
-    },
-    Notify {
-        id: WorkerId,
-        messages: Vec<Notify>,
-        malformed: Vec<String>,
-    },
-    Conn {
-        server: ServerId,
-        conn: Pending,
-    },
-    AcceptFailed {
-        server: ServerId,
-        error: String,
-    },
-    /// A unix bind for a worker's `listen()` finished (see `Servers::start_bind`).
-    UnixBound {
-        key: String,
-    },
-    RestartDue {
-        instance: usize,
-    },
-    ReadyDue {
-        id: WorkerId,
-    },
-    ReadyTimeout {
-        id: WorkerId,
-    },
-    KillDue {
-        id: WorkerId,
-        signal: rustix::process::Signal,
-        /// What the worker was given time for, for the log: "--kill-timeout 5.0s", …
-        after: String,
-    },
-    /// Once a second, when a health check or limit is on.
-    Tick,
-    /// A Node probe's private connection is made: hand the served end to the worker.
-    ProbeConn {
-        id: WorkerId,
-        conn: crate::health::ProbeConn,
-    },
-    Probe {
-        id: WorkerId,
-        result: Result<u16, String>,
-    },
-    Signal(SignalKind),
-    Control {
-        request: Request,
-        reply: oneshot::Sender<Response>,
-    },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SignalKind {
-    Terminate,
-    Interrupt,
-    /// SIGHUP: rolling reload.
-    Hangup,
-    /// SIGTTIN: one more worker.
-    MoreWorkers,
-    /// SIGTTOU: one fewer worker.
-    FewerWorkers,
-}
 
 struct Slot {
     /// The worker that serves this slot.
@@ -558,49 +474,5 @@ impl Supervisor {
             tokio::time::sleep(delay).await;
             let _ = tx.send(event);
         });
-    }
-}
-
-/// `code 1`, `signal 9, SIGKILL`.
-pub fn describe_status(status: &ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("code {code}"),
-        (None, Some(sig)) => format!("signal {sig}, {}", signal_name(sig)),
-        _ => "unknown status".into(),
-    }
-}
-
-pub fn signal_name(sig: i32) -> &'static str {
-    match sig {
-        libc::SIGHUP => "SIGHUP",
-        libc::SIGINT => "SIGINT",
-        libc::SIGQUIT => "SIGQUIT",
-        libc::SIGILL => "SIGILL",
-        libc::SIGTRAP => "SIGTRAP",
-        libc::SIGABRT => "SIGABRT",
-        libc::SIGBUS => "SIGBUS",
-        libc::SIGFPE => "SIGFPE",
-        libc::SIGKILL => "SIGKILL",
-        libc::SIGUSR1 => "SIGUSR1",
-        libc::SIGSEGV => "SIGSEGV",
-        libc::SIGUSR2 => "SIGUSR2",
-        libc::SIGPIPE => "SIGPIPE",
-        libc::SIGALRM => "SIGALRM",
-        libc::SIGTERM => "SIGTERM",
-        libc::SIGXCPU => "SIGXCPU",
-        _ => "signal",
-    }
-}
-
-/// `150ms`, `3.2s`, `2m5s`.
-pub fn human(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms < 1000 {
-        format!("{ms}ms")
-    } else if ms < 60_000 {
-        format!("{:.1}s", d.as_secs_f64())
-    } else {
-        format!("{}m{}s", ms / 60_000, ms % 60_000 / 1000)
     }
 }

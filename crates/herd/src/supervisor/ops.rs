@@ -19,7 +19,8 @@ use std::time::Instant;
 use herd_proto::control::Response;
 use tokio::sync::oneshot;
 
-use super::{human, Phase, Slot, Supervisor, WorkerId};
+use super::{Phase, Slot, Supervisor, WorkerId};
+use crate::fmt::human;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpKind {

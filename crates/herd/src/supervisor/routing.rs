@@ -5,7 +5,7 @@ use std::rc::Rc;
 
 use super::*;
 use crate::balance::{self, Pending};
-use crate::node::servers::ServerId;
+use crate::vocab::ServerId;
 use crate::spec::Balance;
 use worker::Worker;
 

@@ -12,11 +12,10 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::logs::{self, Logger, Stream, Tail, Who};
 use crate::node::channel::{self, Channel, Out, SendError, Tally};
-use crate::node::servers::ServerId;
 use crate::plan::Plan;
 use crate::spawn::{self, Leader, SpawnRequest, FIRST_FD};
 use crate::spec::WorkerKind;
-use crate::supervisor::{Event, WorkerId};
+use crate::vocab::{Event, ServerId, WorkerId};
 
 /// A connection handed to a worker that has not said whether it took it.
 ///
