@@ -235,6 +235,32 @@ impl Logger {
         self.inner.out.event(out);
     }
 
+    /// A worker's or the app's state changed (`from` → `to`). Written with `--log-format
+    /// json` only, as a `state` event: the text log already has a sentence for each change a
+    /// person needs to see, and this record is for tools and tests that follow the machine.
+    pub fn transition(&self, who: Option<Who>, from: &str, to: &str, fields: &[(&str, Value)]) {
+        if self.inner.format != LogFormat::Json {
+            return;
+        }
+        let mut obj = Map::new();
+        obj.insert("ts".into(), Value::String(timestamp()));
+        obj.insert("app".into(), Value::String(self.inner.app.clone()));
+        obj.insert("event".into(), Value::String("state".into()));
+        if let Some(who) = who {
+            obj.insert("instance".into(), who.instance.into());
+            obj.insert("worker_id".into(), who.worker_id.into());
+            obj.insert("pid".into(), who.pid.into());
+        }
+        obj.insert("from".into(), from.into());
+        obj.insert("to".into(), to.into());
+        for (key, value) in fields {
+            obj.insert((*key).to_string(), value.clone());
+        }
+        let mut out = json_line(obj);
+        out.push(b'\n');
+        self.inner.out.event(out);
+    }
+
     fn prefix(&self, out: &mut Vec<u8>, instance: usize) {
         use std::io::Write;
         let color = COLORS[instance % COLORS.len()];

@@ -5,6 +5,7 @@ use std::rc::Rc;
 
 use serde_json::{json, Value};
 
+use super::state::WorkerState;
 use super::*;
 use crate::balance::{self, AcceptGate};
 use crate::node::channel::{self, Answer, Ipc, IpcKind, MAX_ECHO};
@@ -107,7 +108,12 @@ impl Supervisor {
                 w.send(&self.tx, |c| c.line(&line));
             }
             IpcKind::Online => {
-                w.online = true;
+                // Node says it once, before it listens; a late or repeated one changes nothing.
+                if matches!(w.state(), WorkerState::Starting { .. }) {
+                    w.set_state(WorkerState::Online {
+                        since: std::time::Instant::now(),
+                    });
+                }
                 let who = w.who();
                 self.logger.event("online", Some(who), "online", &[]);
             }
@@ -115,7 +121,9 @@ impl Supervisor {
                 // The worker is leaving on its own (cluster.worker.disconnect()/kill()) and
                 // waits for this ack before it goes. It gets no new connections; its exit
                 // restarts the slot like any other, so the app keeps N workers.
-                w.leaving = true;
+                if let Some(next) = w.state().on_leaving(std::time::Instant::now()) {
+                    w.set_state(next);
+                }
                 let fields = format!(r#""ack":{seq}"#);
                 w.send(&self.tx, |c| c.cluster(&fields));
                 let who = w.who();
@@ -444,7 +452,10 @@ impl Supervisor {
         let Some(server) = self.servers.by_key(key) else {
             return;
         };
-        let stopping = self.workers.get(&id).is_none_or(|w| w.stopping);
+        let stopping = self
+            .workers
+            .get(&id)
+            .is_none_or(|w| w.state().is_draining());
         if let Some(w) = self.workers.get_mut(&id) {
             w.servers.retain(|&s| s != server);
         }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::ops::OpKind;
+use super::state::{Replacement, Role, WorkerState};
 use super::{Event, Supervisor, WorkerId};
 use crate::fmt::human;
 use crate::balance::Pending;
@@ -74,7 +75,7 @@ impl Supervisor {
         let mut replace = Vec::new();
         let mut probes = Vec::new();
         for w in self.workers.values_mut() {
-            if !w.ready || w.stopping || w.hung {
+            if !w.state().health_checked() {
                 continue;
             }
             if let Some(limit) = health.watchdog {
@@ -125,7 +126,7 @@ impl Supervisor {
                     }
                 }
             }
-            if w.replacing {
+            if w.replacement == Replacement::Queued {
                 continue;
             }
             if let Some(check) = &health.check {
@@ -188,7 +189,9 @@ impl Supervisor {
         let Some(mut w) = self.workers.remove(&id) else {
             return;
         };
-        w.hung = true;
+        w.set_state(WorkerState::Hung {
+            since: Instant::now(),
+        });
         let who = w.who();
         self.logger.event(
             "hung",
@@ -214,13 +217,15 @@ impl Supervisor {
         let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
-        if w.replacing || w.stopping || w.incoming {
+        if w.state().is_draining() || w.role == Role::Incoming {
             return;
         }
-        if w.replace_not_before.is_some_and(|t| Instant::now() < t) {
-            return;
+        match w.replacement {
+            Replacement::Queued => return,
+            Replacement::NotBefore(t) if Instant::now() < t => return,
+            Replacement::NotBefore(_) | Replacement::Idle => {}
         }
-        w.replacing = true;
+        w.replacement = Replacement::Queued;
         let who = w.who();
         self.logger.event(
             "replacing",
@@ -241,7 +246,7 @@ impl Supervisor {
             let Some(w) = self.workers.get(&id) else {
                 continue;
             };
-            if w.stopping {
+            if w.state().is_draining() {
                 continue;
             }
             let instance = w.instance;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use herd_proto::notify::Message as Notify;
 use serde_json::{json, Value};
 
+use super::state::{DrainReason, Role, WorkerState};
 use super::*;
 use crate::fmt::describe_status;
 use crate::logs::Who;
@@ -21,7 +22,9 @@ impl Supervisor {
         match self.launcher.launch(id, instance) {
             Ok(mut worker) => {
                 let who = worker.who();
-                worker.incoming = incoming;
+                if incoming {
+                    worker.role = Role::Incoming;
+                }
                 let what = if incoming { "replacement " } else { "" };
                 self.logger.event(
                     "spawned",
@@ -79,15 +82,18 @@ impl Supervisor {
         }
     }
 
-    pub(super) fn stop_worker(&mut self, id: WorkerId) {
+    /// Asks a worker to stop (out of routing first): Node's `disconnect`, or SIGTERM; the
+    /// next signal after `--kill-timeout`.
+    pub(super) fn stop_worker(&mut self, id: WorkerId, reason: DrainReason) {
         let kill_timeout = self.plan.spec.policy.kill_timeout;
         let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
-        if w.stopping {
+        let deadline = std::time::Instant::now() + kill_timeout;
+        let Some(draining) = w.state().on_stop(reason, deadline) else {
             return;
-        }
-        w.stopping = true;
+        };
+        w.set_state(draining);
         let asked = w.send(&self.tx, |c| c.cluster(r#""act":"disconnect""#));
         let next = if asked {
             rustix::process::Signal::TERM
@@ -138,6 +144,8 @@ impl Supervisor {
         }
     }
 
+    /// A worker was reaped: its slot learns why, and restarts it, gives up, or (asked to
+    /// stop) moves on.
     pub(super) fn on_exit(&mut self, id: WorkerId, status: io::Result<ExitStatus>) {
         let Some(mut w) = self.workers.remove(&id) else {
             return;
@@ -146,44 +154,20 @@ impl Supervisor {
         // reaped (spawn::wait_exit): after the reap the group's number is not ours to signal.
         let who = w.who();
         let uptime = w.started.elapsed();
+        let expected = w.state().is_draining();
+        let hung = w.state().is_hung();
+        let incoming = w.role == Role::Incoming;
         let how = match &status {
             Ok(s) => describe_status(s),
             Err(e) => format!("lost ({e})"),
         };
-        let (code, signal) = match &status {
-            Ok(s) => {
-                use std::os::unix::process::ExitStatusExt;
-                (s.code(), s.signal())
-            }
-            Err(_) => (None, None),
-        };
-        let fields = [
-            ("code", json!(code)),
-            ("signal", json!(signal)),
-            ("uptime_ms", json!(uptime.as_millis() as u64)),
-            ("expected", json!(w.stopping)),
-            // Why it is gone: asked to stop (stop, reload, scale, a health replacement), or
-            // on its own (crash), or killed as hung.
-            (
-                "reason",
-                json!(if w.hung {
-                    "hung"
-                } else if w.stopping {
-                    "stopped"
-                } else {
-                    "crash"
-                }),
-            ),
-        ];
+        let fields = exit_fields(&status, uptime, expected, hung);
+        w.set_state(WorkerState::Exited {
+            status: how.clone(),
+        });
         self.detach(&mut w);
         let instance = w.instance;
-        let tail: Vec<String> = w.tail.borrow().iter().cloned().collect();
-        let shown = crate::logs::explain(&tail);
-        let reason = if shown.is_empty() {
-            how.clone()
-        } else {
-            format!("{how}; last output: {}", shown.join(" ⏎ "))
-        };
+        let reason = with_last_output(&how, &w);
         let Some(slot) = self.slots.get_mut(instance) else {
             self.logger.event(
                 "exited",
@@ -195,14 +179,14 @@ impl Supervisor {
         };
         if slot.worker == Some(id) {
             slot.worker = None;
-            slot.last_exit = Some(if w.stopping {
+            slot.last_exit = Some(if expected {
                 how.clone()
             } else {
                 reason.clone()
             });
             self.all_ready = false;
         }
-        if w.incoming && !w.stopping {
+        if incoming && !expected {
             self.logger.event(
                 "exited",
                 Some(who),
@@ -215,25 +199,32 @@ impl Supervisor {
             self.incoming_failed(id, instance, format!("exited ({reason})"));
             return;
         }
-        if w.stopping || self.phase != Phase::Running || slot.retiring {
+        if expected || self.phase != Phase::Running || slot.retiring {
             self.logger.event(
                 "exited",
                 Some(who),
                 &format!("stopped: {how} after {}", human(uptime)),
                 &fields,
             );
-            let respawn = slot.respawn && slot.worker.is_none() && self.phase == Phase::Running;
-            if respawn {
-                slot.respawn = false;
-                self.start_worker(instance, false);
-            }
-            self.trim_slots();
-            self.check_op();
+            self.after_stopped_exit(instance);
             return;
         }
-        let cause = if w.hung { "hung" } else { "crash" };
+        let cause = if hung { "hung" } else { "crash" };
         *slot.reasons.entry(cause).or_default() += 1;
         self.after_exit(instance, who, uptime, &how, reason, &fields);
+        self.check_op();
+    }
+
+    /// A worker herd stopped (or whose slot is going) is gone: a restart starts its
+    /// successor, a scale-down drops the slot, an operation may be done.
+    fn after_stopped_exit(&mut self, instance: usize) {
+        let running = self.phase == Phase::Running;
+        let slot = &mut self.slots[instance];
+        if slot.respawn && slot.worker.is_none() && running {
+            slot.respawn = false;
+            self.start_worker(instance, false);
+        }
+        self.trim_slots();
         self.check_op();
     }
 
@@ -325,7 +316,7 @@ impl Supervisor {
 
     pub(super) fn on_ipc_closed(&mut self, id: WorkerId, reason: Option<String>) {
         if let Some(reason) = reason {
-            if let Some(w) = self.workers.get_mut(&id).filter(|w| !w.stopping && !w.hung) {
+            if let Some(w) = self.workers.get_mut(&id).filter(|w| !w.state().is_being_stopped()) {
                 w.channel = None;
                 let who = w.who();
                 self.logger.event(
@@ -354,7 +345,7 @@ impl Supervisor {
         if self
             .workers
             .get(&id)
-            .is_some_and(|w| !w.stopping && !w.hung)
+            .is_some_and(|w| !w.state().is_being_stopped())
         {
             let grace = self.plan.spec.policy.kill_timeout;
             self.after(
@@ -373,14 +364,14 @@ impl Supervisor {
         self.workers.insert(id, w);
     }
 
-    /// Slots whose current worker is ready and not stopping.
+    /// Slots whose current worker counts as ready (see [`WorkerState::counts_ready`]).
     pub(super) fn ready_slots(&self) -> usize {
         self.slots
             .iter()
             .filter(|s| {
                 s.worker
                     .and_then(|id| self.workers.get(&id))
-                    .is_some_and(|w| w.ready && !w.stopping)
+                    .is_some_and(|w| w.state().counts_ready())
             })
             .count()
     }
@@ -389,14 +380,14 @@ impl Supervisor {
         let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
-        if w.ready || w.stopping {
+        let Some(ready) = w.state().on_ready(std::time::Instant::now()) else {
             return;
-        }
-        w.ready = true;
+        };
+        w.set_state(ready);
         w.last_watchdog = std::time::Instant::now();
         let who = w.who();
         let servers = w.servers.clone();
-        let promote = w.incoming.then_some(w.instance);
+        let promote = (w.role == Role::Incoming).then_some(w.instance);
         let ms = w.started.elapsed().as_millis() as u64;
         self.logger.event(
             "ready",
@@ -461,7 +452,9 @@ impl Supervisor {
                 }
                 Notify::Stopping => {
                     if let Some(w) = self.workers.get_mut(&id) {
-                        w.leaving = true;
+                        if let Some(next) = w.state().on_leaving(std::time::Instant::now()) {
+                            w.set_state(next);
+                        }
                     }
                 }
                 Notify::Errno(n) => {
@@ -475,5 +468,48 @@ impl Supervisor {
                 _ => {}
             }
         }
+    }
+}
+
+/// The `exited` event's fields.
+fn exit_fields(
+    status: &io::Result<ExitStatus>,
+    uptime: Duration,
+    expected: bool,
+    hung: bool,
+) -> [(&'static str, Value); 5] {
+    let (code, signal) = match status {
+        Ok(s) => {
+            use std::os::unix::process::ExitStatusExt;
+            (s.code(), s.signal())
+        }
+        Err(_) => (None, None),
+    };
+    // Why it is gone: asked to stop (stop, reload, scale, a health replacement), or on its
+    // own (crash), or killed as hung.
+    let reason = if hung {
+        "hung"
+    } else if expected {
+        "stopped"
+    } else {
+        "crash"
+    };
+    [
+        ("code", json!(code)),
+        ("signal", json!(signal)),
+        ("uptime_ms", json!(uptime.as_millis() as u64)),
+        ("expected", json!(expected)),
+        ("reason", json!(reason)),
+    ]
+}
+
+/// `how` it exited, with the last lines it printed that explain it.
+fn with_last_output(how: &str, w: &super::worker::Worker) -> String {
+    let tail: Vec<String> = w.tail.borrow().iter().cloned().collect();
+    let shown = crate::logs::explain(&tail);
+    if shown.is_empty() {
+        how.to_string()
+    } else {
+        format!("{how}; last output: {}", shown.join(" ⏎ "))
     }
 }

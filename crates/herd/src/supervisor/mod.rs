@@ -32,6 +32,7 @@ mod lifecycle;
 pub mod ops;
 pub mod restart;
 mod routing;
+pub mod state;
 pub mod status;
 pub mod worker;
 
@@ -54,6 +55,7 @@ use restart::Backoff;
 use worker::{Launcher, Worker};
 
 pub use crate::vocab::{Event, SignalKind, WorkerId};
+use state::DrainReason;
 
 /// How long a Node worker that ignored `disconnect` and then SIGTERM gets before SIGKILL.
 const TERM_GRACE: Duration = Duration::from_secs(2);
@@ -289,10 +291,10 @@ impl Supervisor {
             }
             Event::ReadyDue { id } => self.mark_ready(id, "started"),
             Event::ReadyTimeout { id } => {
-                if let Some(w) = self.workers.get(&id).filter(|w| !w.ready && !w.stopping) {
+                if let Some(w) = self.workers.get(&id).filter(|w| w.state().awaiting_ready()) {
                     let who = w.who();
                     let limit = self.plan.spec.policy.listen_timeout;
-                    if w.incoming {
+                    if w.role == state::Role::Incoming {
                         let instance = w.instance;
                         let why = format!("not ready within --listen-timeout {}", human(limit));
                         self.logger.event("ready_timeout", Some(who), &why, &[]);
@@ -363,7 +365,7 @@ impl Supervisor {
                 let mut sent = 0;
                 for w in self.workers.values_mut() {
                     if instance.is_none_or(|i| i == w.instance)
-                        && !w.stopping
+                        && !w.state().is_draining()
                         && w.send(&self.tx, |c| c.user(Rc::clone(&line)))
                     {
                         sent += 1;
@@ -464,7 +466,7 @@ impl Supervisor {
         }
         let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
         for id in ids {
-            self.stop_worker(id);
+            self.stop_worker(id, DrainReason::Stop);
         }
     }
 

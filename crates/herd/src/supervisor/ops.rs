@@ -19,6 +19,7 @@ use std::time::Instant;
 use herd_proto::control::Response;
 use tokio::sync::oneshot;
 
+use super::state::{DrainReason, Replacement, Role};
 use super::{Phase, Slot, Supervisor, WorkerId};
 use crate::fmt::human;
 
@@ -176,7 +177,7 @@ impl Supervisor {
                     match slot.worker {
                         Some(id) => {
                             slot.respawn = true;
-                            self.stop_worker(id);
+                            self.stop_worker(id, DrainReason::Restart);
                         }
                         None if !slot.restart_pending => {
                             self.start_worker(instance, false);
@@ -208,10 +209,10 @@ impl Supervisor {
                     for instance in to..live {
                         self.slots[instance].retiring = true;
                         if let Some(id) = self.slots[instance].worker {
-                            self.stop_worker(id);
+                            self.stop_worker(id, DrainReason::ScaleDown);
                         }
                         if let Some(id) = self.slots[instance].incoming {
-                            self.stop_worker(id);
+                            self.stop_worker(id, DrainReason::ScaleDown);
                         }
                     }
                 }
@@ -258,7 +259,7 @@ impl Supervisor {
         slot.errored = None;
         let old = slot.worker.replace(id);
         if let Some(w) = self.workers.get_mut(&id) {
-            w.incoming = false;
+            w.role = Role::Current;
         }
         if let Some(op) = self.op.as_mut() {
             let reason = match op.kind {
@@ -274,7 +275,7 @@ impl Supervisor {
             }
         }
         if let Some(old) = old {
-            self.stop_worker(old);
+            self.stop_worker(old, DrainReason::Replaced);
         }
         self.step_reload();
     }
@@ -287,7 +288,7 @@ impl Supervisor {
             }
         }
         if self.workers.contains_key(&id) {
-            self.stop_worker(id);
+            self.stop_worker(id, DrainReason::Abandoned);
         }
         self.fail_op(format!(
             "{}[{instance}] (worker {id}) failed to become ready: {why}",
@@ -299,7 +300,7 @@ impl Supervisor {
         let Some(mut op) = self.op.take() else { return };
         for instance in std::mem::take(&mut op.active) {
             if let Some(id) = self.slots.get_mut(instance).and_then(|s| s.incoming.take()) {
-                self.stop_worker(id);
+                self.stop_worker(id, DrainReason::Abandoned);
             }
         }
         let kept = self.slots.iter().filter(|s| s.worker.is_some()).count();
@@ -309,10 +310,9 @@ impl Supervisor {
         for w in self
             .workers
             .values_mut()
-            .filter(|w| w.replacing && !w.stopping)
+            .filter(|w| w.replacement == Replacement::Queued && !w.state().is_draining())
         {
-            w.replacing = false;
-            w.replace_not_before = Some(retry);
+            w.replacement = Replacement::NotBefore(retry);
         }
         let message = match op.kind {
             OpKind::Replace { instance, reason } => format!(
@@ -344,7 +344,7 @@ impl Supervisor {
         let ready = |s: &Slot| {
             s.worker
                 .and_then(|id| workers.get(&id))
-                .is_some_and(|w| w.ready)
+                .is_some_and(|w| w.state().has_been_ready())
         };
         let done = match op.kind {
             OpKind::Reload { .. } | OpKind::Replace { .. } => {

@@ -100,7 +100,7 @@ impl Supervisor {
         let health = &self.plan.spec.health;
         if let Some(max) = health.max_requests {
             let limit = max + crate::health::jitter(id, health.max_requests_jitter);
-            if w.connections >= limit && !w.replacing {
+            if w.connections >= limit && w.replacement != state::Replacement::Queued {
                 let why = format!("{} connections >= --max-requests {limit}", w.connections);
                 self.queue_replacement(id, "requests", why);
             }

@@ -28,9 +28,9 @@ impl Supervisor {
                 if now.is_some() {
                     w.cpu = now;
                 }
-                let state = if w.stopping {
+                let state = if w.state().is_draining() {
                     "stopping"
-                } else if w.ready {
+                } else if w.state().has_been_ready() {
                     "ready"
                 } else {
                     "starting"
