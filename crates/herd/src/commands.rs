@@ -6,7 +6,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use comfy_table::{presets, Cell, CellAlignment, Table};
-use herd_proto::control::{AppStatus, Request, Response};
+use herd_proto::control::{AppState, AppStatus, Reason, Request, Response, WorkerState};
 
 use crate::control::{Client, ClientError};
 use crate::logs::line::{file_tail, sanitize, to_json_pretty};
@@ -94,7 +94,7 @@ pub fn status(home: &Home, name: &AppName, json: bool) -> anyhow::Result<u8> {
             Cell::new(w.instance),
             Cell::new(worker),
             Cell::new(pid),
-            Cell::new(sanitize(&w.state)),
+            Cell::new(w.state),
             Cell::new(duration(w.uptime_ms)),
             Cell::new(sanitize(&restarts(w.restarts, &w.restarts_by_reason))),
             Cell::new(format!("{:.1}%", w.cpu_percent)).set_alignment(CellAlignment::Right),
@@ -141,7 +141,7 @@ pub fn ls(home: &Home, json: bool) -> anyhow::Result<u8> {
     for a in &apps {
         table.add_row(vec![
             Cell::new(sanitize(&a.name)),
-            Cell::new(sanitize(&a.state)),
+            Cell::new(a.state),
             Cell::new(sanitize(&a.balance)),
             Cell::new(format!("{}/{}", a.ready, a.desired)),
             Cell::new(a.pid),
@@ -289,15 +289,15 @@ pub fn start(
             status: Some(s), ..
         }) = request(home, name, &Request::Status, Some(Duration::from_secs(2)))
         {
-            if s.ready == s.desired && s.state == "running" {
+            if s.ready == s.desired && s.state == AppState::Running {
                 println!("{name}: started {} workers (supervisor pid {}, logs: herd logs {name}, file {})", s.ready, s.pid, log_path.display());
                 return Ok(0);
             }
             let crashing = s
                 .workers
                 .iter()
-                .find(|w| w.restarts >= 2 && w.state != "ready");
-            if s.state == "errored" || crashing.is_some() {
+                .find(|w| w.restarts >= 2 && w.state != WorkerState::Ready);
+            if s.state == AppState::Errored || crashing.is_some() {
                 let why = crashing
                     .or_else(|| s.workers.first())
                     .and_then(|w| {
@@ -323,7 +323,7 @@ pub fn start(
 }
 
 /// `3 (crash 2, memory 1)`.
-fn restarts(total: u32, by_reason: &std::collections::BTreeMap<String, u32>) -> String {
+fn restarts(total: u32, by_reason: &std::collections::BTreeMap<Reason, u32>) -> String {
     if by_reason.is_empty() {
         return total.to_string();
     }

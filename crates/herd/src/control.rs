@@ -18,6 +18,7 @@
 //! arrive within [`REQUEST_TIMEOUT`], and for `herd logs` at most [`HISTORY_BUDGET`] bytes of
 //! history for all slow readers together; `logs -f` skips lines a reader is too slow for.
 
+use herd_proto::event::EventName;
 use std::cell::Cell;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::FileExt;
@@ -296,7 +297,7 @@ pub async fn serve(listener: UnixListener, tx: UnboundedSender<Event>, logger: L
                 if !failing {
                     failing = true;
                     logger.event(
-                        "control_error",
+                        EventName::ControlError,
                         None,
                         &format!("cannot accept control clients ({e}); retrying every 100ms"),
                         &[],

@@ -17,6 +17,7 @@
 pub mod line;
 pub mod out;
 
+use herd_proto::event::EventName;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::IsTerminal;
@@ -187,7 +188,7 @@ impl Logger {
 
     /// One of herd's own events. `message` is the human sentence; `fields` go to JSON only.
     /// Never waits: with herd's stdout blocked, events are dropped and counted.
-    pub fn event(&self, name: &str, who: Option<Who>, message: &str, fields: &[(&str, Value)]) {
+    pub fn event(&self, name: EventName, who: Option<Who>, message: &str, fields: &[(&str, Value)]) {
         let plain = text_line(&match who {
             Some(who) => format!(
                 "herd: {}[{}] pid {} {message}",
@@ -217,7 +218,7 @@ impl Logger {
                 let mut obj = Map::new();
                 obj.insert("ts".into(), Value::String(timestamp()));
                 obj.insert("app".into(), Value::String(self.inner.app.clone()));
-                obj.insert("event".into(), Value::String(name.to_string()));
+                obj.insert("event".into(), Value::String(name.as_str().into()));
                 if let Some(who) = who {
                     obj.insert("instance".into(), who.instance.into());
                     obj.insert("worker_id".into(), who.worker_id.into());
@@ -245,7 +246,7 @@ impl Logger {
         let mut obj = Map::new();
         obj.insert("ts".into(), Value::String(timestamp()));
         obj.insert("app".into(), Value::String(self.inner.app.clone()));
-        obj.insert("event".into(), Value::String("state".into()));
+        obj.insert("event".into(), Value::String(EventName::State.as_str().into()));
         if let Some(who) = who {
             obj.insert("instance".into(), who.instance.into());
             obj.insert("worker_id".into(), who.worker_id.into());

@@ -1,6 +1,7 @@
 //! Messages from Node workers: the cluster protocol (`queryServer`, `close`, hand-off
 //! replies, disconnect) and user messages (`process.send`), including broadcast.
 
+use herd_proto::event::EventName;
 use std::rc::Rc;
 
 use serde_json::{json, Value};
@@ -115,7 +116,7 @@ impl Supervisor {
                     });
                 }
                 let who = w.who();
-                self.logger.event("online", Some(who), "online", &[]);
+                self.logger.event(EventName::Online, Some(who), "online", &[]);
             }
             IpcKind::ExitedAfterDisconnect { seq } => {
                 // The worker is leaving on its own (cluster.worker.disconnect()/kill()) and
@@ -128,7 +129,7 @@ impl Supervisor {
                 w.send(&self.tx, |c| c.cluster(&fields));
                 let who = w.who();
                 self.logger.event(
-                    "disconnecting",
+                    EventName::Disconnecting,
                     Some(who),
                     "is disconnecting on its own",
                     &[],
@@ -138,7 +139,7 @@ impl Supervisor {
             IpcKind::BadQueryServer { seq, detail } => {
                 let who = w.who();
                 self.logger.event(
-                    "listen_error",
+                    EventName::ListenError,
                     Some(who),
                     &format!("cannot listen: herd cannot read this listen() request ({detail}); answering EINVAL"),
                     &[],
@@ -161,7 +162,7 @@ impl Supervisor {
             IpcKind::Garbage(error) => {
                 let who = w.who();
                 self.logger.event(
-                    "ipc_error",
+                    EventName::IpcError,
                     Some(who),
                     &format!("sent something herd cannot read, ignored: {error}"),
                     &[],
@@ -203,7 +204,7 @@ impl Supervisor {
             // The event says how much, not what: a payload may be a megabyte.
             let bytes = line.len() - 1;
             self.logger.event(
-                "broadcast",
+                EventName::Broadcast,
                 Some(who),
                 &format!(
                     "broadcast {bytes} bytes to {sent} of {} workers",
@@ -224,7 +225,7 @@ impl Supervisor {
             (text, value)
         };
         self.logger.event(
-            "message",
+            EventName::Message,
             Some(who),
             &format!("message: {shown}"),
             &[("data", data), ("bytes", json!(bytes))],
@@ -245,7 +246,7 @@ impl Supervisor {
             let total = w.given_up.total;
             let who = w.who();
             self.logger.event(
-                "handoff_failed",
+                EventName::HandoffFailed,
                 Some(who),
                 &format!(
                     "it refused {n} connection(s) {} times (NACK); they go to another worker; {total} so far",
@@ -272,7 +273,7 @@ impl Supervisor {
             if let Some(w) = self.workers.get_mut(&id) {
                 let who = w.who();
                 self.logger.event(
-                    "listen_error",
+                    EventName::ListenError,
                     Some(who),
                     &format!("cannot listen: its listen() request has a {}-byte key and {data_len}-byte data (herd echoes at most {MAX_ECHO}); answering EINVAL", key.len()),
                     &[],
@@ -368,7 +369,7 @@ impl Supervisor {
         let mode = server.mode;
         let s = self.servers.insert(server);
         self.logger.event(
-            "bound",
+            EventName::Bound,
             None,
             &format!("listening on {display} ({mode})"),
             &[
@@ -393,7 +394,7 @@ impl Supervisor {
         };
         let who = w.who();
         self.logger.event(
-            "listen_error",
+            EventName::ListenError,
             Some(who),
             &format!("cannot listen: {problem}"),
             &[("errno", json!(errno))],
@@ -468,7 +469,7 @@ impl Supervisor {
         if !stopping && s.workers.is_empty() && !s.from_cli {
             if let Some(display) = self.servers.close(server) {
                 self.logger.event(
-                    "closed",
+                    EventName::Closed,
                     None,
                     &format!("closed {display} (the app closed it)"),
                     &[],

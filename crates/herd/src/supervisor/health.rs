@@ -7,10 +7,13 @@
 //! Every replacement has a reason (`crash`, `hung`, `unhealthy`, `memory`, `requests`,
 //! `age`, `reload`), counted per slot and shown by `herd status`.
 
+use herd_proto::event::EventName;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+
+use herd_proto::control::Reason;
 
 use super::ops::OpKind;
 use super::state::{Replacement, Role, WorkerState};
@@ -147,7 +150,7 @@ impl Supervisor {
                 if let Some(rss) = procfs::rss_bytes(w.pid).filter(|&rss| rss > max) {
                     replace.push((
                         w.id,
-                        "memory",
+                        Reason::Memory,
                         format!("memory {} MB > --max-memory {} MB", rss >> 20, max >> 20),
                     ));
                     continue;
@@ -162,7 +165,7 @@ impl Supervisor {
                 if w.started.elapsed() > limit {
                     replace.push((
                         w.id,
-                        "age",
+                        Reason::Age,
                         format!(
                             "up {} > --max-age {}",
                             human(w.started.elapsed()),
@@ -194,10 +197,10 @@ impl Supervisor {
         });
         let who = w.who();
         self.logger.event(
-            "hung",
+            EventName::Hung,
             Some(who),
             &format!("hung: {why} (--watchdog) — killing it (SIGABRT, then SIGKILL) and starting a replacement"),
-            &[("reason", json!("hung")), ("detail", json!(why))],
+            &[("reason", json!(Reason::Hung)), ("detail", json!(why))],
         );
         w.signal_group(rustix::process::Signal::ABORT);
         self.detach(&mut w);
@@ -213,7 +216,7 @@ impl Supervisor {
     }
 
     /// Queues a graceful replacement; they run one at a time, between other operations.
-    pub(super) fn queue_replacement(&mut self, id: WorkerId, reason: &'static str, why: String) {
+    pub(super) fn queue_replacement(&mut self, id: WorkerId, reason: Reason, why: String) {
         let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
@@ -228,7 +231,7 @@ impl Supervisor {
         w.replacement = Replacement::Queued;
         let who = w.who();
         self.logger.event(
-            "replacing",
+            EventName::Replacing,
             Some(who),
             &format!("will be replaced ({reason}): {why}"),
             &[("reason", json!(reason)), ("detail", json!(why))],
@@ -239,7 +242,7 @@ impl Supervisor {
 
     /// Starts the next queued replacement when nothing else is running.
     pub(super) fn next_replacement(&mut self) {
-        if self.op.is_some() || self.phase != super::Phase::Running {
+        if !matches!(self.phase, super::phase::AppPhase::Running) {
             return;
         }
         while let Some((id, reason)) = self.replacements.pop_front() {
@@ -386,7 +389,7 @@ impl Supervisor {
             Ok(code) if (200..400).contains(&code) => {
                 if w.probe_failures > 0 {
                     self.logger.event(
-                        "healthy",
+                        EventName::Healthy,
                         Some(who),
                         &format!("healthy again ({code})"),
                         &[],
@@ -404,7 +407,7 @@ impl Supervisor {
                 let n = w.probe_failures;
                 w.health = Some(format!("failing {n}/{}: {why}", check.failures));
                 self.logger.event(
-                    "probe_failed",
+                    EventName::ProbeFailed,
                     Some(who),
                     &format!("GET {} failed ({n}/{}): {why}", check.path, check.failures),
                     &[("failures", json!(n))],
@@ -412,7 +415,7 @@ impl Supervisor {
                 if n >= check.failures {
                     self.queue_replacement(
                         id,
-                        "unhealthy",
+                        Reason::Unhealthy,
                         format!("{n} failed probes in a row, last: {why}"),
                     );
                 }

@@ -1,5 +1,6 @@
 //! A worker's life in its slot: start, readiness, stop, exit, and the restart decision.
 
+use herd_proto::event::EventName;
 use std::io;
 use std::process::ExitStatus;
 use std::time::Duration;
@@ -27,7 +28,7 @@ impl Supervisor {
                 }
                 let what = if incoming { "replacement " } else { "" };
                 self.logger.event(
-                    "spawned",
+                    EventName::Spawned,
                     Some(who),
                     &format!("started {what}(worker {id})"),
                     &[],
@@ -59,7 +60,7 @@ impl Supervisor {
                     "could not start {}{as_user}: {e}",
                     self.plan.program.display()
                 );
-                self.logger.event("spawn_failed", Some(who), &reason, &[]);
+                self.logger.event(EventName::SpawnFailed, Some(who), &reason, &[]);
                 // Retrying cannot fix a program that is missing or not executable for us.
                 let hopeless = matches!(
                     e.kind(),
@@ -67,7 +68,7 @@ impl Supervisor {
                 ) || e.raw_os_error() == Some(libc::ENOEXEC);
                 if hopeless && !incoming {
                     self.logger.event(
-                        "errored",
+                        EventName::Errored,
                         Some(who),
                         &format!("errored: {reason}"),
                         &[("reason", json!(reason))],
@@ -127,7 +128,7 @@ impl Supervisor {
             return;
         }
         self.logger.event(
-            "kill",
+            EventName::Kill,
             Some(who),
             &format!("still running after {after} — sending {sig}"),
             &[],
@@ -170,7 +171,7 @@ impl Supervisor {
         let reason = with_last_output(&how, &w);
         let Some(slot) = self.slots.get_mut(instance) else {
             self.logger.event(
-                "exited",
+                EventName::Exited,
                 Some(who),
                 &format!("stopped: {how} after {}", human(uptime)),
                 &fields,
@@ -188,7 +189,7 @@ impl Supervisor {
         }
         if incoming && !expected {
             self.logger.event(
-                "exited",
+                EventName::Exited,
                 Some(who),
                 &format!(
                     "replacement exited ({how}) after {} before it was ready",
@@ -199,9 +200,9 @@ impl Supervisor {
             self.incoming_failed(id, instance, format!("exited ({reason})"));
             return;
         }
-        if expected || self.phase != Phase::Running || slot.retiring {
+        if expected || self.phase.is_stopping() || slot.retiring {
             self.logger.event(
-                "exited",
+                EventName::Exited,
                 Some(who),
                 &format!("stopped: {how} after {}", human(uptime)),
                 &fields,
@@ -209,7 +210,7 @@ impl Supervisor {
             self.after_stopped_exit(instance);
             return;
         }
-        let cause = if hung { "hung" } else { "crash" };
+        let cause = if hung { Reason::Hung } else { Reason::Crash };
         *slot.reasons.entry(cause).or_default() += 1;
         self.after_exit(instance, who, uptime, &how, reason, &fields);
         self.check_op();
@@ -218,7 +219,7 @@ impl Supervisor {
     /// A worker herd stopped (or whose slot is going) is gone: a restart starts its
     /// successor, a scale-down drops the slot, an operation may be done.
     fn after_stopped_exit(&mut self, instance: usize) {
-        let running = self.phase == Phase::Running;
+        let running = !self.phase.is_stopping();
         let slot = &mut self.slots[instance];
         if slot.respawn && slot.worker.is_none() && running {
             slot.respawn = false;
@@ -242,7 +243,7 @@ impl Supervisor {
         let slot = &mut self.slots[instance];
         if !policy.autorestart {
             self.logger.event(
-                "exited",
+                EventName::Exited,
                 Some(who),
                 &format!(
                     "exited ({how}) after {} — not restarting (--no-autorestart)",
@@ -259,7 +260,7 @@ impl Supervisor {
                 slot.restarts += 1;
                 slot.restart_pending = true;
                 self.logger.event(
-                    "exited",
+                    EventName::Exited,
                     Some(who),
                     &format!(
                         "exited ({how}) after {} — restarting in {}",
@@ -269,7 +270,7 @@ impl Supervisor {
                     fields,
                 );
                 self.logger.event(
-                    "restarting",
+                    EventName::Restarting,
                     Some(who),
                     &format!("restarting in {}", human(delay)),
                     &[("delay_ms", json!(delay.as_millis() as u64))],
@@ -279,13 +280,13 @@ impl Supervisor {
             Verdict::GiveUp => {
                 let unstable = slot.backoff.unstable;
                 self.logger.event(
-                    "exited",
+                    EventName::Exited,
                     Some(who),
                     &format!("exited ({how}) after {}", human(uptime)),
                     fields,
                 );
                 self.logger.event(
-                    "errored",
+                    EventName::Errored,
                     Some(who),
                     &format!(
                         "errored: {} restarts in a row each died before --min-uptime {}; giving up on this slot. Last exit: {reason}",
@@ -302,14 +303,14 @@ impl Supervisor {
     }
 
     pub(super) fn check_all_errored(&mut self) {
-        if self.phase == Phase::Running
+        if !self.phase.is_stopping()
             && self
                 .slots
                 .iter()
                 .all(|s| s.errored.is_some() && s.incoming.is_none())
         {
             self.logger
-                .event("errored", None, "every worker slot errored — exiting", &[]);
+                .event(EventName::Errored, None, "every worker slot errored — exiting", &[]);
             self.stop_all(1);
         }
     }
@@ -320,7 +321,7 @@ impl Supervisor {
                 w.channel = None;
                 let who = w.who();
                 self.logger.event(
-                    "ipc_error",
+                    EventName::IpcError,
                     Some(who),
                     &format!(
                         "IPC channel broken: {reason} — killing the worker; its slot restarts"
@@ -390,7 +391,7 @@ impl Supervisor {
         let promote = (w.role == Role::Incoming).then_some(w.instance);
         let ms = w.started.elapsed().as_millis() as u64;
         self.logger.event(
-            "ready",
+            EventName::Ready,
             Some(who),
             &format!("ready ({via}) in {ms}ms"),
             &[("via", json!(via)), ("ms", json!(ms))],
@@ -406,7 +407,7 @@ impl Supervisor {
             self.all_ready = true;
             self.tell_manager(&format!("READY=1\nSTATUS={ready} workers ready"));
             self.logger.event(
-                "all_ready",
+                EventName::AllReady,
                 None,
                 &format!("all {ready} workers ready"),
                 &[("ready", json!(ready))],
@@ -427,7 +428,7 @@ impl Supervisor {
         let who = w.who();
         for m in malformed {
             self.logger.event(
-                "notify_error",
+                EventName::NotifyError,
                 Some(who),
                 &format!("ignored a notify message: {m}"),
                 &[],
@@ -459,7 +460,7 @@ impl Supervisor {
                 }
                 Notify::Errno(n) => {
                     self.logger.event(
-                        "notify",
+                        EventName::Notify,
                         Some(who),
                         &format!("reports errno {n}"),
                         &[("errno", json!(n))],

@@ -30,6 +30,7 @@ mod cluster;
 mod health;
 mod lifecycle;
 pub mod ops;
+mod phase;
 pub mod restart;
 mod routing;
 pub mod state;
@@ -41,7 +42,8 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
 
-use herd_proto::control::{Request, Response};
+use herd_proto::control::{Reason, Request, Response};
+use herd_proto::event::EventName;
 use serde_json::json;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::sync::oneshot;
@@ -55,6 +57,7 @@ use restart::Backoff;
 use worker::{Launcher, Worker};
 
 pub use crate::vocab::{Event, SignalKind, WorkerId};
+use phase::AppPhase;
 use state::DrainReason;
 
 /// How long a Node worker that ignored `disconnect` and then SIGTERM gets before SIGKILL.
@@ -74,8 +77,8 @@ struct Slot {
     retiring: bool,
     /// Restart: start a new worker once the current one is gone.
     respawn: bool,
-    /// Replacements by reason (`crash`, `hung`, `memory`, `reload`, …).
-    reasons: std::collections::BTreeMap<&'static str, u32>,
+    /// Replacements by reason.
+    reasons: BTreeMap<Reason, u32>,
 }
 
 impl Slot {
@@ -95,12 +98,6 @@ impl Slot {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Running,
-    Stopping { code: i32, forced: bool },
-}
-
 pub struct Supervisor {
     plan: Rc<Plan>,
     logger: Logger,
@@ -110,12 +107,12 @@ pub struct Supervisor {
     workers: BTreeMap<WorkerId, Worker>,
     next_id: WorkerId,
     servers: Servers,
-    phase: Phase,
+    /// Running, running an operation, or stopping (see [`phase`]).
+    phase: AppPhase,
     all_ready: bool,
     run_dir: PathBuf,
-    op: Option<ops::Op>,
     /// Graceful replacements (health, limits) waiting their turn.
-    replacements: std::collections::VecDeque<(WorkerId, &'static str)>,
+    replacements: std::collections::VecDeque<(WorkerId, Reason)>,
     stop_replies: Vec<oneshot::Sender<Response>>,
     started: std::time::Instant,
     /// herd's own service manager (systemd `Type=notify`), if any.
@@ -147,10 +144,9 @@ impl Supervisor {
             workers: BTreeMap::new(),
             next_id: 1,
             servers: Servers::default(),
-            phase: Phase::Running,
+            phase: AppPhase::Running,
             all_ready: false,
             run_dir,
-            op: None,
             replacements: std::collections::VecDeque::new(),
             stop_replies: Vec::new(),
             started: std::time::Instant::now(),
@@ -178,7 +174,7 @@ impl Supervisor {
     pub fn start(&mut self) {
         for l in &self.plan.listeners {
             self.logger.event(
-                "bound",
+                EventName::Bound,
                 None,
                 &format!("listening on {}", l.addr),
                 &[("address", json!(l.addr.to_string()))],
@@ -189,7 +185,7 @@ impl Supervisor {
             WorkerKind::SocketActivation => "socket-activation workers".to_string(),
         };
         self.logger.event(
-            "starting",
+            EventName::Starting,
             None,
             &format!(
                 "starting {} {what}: {}",
@@ -209,10 +205,7 @@ impl Supervisor {
 
     /// The exit code once the supervisor is done.
     pub fn finished(&self) -> Option<i32> {
-        match self.phase {
-            Phase::Stopping { code, .. } if self.workers.is_empty() => Some(code),
-            _ => None,
-        }
+        self.phase.exit_code().filter(|_| self.workers.is_empty())
     }
 
     /// Runs until every worker is gone after a stop.
@@ -245,7 +238,7 @@ impl Supervisor {
         self.servers.clear();
         self.plan.remove_socket_files();
         let _ = std::fs::remove_dir_all(&self.run_dir);
-        self.logger.event("stopped", None, "stopped", &[]);
+        self.logger.event(EventName::Stopped, None, "stopped", &[]);
     }
 
     pub fn handle(&mut self, event: Event) {
@@ -273,7 +266,7 @@ impl Supervisor {
                     .map(|s| s.display.clone())
                     .unwrap_or_default();
                 self.logger.event(
-                    "error",
+                    EventName::Error,
                     None,
                     &format!("accepting on {name} failed: {error}"),
                     &[],
@@ -285,7 +278,7 @@ impl Supervisor {
                 };
                 slot.restart_pending = false;
                 let wanted = slot.worker.is_none() && slot.errored.is_none() && !slot.retiring;
-                if self.phase == Phase::Running && wanted {
+                if !self.phase.is_stopping() && wanted {
                     self.start_worker(instance, false);
                 }
             }
@@ -297,12 +290,12 @@ impl Supervisor {
                     if w.role == state::Role::Incoming {
                         let instance = w.instance;
                         let why = format!("not ready within --listen-timeout {}", human(limit));
-                        self.logger.event("ready_timeout", Some(who), &why, &[]);
+                        self.logger.event(EventName::ReadyTimeout, Some(who), &why, &[]);
                         self.incoming_failed(id, instance, why);
                         return;
                     }
                     self.logger.event(
-                        "ready_timeout",
+                        EventName::ReadyTimeout,
                         Some(who),
                         &format!(
                             "not ready after {} — counting it as started anyway",
@@ -344,9 +337,9 @@ impl Supervisor {
             },
             Request::Stop => {
                 self.stop_replies.push(reply);
-                if self.phase == Phase::Running {
+                if !self.phase.is_stopping() {
                     self.logger.event(
-                        "stopping",
+                        EventName::Stopping,
                         None,
                         &format!("stopping (herd stop): {} workers", self.workers.len()),
                         &[],
@@ -400,42 +393,37 @@ impl Supervisor {
                     Ok(to) => self.begin(ops::OpKind::Scale { to }, None),
                     Err(e) => {
                         self.logger
-                            .event("refused", None, &format!("scale refused: {e}"), &[])
+                            .event(EventName::Refused, None, &format!("scale refused: {e}"), &[])
                     }
                 }
                 return;
             }
             SignalKind::Terminate | SignalKind::Interrupt => {}
         }
-        match (self.phase, kind) {
-            (Phase::Running, _) => {
+        let graceful = matches!(self.phase, AppPhase::Stopping { forced: false, .. });
+        match (self.phase.is_stopping(), kind) {
+            (false, _) => {
                 let name = if kind == SignalKind::Interrupt {
                     "SIGINT"
                 } else {
                     "SIGTERM"
                 };
                 self.logger.event(
-                    "stopping",
+                    EventName::Stopping,
                     None,
                     &format!("stopping ({name}): {} workers", self.workers.len()),
                     &[],
                 );
                 self.stop_all(0);
             }
-            (
-                Phase::Stopping {
-                    code,
-                    forced: false,
-                },
-                SignalKind::Interrupt,
-            ) => {
+            (true, SignalKind::Interrupt) if graceful => {
                 self.logger.event(
-                    "stopping",
+                    EventName::Stopping,
                     None,
                     "second SIGINT: killing every worker now",
                     &[],
                 );
-                self.phase = Phase::Stopping { code, forced: true };
+                self.change_phase(AppPhase::force);
                 for w in self.workers.values() {
                     w.signal_group(rustix::process::Signal::KILL);
                 }
@@ -453,10 +441,7 @@ impl Supervisor {
 
     pub(super) fn stop_all(&mut self, code: i32) {
         self.tell_manager("STOPPING=1");
-        self.phase = Phase::Stopping {
-            code,
-            forced: false,
-        };
+        self.change_phase(|p| p.stop(code));
         for server in self.servers.ids().collect::<Vec<_>>() {
             if let Some(s) = self.servers.get_mut(server) {
                 if let Some(task) = s.accept_task.take() {
@@ -468,6 +453,43 @@ impl Supervisor {
         for id in ids {
             self.stop_worker(id, DrainReason::Stop);
         }
+    }
+
+    /// Changes the app's phase through one of [`AppPhase`]'s transitions and records it (a
+    /// `state` event in JSON logs). One the machine does not have is a bug in herd: refused,
+    /// logged, and fatal in debug builds (the tests).
+    pub(super) fn change_phase<T>(
+        &mut self,
+        change: impl FnOnce(&mut AppPhase) -> Result<T, phase::Invalid>,
+    ) -> Option<T> {
+        let from = self.phase.name();
+        match change(&mut self.phase) {
+            Ok(done) => {
+                let to = self.phase.name();
+                if from != to {
+                    self.logger.transition(None, from, to, &[]);
+                }
+                Some(done)
+            }
+            Err(invalid) => {
+                self.logger.event(
+                    EventName::Error,
+                    None,
+                    &format!(
+                        "herd bug: invalid app phase change {} → {}, ignored",
+                        invalid.from, invalid.to
+                    ),
+                    &[],
+                );
+                debug_assert!(false, "invalid app phase change {invalid:?}");
+                None
+            }
+        }
+    }
+
+    /// Ends the operation in progress, if any (see [`AppPhase::finish`]).
+    pub(super) fn finish_op(&mut self) -> Option<ops::Op> {
+        self.change_phase(|p| Ok(p.finish())).flatten()
     }
 
     pub(super) fn after(&self, delay: Duration, event: Event) {

@@ -1,6 +1,7 @@
 //! Round-robin and sticky routing of accepted connections to workers, the queue of
 //! connections waiting for a free worker, and re-routing when a worker goes away.
 
+use herd_proto::event::EventName;
 use std::rc::Rc;
 
 use super::*;
@@ -52,7 +53,7 @@ impl Supervisor {
             if let Some(n) = s.refused.note() {
                 let (total, display) = (s.refused.total, s.display.clone());
                 self.logger.event(
-                    "conn_closed",
+                    EventName::ConnClosed,
                     None,
                     &format!(
                         "closed {n} connection(s) on {display} that every worker refused or failed to take; {total} so far"
@@ -102,7 +103,7 @@ impl Supervisor {
             let limit = max + crate::health::jitter(id, health.max_requests_jitter);
             if w.connections >= limit && w.replacement != state::Replacement::Queued {
                 let why = format!("{} connections >= --max-requests {limit}", w.connections);
-                self.queue_replacement(id, "requests", why);
+                self.queue_replacement(id, Reason::Requests, why);
             }
         }
     }

@@ -1,6 +1,7 @@
 //! One worker process: how it is started (environment, fds, IPC, notify socket) and the
 //! tasks that watch it. The supervisor owns the [`Worker`] records; the tasks only report.
 
+use herd_proto::event::EventName;
 use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -141,7 +142,7 @@ impl Worker {
         };
         if let Err(invalid) = self.state.advance(next) {
             self.logger.event(
-                "error",
+                EventName::Error,
                 Some(self.who()),
                 &format!(
                     "herd bug: invalid worker state change {} → {}, ignored",
@@ -201,7 +202,7 @@ impl Worker {
                 if let Some(n) = self.dropped.note() {
                     let total = self.dropped.total;
                     self.logger.event(
-                        "ipc_dropped",
+                        EventName::IpcDropped,
                         Some(self.who()),
                         &format!(
                             "dropped {n} message(s) for it ({bytes} bytes, {why}); {total} so far"
@@ -235,7 +236,7 @@ impl Worker {
         if let Some(n) = self.protocol_errors.note() {
             let total = self.protocol_errors.total;
             self.logger.event(
-                "ipc_error",
+                EventName::IpcError,
                 Some(self.who()),
                 &format!("{what} — ignored ({n} since the last such line, {total} in all)"),
                 &[("errors", serde_json::json!(total))],
@@ -371,7 +372,7 @@ impl Launcher {
                     base_env.push(("HERD_DRAIN_MS".into(), grace.as_millis().to_string().into()));
                 }
                 Err(e) => logger.event(
-                    "warning",
+                    EventName::Warning,
                     None,
                     &format!("keep-alive drain not loaded: {e}"),
                     &[],
