@@ -188,7 +188,13 @@ impl Logger {
 
     /// One of herd's own events. `message` is the human sentence; `fields` go to JSON only.
     /// Never waits: with herd's stdout blocked, events are dropped and counted.
-    pub fn event(&self, name: EventName, who: Option<Who>, message: &str, fields: &[(&str, Value)]) {
+    pub fn event(
+        &self,
+        name: EventName,
+        who: Option<Who>,
+        message: &str,
+        fields: &[(&str, Value)],
+    ) {
         let plain = text_line(&match who {
             Some(who) => format!(
                 "herd: {}[{}] pid {} {message}",
@@ -246,7 +252,10 @@ impl Logger {
         let mut obj = Map::new();
         obj.insert("ts".into(), Value::String(timestamp()));
         obj.insert("app".into(), Value::String(self.inner.app.clone()));
-        obj.insert("event".into(), Value::String(EventName::State.as_str().into()));
+        obj.insert(
+            "event".into(),
+            Value::String(EventName::State.as_str().into()),
+        );
         if let Some(who) = who {
             obj.insert("instance".into(), who.instance.into());
             obj.insert("worker_id".into(), who.worker_id.into());

@@ -9,8 +9,8 @@ mod balance;
 mod cli;
 mod commands;
 mod control;
-mod health;
 mod fmt;
+mod health;
 mod logs;
 mod node;
 mod paths;
@@ -198,9 +198,7 @@ fn run(args: cli::RunArgs) -> anyhow::Result<u8> {
 }
 
 /// Turns SIGTERM and SIGINT into supervisor events.
-fn forward_signals(
-    tx: tokio::sync::mpsc::UnboundedSender<vocab::Event>,
-) -> anyhow::Result<()> {
+fn forward_signals(tx: tokio::sync::mpsc::UnboundedSender<vocab::Event>) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind as Kind};
     let signals = [
         (Kind::terminate(), SignalKind::Terminate),

@@ -11,8 +11,8 @@ use super::*;
 use crate::balance::{self, AcceptGate};
 use crate::node::channel::{self, Answer, Ipc, IpcKind, MAX_ECHO};
 use crate::node::servers;
-use crate::vocab::ServerId;
 use crate::spec::{Balance, Ready};
+use crate::vocab::ServerId;
 
 impl Supervisor {
     pub(super) fn on_ipc(&mut self, id: WorkerId, msg: Ipc) {
@@ -116,7 +116,8 @@ impl Supervisor {
                     });
                 }
                 let who = w.who();
-                self.logger.event(EventName::Online, Some(who), "online", &[]);
+                self.logger
+                    .event(EventName::Online, Some(who), "online", &[]);
             }
             IpcKind::ExitedAfterDisconnect { seq } => {
                 // The worker is leaving on its own (cluster.worker.disconnect()/kill()) and

@@ -17,12 +17,14 @@ use herd_proto::control::Reason;
 
 use super::ops::OpKind;
 use super::state::{Replacement, Role, WorkerState};
+use super::worker::Worker;
 use super::{Event, Supervisor, WorkerId};
-use crate::fmt::human;
 use crate::balance::Pending;
+use crate::fmt::human;
 use crate::health;
 use crate::procfs;
 use crate::spec::WorkerKind;
+use tokio::sync::mpsc::UnboundedSender;
 
 /// How long a hung worker gets between SIGABRT and SIGKILL.
 const ABORT_GRACE: Duration = Duration::from_secs(1);
@@ -62,6 +64,8 @@ impl Supervisor {
         });
     }
 
+    /// The health tick: hang detection on every tick, probes on their schedule, memory and
+    /// age once a second. What it finds is acted on after the scan.
     pub(super) fn on_tick(&mut self) {
         let now = Instant::now();
         let plan = Rc::clone(&self.plan);
@@ -82,98 +86,24 @@ impl Supervisor {
                 continue;
             }
             if let Some(limit) = health.watchdog {
-                if self.plan.kind == WorkerKind::SocketActivation
-                    && now.duration_since(w.last_watchdog) > limit
-                {
-                    hung.push((
-                        w.id,
-                        format!(
-                            "no WATCHDOG=1 for {}",
-                            human(now.duration_since(w.last_watchdog))
-                        ),
-                    ));
+                if let Some(why) = watchdog(w, plan.kind, limit, now, &self.tx) {
+                    hung.push((w.id, why));
                     continue;
-                }
-                let (waiting, pongs) = match &w.channel {
-                    Some(c) => (c.waiting_since(), Some(c.pongs())),
-                    None => (None, None),
-                };
-                if let Some(pongs) = pongs {
-                    let unanswered = w.inflight.iter().map(|f| f.at).min();
-                    let oldest = waiting.into_iter().chain(unanswered).min();
-                    if let Some(since) = oldest.filter(|s| now.duration_since(*s) > limit) {
-                        hung.push((
-                            w.id,
-                            format!(
-                                "it did not answer herd (event-loop ping or connection hand-off) for {}",
-                                human(now.duration_since(since))
-                            ),
-                        ));
-                        continue;
-                    }
-                    if let Some((sent, before)) = w.ping {
-                        if pongs > before {
-                            w.ping = None;
-                        } else if now.duration_since(sent) > limit {
-                            let silent = human(now.duration_since(sent));
-                            hung.push((
-                                w.id,
-                                format!("its event loop did not answer herd's ping for {silent}"),
-                            ));
-                            continue;
-                        }
-                    }
-                    if w.ping.is_none() && w.send(&self.tx, |c| c.ping()) {
-                        // One ping per tick at most: the answer of the last one came back.
-                        w.ping = Some((now, pongs));
-                    }
                 }
             }
             if w.replacement == Replacement::Queued {
                 continue;
             }
             if let Some(check) = &health.check {
-                // Keep the cadence of the schedule, not of the ticks that notice it.
-                if w.probe_due.is_none_or(|due| now + period / 2 >= due) && !w.probing {
-                    let due = w
-                        .probe_due
-                        .unwrap_or(now)
-                        .max(now.checked_sub(period).unwrap_or(now));
-                    w.probe_due = Some(due + check.interval);
+                if probe_due(w, check.interval, now, period) {
                     probes.push(w.id);
                 }
             }
             if !sample {
                 continue;
             }
-            if let Some(max) = health.max_memory {
-                if let Some(rss) = procfs::rss_bytes(w.pid).filter(|&rss| rss > max) {
-                    replace.push((
-                        w.id,
-                        Reason::Memory,
-                        format!("memory {} MB > --max-memory {} MB", rss >> 20, max >> 20),
-                    ));
-                    continue;
-                }
-            }
-            if let Some(max_age) = health.max_age {
-                let limit = max_age
-                    + Duration::from_millis(health::jitter(
-                        w.id,
-                        health.max_age_jitter.as_millis() as u64,
-                    ));
-                if w.started.elapsed() > limit {
-                    replace.push((
-                        w.id,
-                        Reason::Age,
-                        format!(
-                            "up {} > --max-age {}",
-                            human(w.started.elapsed()),
-                            human(limit)
-                        ),
-                    ));
-                    continue;
-                }
+            if let Some((reason, why)) = over_limit(w, health) {
+                replace.push((w.id, reason, why));
             }
         }
         for (id, why) in hung {
@@ -422,4 +352,91 @@ impl Supervisor {
             }
         }
     }
+}
+
+/// Why the worker counts as hung, if it does: no `WATCHDOG=1` (socket activation), or
+/// (Node) a hand-off or event-loop ping unanswered for longer than `limit`. Sends the next
+/// ping when the last one was answered.
+fn watchdog(
+    w: &mut Worker,
+    kind: WorkerKind,
+    limit: Duration,
+    now: Instant,
+    tx: &UnboundedSender<Event>,
+) -> Option<String> {
+    if kind == WorkerKind::SocketActivation && now.duration_since(w.last_watchdog) > limit {
+        return Some(format!(
+            "no WATCHDOG=1 for {}",
+            human(now.duration_since(w.last_watchdog))
+        ));
+    }
+    let (waiting, pongs) = match &w.channel {
+        Some(c) => (c.waiting_since(), c.pongs()),
+        None => return None,
+    };
+    let unanswered = w.inflight.iter().map(|f| f.at).min();
+    let oldest = waiting.into_iter().chain(unanswered).min();
+    if let Some(since) = oldest.filter(|s| now.duration_since(*s) > limit) {
+        return Some(format!(
+            "it did not answer herd (event-loop ping or connection hand-off) for {}",
+            human(now.duration_since(since))
+        ));
+    }
+    if let Some((sent, before)) = w.ping {
+        if pongs > before {
+            w.ping = None;
+        } else if now.duration_since(sent) > limit {
+            let silent = human(now.duration_since(sent));
+            return Some(format!(
+                "its event loop did not answer herd's ping for {silent}"
+            ));
+        }
+    }
+    if w.ping.is_none() && w.send(tx, |c| c.ping()) {
+        // One ping per tick at most: the answer of the last one came back.
+        w.ping = Some((now, pongs));
+    }
+    None
+}
+
+/// Whether its next probe is due; if so, schedules the one after.
+fn probe_due(w: &mut Worker, interval: Duration, now: Instant, period: Duration) -> bool {
+    // Keep the cadence of the schedule, not of the ticks that notice it.
+    if w.probing || w.probe_due.is_some_and(|due| now + period / 2 < due) {
+        return false;
+    }
+    let due = w
+        .probe_due
+        .unwrap_or(now)
+        .max(now.checked_sub(period).unwrap_or(now));
+    w.probe_due = Some(due + interval);
+    true
+}
+
+/// `--max-memory` or `--max-age` exceeded (reads /proc).
+fn over_limit(w: &Worker, health: &crate::spec::Health) -> Option<(Reason, String)> {
+    if let Some(max) = health.max_memory {
+        if let Some(rss) = procfs::rss_bytes(w.pid).filter(|&rss| rss > max) {
+            return Some((
+                Reason::Memory,
+                format!("memory {} MB > --max-memory {} MB", rss >> 20, max >> 20),
+            ));
+        }
+    }
+    let max_age = health.max_age?;
+    let limit = max_age
+        + Duration::from_millis(health::jitter(
+            w.id,
+            health.max_age_jitter.as_millis() as u64,
+        ));
+    (w.started.elapsed() > limit).then(|| {
+        (
+            Reason::Age,
+            format!(
+                "up {} > --max-age {}",
+                human(w.started.elapsed()),
+                human(limit)
+            ),
+        )
+    })
 }

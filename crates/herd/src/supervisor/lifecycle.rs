@@ -60,7 +60,8 @@ impl Supervisor {
                     "could not start {}{as_user}: {e}",
                     self.plan.program.display()
                 );
-                self.logger.event(EventName::SpawnFailed, Some(who), &reason, &[]);
+                self.logger
+                    .event(EventName::SpawnFailed, Some(who), &reason, &[]);
                 // Retrying cannot fix a program that is missing or not executable for us.
                 let hopeless = matches!(
                     e.kind(),
@@ -309,15 +310,23 @@ impl Supervisor {
                 .iter()
                 .all(|s| s.errored.is_some() && s.incoming.is_none())
         {
-            self.logger
-                .event(EventName::Errored, None, "every worker slot errored — exiting", &[]);
+            self.logger.event(
+                EventName::Errored,
+                None,
+                "every worker slot errored — exiting",
+                &[],
+            );
             self.stop_all(1);
         }
     }
 
     pub(super) fn on_ipc_closed(&mut self, id: WorkerId, reason: Option<String>) {
         if let Some(reason) = reason {
-            if let Some(w) = self.workers.get_mut(&id).filter(|w| !w.state().is_being_stopped()) {
+            if let Some(w) = self
+                .workers
+                .get_mut(&id)
+                .filter(|w| !w.state().is_being_stopped())
+            {
                 w.channel = None;
                 let who = w.who();
                 self.logger.event(

@@ -290,7 +290,8 @@ impl Supervisor {
                     if w.role == state::Role::Incoming {
                         let instance = w.instance;
                         let why = format!("not ready within --listen-timeout {}", human(limit));
-                        self.logger.event(EventName::ReadyTimeout, Some(who), &why, &[]);
+                        self.logger
+                            .event(EventName::ReadyTimeout, Some(who), &why, &[]);
                         self.incoming_failed(id, instance, why);
                         return;
                     }
@@ -391,10 +392,12 @@ impl Supervisor {
                 };
                 match ops::scale_target(to, self.live_slots()) {
                     Ok(to) => self.begin(ops::OpKind::Scale { to }, None),
-                    Err(e) => {
-                        self.logger
-                            .event(EventName::Refused, None, &format!("scale refused: {e}"), &[])
-                    }
+                    Err(e) => self.logger.event(
+                        EventName::Refused,
+                        None,
+                        &format!("scale refused: {e}"),
+                        &[],
+                    ),
                 }
                 return;
             }

@@ -162,8 +162,12 @@ impl Supervisor {
             OpKind::Reload { .. } => {
                 op.todo = (0..live).collect();
                 self.tell_manager("RELOADING=1");
-                self.logger
-                    .event(EventName::Reloading, None, &format!("reloading {live} workers"), &[]);
+                self.logger.event(
+                    EventName::Reloading,
+                    None,
+                    &format!("reloading {live} workers"),
+                    &[],
+                );
                 self.change_phase(|p| p.begin(op));
                 self.step_reload();
             }
@@ -286,7 +290,9 @@ impl Supervisor {
 
     fn step_reload(&mut self) {
         loop {
-            let Some(op) = self.phase.op_mut() else { return };
+            let Some(op) = self.phase.op_mut() else {
+                return;
+            };
             let parallel = match op.kind {
                 OpKind::Reload { parallel } => parallel,
                 OpKind::Replace { .. } => 1,
@@ -354,7 +360,9 @@ impl Supervisor {
     }
 
     fn fail_op(&mut self, message: String) {
-        let Some(mut op) = self.finish_op() else { return };
+        let Some(mut op) = self.finish_op() else {
+            return;
+        };
         for instance in std::mem::take(&mut op.active) {
             if let Some(id) = self.slots.get_mut(instance).and_then(|s| s.incoming.take()) {
                 self.stop_worker(id, DrainReason::Abandoned);
@@ -420,7 +428,9 @@ impl Supervisor {
         if !done {
             return;
         }
-        let Some(mut op) = self.finish_op() else { return };
+        let Some(mut op) = self.finish_op() else {
+            return;
+        };
         let errored = self.slots.iter().filter(|s| s.errored.is_some()).count();
         let took = human(op.started.elapsed());
         let (ok, message) = match op.kind {

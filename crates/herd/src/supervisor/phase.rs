@@ -219,7 +219,11 @@ mod tests {
         assert!(p.stop(0).is_err(), "a second stop is a bug");
         assert!(p.begin(op(OpKind::Restart)).is_err());
         assert!(p.finish().is_some());
-        assert_eq!(p.exit_code(), Some(3), "finishing the op does not leave Stopping");
+        assert_eq!(
+            p.exit_code(),
+            Some(3),
+            "finishing the op does not leave Stopping"
+        );
         p.force().expect("force");
         assert!(p.force().is_err());
         assert!(matches!(p, AppPhase::Stopping { forced: true, .. }));

@@ -6,8 +6,8 @@ use std::rc::Rc;
 
 use super::*;
 use crate::balance::{self, Pending};
-use crate::vocab::ServerId;
 use crate::spec::Balance;
+use crate::vocab::ServerId;
 use worker::Worker;
 
 impl Supervisor {

@@ -157,7 +157,10 @@ impl WorkerState {
             WorkerState::Starting { .. } | WorkerState::Online { .. } => {
                 Some(WorkerState::Ready { since: now })
             }
-            WorkerState::Leaving { since, ready: false } => Some(WorkerState::Leaving {
+            WorkerState::Leaving {
+                since,
+                ready: false,
+            } => Some(WorkerState::Leaving {
                 since: *since,
                 ready: true,
             }),
@@ -320,12 +323,14 @@ mod tests {
     #[test]
     fn a_worker_leaving_on_its_own_may_still_become_ready() {
         let mut s = Starting { since: now() };
-        s.advance(s.on_leaving(now()).expect("leaves")).expect("leaving");
+        s.advance(s.on_leaving(now()).expect("leaves"))
+            .expect("leaving");
         assert!(s.awaiting_ready() && !s.counts_ready());
         s.advance(s.on_ready(now()).expect("waits")).expect("ready");
         assert!(s.counts_ready() && s.health_checked() && !s.takes_connections());
         assert_eq!(s.on_leaving(now()), None, "already leaving");
-        s.advance(Hung { since: now() }).expect("the watchdog still watches it");
+        s.advance(Hung { since: now() })
+            .expect("the watchdog still watches it");
     }
 
     #[test]
