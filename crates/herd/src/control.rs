@@ -18,7 +18,6 @@
 //! arrive within [`REQUEST_TIMEOUT`], and for `herd logs` at most [`HISTORY_BUDGET`] bytes of
 //! history for all slow readers together; `logs -f` skips lines a reader is too slow for.
 
-use herd_proto::event::EventName;
 use std::cell::Cell;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::FileExt;
@@ -30,6 +29,7 @@ use std::time::{Duration, Instant};
 use herd_proto::control::{
     frame, parse_request, Frame, LogLine, Request, RequestError, Response, MAX_REQUEST,
 };
+use herd_proto::event::EventName;
 use rustix::fs::{FileType, OFlags};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};

@@ -17,7 +17,6 @@
 pub mod line;
 pub mod out;
 
-use herd_proto::event::EventName;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::IsTerminal;
@@ -25,6 +24,7 @@ use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use herd_proto::control::LogLine;
+use herd_proto::event::EventName;
 use serde_json::{Map, Value};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::broadcast;

@@ -1,9 +1,9 @@
 //! Messages from Node workers: the cluster protocol (`queryServer`, `close`, hand-off
 //! replies, disconnect) and user messages (`process.send`), including broadcast.
 
-use herd_proto::event::EventName;
 use std::rc::Rc;
 
+use herd_proto::event::EventName;
 use serde_json::{json, Value};
 
 use super::state::WorkerState;

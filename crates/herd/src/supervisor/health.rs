@@ -7,13 +7,13 @@
 //! Every replacement has a reason (`crash`, `hung`, `unhealthy`, `memory`, `requests`,
 //! `age`, `reload`), counted per slot and shown by `herd status`.
 
-use herd_proto::event::EventName;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-
 use herd_proto::control::Reason;
+use herd_proto::event::EventName;
+use serde_json::json;
+use tokio::sync::mpsc::UnboundedSender;
 
 use super::ops::OpKind;
 use super::state::{Replacement, Role, WorkerState};
@@ -24,7 +24,6 @@ use crate::fmt::human;
 use crate::health;
 use crate::procfs;
 use crate::spec::WorkerKind;
-use tokio::sync::mpsc::UnboundedSender;
 
 /// How long a hung worker gets between SIGABRT and SIGKILL.
 const ABORT_GRACE: Duration = Duration::from_secs(1);

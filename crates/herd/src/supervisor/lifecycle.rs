@@ -1,10 +1,10 @@
 //! A worker's life in its slot: start, readiness, stop, exit, and the restart decision.
 
-use herd_proto::event::EventName;
 use std::io;
 use std::process::ExitStatus;
 use std::time::Duration;
 
+use herd_proto::event::EventName;
 use herd_proto::notify::Message as Notify;
 use serde_json::{json, Value};
 

@@ -9,7 +9,10 @@
 //! every transition is visible in one place.
 //!
 //! A slot (instance 0..N-1) holds at most one current worker. A worker goes
-//! `starting → online (Node) → ready → stopping → exited`. *Ready* comes from Node's
+//! `starting → online (Node) → ready → draining → exited`, or leaves on its own, or is found
+//! hung: one [`state::WorkerState`], changed only through `Worker::set_state`, which refuses a
+//! transition the machine does not have. The app's phase (running, an operation, stopping) is
+//! one [`phase::AppPhase`]. docs/architecture.md draws both. *Ready* comes from Node's
 //! `listening`, `process.send('ready')` (`--ready message`), `READY=1` on the notify socket,
 //! or a delay (`--ready delay:D`; the default for socket-activation workers is `READY=1` or
 //! 1s up, whichever comes first). Round-robin and sticky route only to ready workers.

@@ -1,8 +1,9 @@
 //! Round-robin and sticky routing of accepted connections to workers, the queue of
 //! connections waiting for a free worker, and re-routing when a worker goes away.
 
-use herd_proto::event::EventName;
 use std::rc::Rc;
+
+use herd_proto::event::EventName;
 
 use super::*;
 use crate::balance::{self, Pending};

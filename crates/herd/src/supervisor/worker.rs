@@ -1,7 +1,6 @@
 //! One worker process: how it is started (environment, fds, IPC, notify socket) and the
 //! tasks that watch it. The supervisor owns the [`Worker`] records; the tasks only report.
 
-use herd_proto::event::EventName;
 use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -9,6 +8,7 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Instant;
 
+use herd_proto::event::EventName;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::logs::{self, Logger, Stream, Tail, Who};
