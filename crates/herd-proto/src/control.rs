@@ -71,8 +71,7 @@ impl Response {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AppStatus {
     pub name: String,
-    /// `running`, `reloading`, `scaling`, `stopping`.
-    pub state: String,
+    pub state: AppState,
     pub balance: String,
     /// `node` or `socket-activation`.
     pub kind: String,
@@ -96,8 +95,7 @@ pub struct WorkerStatus {
     pub instance: usize,
     pub worker_id: u64,
     pub pid: u32,
-    /// `starting`, `ready`, `stopping`, `errored`, `waiting` (backoff before a restart).
-    pub state: String,
+    pub state: WorkerState,
     pub uptime_ms: u64,
     pub restarts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -111,9 +109,91 @@ pub struct WorkerStatus {
     /// The last health probe: `ok (200)`, `failing 2/3: status 500`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<String>,
-    /// Replacements of this slot by reason: crash, hung, unhealthy, memory, requests, age, reload.
+    /// Replacements of this slot by reason.
     #[serde(default)]
-    pub restarts_by_reason: std::collections::BTreeMap<String, u32>,
+    pub restarts_by_reason: std::collections::BTreeMap<Reason, u32>,
+}
+
+/// Defines a wire enum whose values are fixed strings (snake_case), with `as_str` and
+/// `Display` giving the same string as JSON.
+macro_rules! wire_enum {
+    ($(#[$meta:meta])* pub enum $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal,)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        pub enum $name {
+            $($(#[$vmeta])* #[serde(rename = $text)] $variant,)*
+        }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant,)*];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)*
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+pub(crate) use wire_enum;
+
+wire_enum! {
+    /// The app's state in `herd status` (`AppStatus.state`).
+    pub enum AppState {
+        /// Serving, nothing in progress.
+        Running = "running",
+        Reloading = "reloading",
+        Restarting = "restarting",
+        Scaling = "scaling",
+        /// One worker replaced for a health reason.
+        Replacing = "replacing",
+        /// Running, but every slot gave up (herd is about to exit 1).
+        Errored = "errored",
+        Stopping = "stopping",
+    }
+}
+
+wire_enum! {
+    /// A worker slot's state in `herd status` (`WorkerStatus.state`).
+    pub enum WorkerState {
+        /// Started, not ready yet.
+        Starting = "starting",
+        Ready = "ready",
+        /// Asked to stop, or on its way out after a reload or scale-down.
+        Stopping = "stopping",
+        /// No worker: the slot gave up (see `last_exit`).
+        Errored = "errored",
+        /// No worker: a restart is due after a backoff.
+        Waiting = "waiting",
+    }
+}
+
+wire_enum! {
+    /// Why a slot's worker was replaced (`restarts_by_reason` keys, the `reason` of
+    /// `hung` and `replacing` events). Declared in alphabetical order, so a map of them
+    /// lists them as a map of their names would.
+    pub enum Reason {
+        /// `--max-age`.
+        Age = "age",
+        /// It exited on its own.
+        Crash = "crash",
+        /// `--watchdog`.
+        Hung = "hung",
+        /// `--max-memory`.
+        Memory = "memory",
+        Reload = "reload",
+        /// `--max-requests`.
+        Requests = "requests",
+        /// `--health-check` failed.
+        Unhealthy = "unhealthy",
+    }
 }
 
 /// One line of the supervisor's log ring.
@@ -206,6 +286,37 @@ mod tests {
         assert!(err.to_string().contains("not UTF-8"), "{err}");
         let err = parse_request(b"{\"cmd\":\"explode\"}").expect_err("unknown");
         assert!(err.to_string().contains("explode"), "{err}");
+    }
+
+    #[test]
+    fn states_and_reasons_are_todays_strings() {
+        let text = |v: &dyn erased::Json| v.json();
+        assert_eq!(text(&AppState::Reloading), r#""reloading""#);
+        assert_eq!(text(&WorkerState::Waiting), r#""waiting""#);
+        for r in Reason::ALL {
+            assert_eq!(text(r), format!("\"{r}\""));
+        }
+        // Map keys: a map of reasons reads as a map of their names, in the same order.
+        let by_reason: std::collections::BTreeMap<Reason, u32> =
+            Reason::ALL.iter().map(|&r| (r, 1)).collect();
+        let json = serde_json::to_string(&by_reason).expect("json");
+        let by_name: std::collections::BTreeMap<String, u32> =
+            serde_json::from_str(&json).expect("names");
+        assert_eq!(serde_json::to_string(&by_name).expect("json"), json);
+        let back: std::collections::BTreeMap<Reason, u32> =
+            serde_json::from_str(&json).expect("reasons");
+        assert_eq!(back, by_reason);
+    }
+
+    mod erased {
+        pub trait Json {
+            fn json(&self) -> String;
+        }
+        impl<T: serde::Serialize> Json for T {
+            fn json(&self) -> String {
+                serde_json::to_string(self).expect("json")
+            }
+        }
     }
 
     #[test]

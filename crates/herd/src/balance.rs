@@ -30,8 +30,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::Notify;
 
 use crate::mix::mix64;
-use crate::node::servers::ServerId;
-use crate::supervisor::Event;
+use crate::vocab::{Event, ServerId};
 
 /// Hand-offs a worker may leave unanswered before it stops counting as free.
 pub const MAX_UNACKED: usize = 8;

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use comfy_table::{presets, Cell, CellAlignment, Table};
-use herd_proto::control::{AppStatus, Request, Response};
+use herd_proto::control::{AppState, AppStatus, Reason, Request, Response, WorkerState};
 
 use crate::control::{Client, ClientError};
 use crate::fmt::duration_ms;
@@ -67,52 +67,62 @@ pub fn status(home: &Home, name: &AppName, json: bool) -> anyhow::Result<u8> {
     if !status.listen.is_empty() {
         outln!("listening on {}", sanitize(&status.listen.join(", ")))?;
     }
+    outln!("{}", workers_table(&status.workers))?;
+    Ok(0)
+}
+
+/// `herd status`'s columns; each row has one cell per column.
+const WORKER_COLUMNS: [&str; 11] = [
+    "instance",
+    "worker",
+    "pid",
+    "state",
+    "uptime",
+    "restarts",
+    "cpu",
+    "memory",
+    "conns",
+    "health",
+    "last exit",
+];
+
+fn workers_table(workers: &[herd_proto::control::WorkerStatus]) -> Table {
     let mut table = Table::new();
     table.load_preset(presets::UTF8_HORIZONTAL_ONLY);
-    table.set_header([
-        "instance",
-        "worker",
-        "pid",
-        "state",
-        "uptime",
-        "restarts",
-        "cpu",
-        "memory",
-        "conns",
-        "last exit",
-    ]);
-    for w in &status.workers {
-        let pid = if w.pid == 0 {
-            "-".to_string()
-        } else {
-            w.pid.to_string()
-        };
-        let worker = if w.worker_id == 0 {
-            "-".to_string()
-        } else {
-            w.worker_id.to_string()
-        };
-        table.add_row(vec![
-            Cell::new(w.instance),
-            Cell::new(worker),
-            Cell::new(pid),
-            Cell::new(sanitize(&w.state)),
-            Cell::new(duration_ms(w.uptime_ms)),
-            Cell::new(sanitize(&restarts(w.restarts, &w.restarts_by_reason))),
-            Cell::new(format!("{:.1}%", w.cpu_percent)).set_alignment(CellAlignment::Right),
-            Cell::new(bytes(w.memory_bytes)).set_alignment(CellAlignment::Right),
-            Cell::new(w.connections).set_alignment(CellAlignment::Right),
-            Cell::new(sanitize(w.health.as_deref().unwrap_or("-"))),
-            Cell::new(
-                w.last_exit
-                    .as_deref()
-                    .map(|s| shorten(&sanitize(s), 60))
-                    .unwrap_or_default(),
-            ),
-        ]);
+    table.set_header(WORKER_COLUMNS);
+    for w in workers {
+        table.add_row(worker_row(w));
     }
-    outln!("{table}")?;
-    Ok(0)
+    table
+}
+
+/// One worker's cells, in [`WORKER_COLUMNS`] order.
+fn worker_row(w: &herd_proto::control::WorkerStatus) -> Vec<Cell> {
+    let or_dash = |n: u64| {
+        if n == 0 {
+            "-".to_string()
+        } else {
+            n.to_string()
+        }
+    };
+    vec![
+        Cell::new(w.instance),
+        Cell::new(or_dash(w.worker_id)),
+        Cell::new(or_dash(u64::from(w.pid))),
+        Cell::new(w.state),
+        Cell::new(duration_ms(w.uptime_ms)),
+        Cell::new(sanitize(&restarts(w.restarts, &w.restarts_by_reason))),
+        Cell::new(format!("{:.1}%", w.cpu_percent)).set_alignment(CellAlignment::Right),
+        Cell::new(bytes(w.memory_bytes)).set_alignment(CellAlignment::Right),
+        Cell::new(w.connections).set_alignment(CellAlignment::Right),
+        Cell::new(sanitize(w.health.as_deref().unwrap_or("-"))),
+        Cell::new(
+            w.last_exit
+                .as_deref()
+                .map(|s| shorten(&sanitize(s), 60))
+                .unwrap_or_default(),
+        ),
+    ]
 }
 
 pub fn ls(home: &Home, json: bool) -> anyhow::Result<u8> {
@@ -147,7 +157,7 @@ pub fn ls(home: &Home, json: bool) -> anyhow::Result<u8> {
     for a in &apps {
         table.add_row(vec![
             Cell::new(sanitize(&a.name)),
-            Cell::new(sanitize(&a.state)),
+            Cell::new(a.state),
             Cell::new(sanitize(&a.balance)),
             Cell::new(format!("{}/{}", a.ready, a.desired)),
             Cell::new(a.pid),
@@ -282,7 +292,7 @@ pub fn start(
             let tail = file_tail(&log, start_offset, 15, 64 * 1024).unwrap_or_default();
             errln!(
                 "error: {name} did not start ({}):",
-                crate::supervisor::describe_status(&status)
+                crate::fmt::describe_status(&status)
             );
             for line in tail {
                 errln!("  {}", sanitize(&line));
@@ -293,15 +303,15 @@ pub fn start(
             status: Some(s), ..
         }) = request(home, name, &Request::Status, Some(Duration::from_secs(2)))
         {
-            if s.ready == s.desired && s.state == "running" {
+            if s.ready == s.desired && s.state == AppState::Running {
                 outln!("{name}: started {} workers (supervisor pid {}, logs: herd logs {name}, file {})", s.ready, s.pid, log_path.display())?;
                 return Ok(0);
             }
             let crashing = s
                 .workers
                 .iter()
-                .find(|w| w.restarts >= 2 && w.state != "ready");
-            if s.state == "errored" || crashing.is_some() {
+                .find(|w| w.restarts >= 2 && w.state != WorkerState::Ready);
+            if s.state == AppState::Errored || crashing.is_some() {
                 let why = crashing
                     .or_else(|| s.workers.first())
                     .and_then(|w| {
@@ -327,7 +337,7 @@ pub fn start(
 }
 
 /// `3 (crash 2, memory 1)`.
-fn restarts(total: u32, by_reason: &std::collections::BTreeMap<String, u32>) -> String {
+fn restarts(total: u32, by_reason: &std::collections::BTreeMap<Reason, u32>) -> String {
     if by_reason.is_empty() {
         return total.to_string();
     }
@@ -349,5 +359,53 @@ fn shorten(s: &str, max: usize) -> String {
         s.to_string()
     } else {
         format!("{}…", s.chars().take(max).collect::<String>())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herd_proto::control::WorkerStatus;
+
+    fn worker() -> WorkerStatus {
+        WorkerStatus {
+            instance: 1,
+            worker_id: 7,
+            pid: 4242,
+            state: WorkerState::Ready,
+            uptime_ms: 61_000,
+            restarts: 3,
+            last_exit: Some("code 1".into()),
+            cpu_percent: 1.5,
+            memory_bytes: 3 << 20,
+            connections: 12,
+            status_text: None,
+            health: Some("ok (200)".into()),
+            restarts_by_reason: [(Reason::Crash, 2), (Reason::Memory, 1)].into(),
+        }
+    }
+
+    #[test]
+    fn status_rows_have_one_cell_per_header() {
+        assert_eq!(worker_row(&worker()).len(), WORKER_COLUMNS.len());
+    }
+
+    #[test]
+    fn status_shows_health_and_last_exit_under_their_headers() {
+        let text = workers_table(&[worker()]).to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        let header = lines
+            .iter()
+            .find(|l| l.contains("instance"))
+            .expect("header");
+        let row = lines.iter().find(|l| l.contains("4242")).expect("row");
+        let column = |line: &str, text: &str| {
+            line.find(text)
+                .map(|byte| line[..byte].chars().count())
+                .expect(text)
+        };
+        assert_eq!(column(header, "health"), column(row, "ok (200)"), "{text}");
+        assert_eq!(column(header, "last exit"), column(row, "code 1"), "{text}");
+        assert!(row.contains("3 (crash 2, memory 1)"), "{text}");
     }
 }

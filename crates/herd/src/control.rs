@@ -30,6 +30,7 @@ use anyhow::Context;
 use herd_proto::control::{
     frame, parse_request, Frame, LogLine, Request, RequestError, Response, MAX_REQUEST,
 };
+use herd_proto::event::EventName;
 use rustix::fs::{FileType, OFlags};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -38,7 +39,7 @@ use tokio::sync::{broadcast::error::RecvError, mpsc::UnboundedSender, oneshot};
 
 use crate::logs::Logger;
 use crate::paths::{AppName, Home};
-use crate::supervisor::Event;
+use crate::vocab::Event;
 
 /// Control connections of the owner (or root) served at once; more are told "busy".
 pub const MAX_CLIENTS: usize = 32;
@@ -299,7 +300,7 @@ pub async fn serve(listener: UnixListener, tx: UnboundedSender<Event>, logger: L
                 if !failing {
                     failing = true;
                     logger.event(
-                        "control_error",
+                        EventName::ControlError,
                         None,
                         &format!("cannot accept control clients ({e}); retrying every 100ms"),
                         &[],

@@ -25,7 +25,7 @@ pub async fn probe(stream: TcpStream, path: &str, deadline: Instant) -> Result<u
         Ok(result) => result,
         Err(_) => Err(format!(
             "no answer within {}",
-            crate::supervisor::human(deadline.saturating_duration_since(started))
+            crate::fmt::human(deadline.saturating_duration_since(started))
         )),
     }
 }

@@ -24,6 +24,7 @@ use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use herd_proto::control::LogLine;
+use herd_proto::event::EventName;
 use serde_json::{Map, Value};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::broadcast;
@@ -203,7 +204,13 @@ impl Logger {
 
     /// One of herd's own events. `message` is the human sentence; `fields` go to JSON only.
     /// Never waits: with herd's stdout blocked, events are dropped and counted.
-    pub fn event(&self, name: &str, who: Option<Who>, message: &str, fields: &[(&str, Value)]) {
+    pub fn event(
+        &self,
+        name: EventName,
+        who: Option<Who>,
+        message: &str,
+        fields: &[(&str, Value)],
+    ) {
         let plain = text_line(&match who {
             Some(who) => format!(
                 "herd: {}[{}] pid {} {message}",
@@ -233,7 +240,7 @@ impl Logger {
                 let mut obj = Map::new();
                 obj.insert("ts".into(), Value::String(timestamp()));
                 obj.insert("app".into(), Value::String(self.inner.app.clone()));
-                obj.insert("event".into(), Value::String(name.to_string()));
+                obj.insert("event".into(), Value::String(name.as_str().into()));
                 if let Some(who) = who {
                     obj.insert("instance".into(), who.instance.into());
                     obj.insert("worker_id".into(), who.worker_id.into());
@@ -248,6 +255,35 @@ impl Logger {
         };
         out.push(b'\n');
         self.remember(who.map(|w| w.instance), plain);
+        self.inner.out.event(out);
+    }
+
+    /// A worker's or the app's state changed (`from` → `to`). Written with `--log-format
+    /// json` only, as a `state` event: the text log already has a sentence for each change a
+    /// person needs to see, and this record is for tools and tests that follow the machine.
+    pub fn transition(&self, who: Option<Who>, from: &str, to: &str, fields: &[(&str, Value)]) {
+        if self.inner.format != LogFormat::Json {
+            return;
+        }
+        let mut obj = Map::new();
+        obj.insert("ts".into(), Value::String(timestamp()));
+        obj.insert("app".into(), Value::String(self.inner.app.clone()));
+        obj.insert(
+            "event".into(),
+            Value::String(EventName::State.as_str().into()),
+        );
+        if let Some(who) = who {
+            obj.insert("instance".into(), who.instance.into());
+            obj.insert("worker_id".into(), who.worker_id.into());
+            obj.insert("pid".into(), who.pid.into());
+        }
+        obj.insert("from".into(), from.into());
+        obj.insert("to".into(), to.into());
+        for (key, value) in fields {
+            obj.insert((*key).to_string(), value.clone());
+        }
+        let mut out = json_line(obj);
+        out.push(b'\n');
         self.inner.out.event(out);
     }
 

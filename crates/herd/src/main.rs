@@ -26,13 +26,15 @@ mod sdnotify;
 mod spawn;
 mod spec;
 mod supervisor;
+mod vocab;
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
 use crate::cli::{Cli, Command};
-use crate::supervisor::{SignalKind, Supervisor};
+use crate::supervisor::Supervisor;
+use crate::vocab::SignalKind;
 
 fn main() -> ExitCode {
     // herd re-executes itself to bind a worker's unix socket with the worker's rights.
@@ -208,9 +210,7 @@ fn run(args: cli::RunArgs) -> anyhow::Result<u8> {
 }
 
 /// Turns SIGTERM and SIGINT into supervisor events.
-fn forward_signals(
-    tx: tokio::sync::mpsc::UnboundedSender<supervisor::Event>,
-) -> anyhow::Result<()> {
+fn forward_signals(tx: tokio::sync::mpsc::UnboundedSender<vocab::Event>) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind as Kind};
     let signals = [
         (Kind::terminate(), SignalKind::Terminate),
@@ -224,7 +224,7 @@ fn forward_signals(
         let tx = tx.clone();
         tokio::task::spawn_local(async move {
             while stream.recv().await.is_some() {
-                if tx.send(supervisor::Event::Signal(ours)).is_err() {
+                if tx.send(vocab::Event::Signal(ours)).is_err() {
                     return;
                 }
             }

@@ -44,7 +44,7 @@ use tokio::net::UnixStream;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::Instant;
 
-use crate::supervisor::{Event, WorkerId};
+use crate::vocab::{Event, WorkerId};
 
 /// Retransmissions of one fd message after NACKs, as Node does.
 pub const MAX_NACKS: u8 = 3;

@@ -32,9 +32,8 @@ use crate::balance::{AcceptGate, Pending};
 use crate::node::sockfile::{self, Creds, Failure, SocketFile};
 use crate::plan::{self, Listener, User};
 use crate::spec::{Balance, ListenAddr};
-use crate::supervisor::WorkerId;
-
-pub type ServerId = usize;
+pub use crate::vocab::ServerId;
+use crate::vocab::WorkerId;
 
 pub struct Server {
     pub key: String,

@@ -3,13 +3,16 @@
 
 use std::rc::Rc;
 
+use herd_proto::event::EventName;
 use serde_json::{json, Value};
 
+use super::state::WorkerState;
 use super::*;
 use crate::balance::{self, AcceptGate};
 use crate::node::channel::{self, Answer, Ipc, IpcKind, MAX_ECHO};
-use crate::node::servers::{self, ServerId};
+use crate::node::servers;
 use crate::spec::{Balance, Ready};
+use crate::vocab::ServerId;
 
 impl Supervisor {
     pub(super) fn on_ipc(&mut self, id: WorkerId, msg: Ipc) {
@@ -106,20 +109,28 @@ impl Supervisor {
                 w.send(&self.tx, |c| c.line(&line));
             }
             IpcKind::Online => {
-                w.online = true;
+                // Node says it once, before it listens; a late or repeated one changes nothing.
+                if matches!(w.state(), WorkerState::Starting { .. }) {
+                    w.set_state(WorkerState::Online {
+                        since: tokio::time::Instant::now(),
+                    });
+                }
                 let who = w.who();
-                self.logger.event("online", Some(who), "online", &[]);
+                self.logger
+                    .event(EventName::Online, Some(who), "online", &[]);
             }
             IpcKind::ExitedAfterDisconnect { seq } => {
                 // The worker is leaving on its own (cluster.worker.disconnect()/kill()) and
                 // waits for this ack before it goes. It gets no new connections; its exit
                 // restarts the slot like any other, so the app keeps N workers.
-                w.leaving = true;
+                if let Some(next) = w.state().on_leaving(tokio::time::Instant::now()) {
+                    w.set_state(next);
+                }
                 let fields = format!(r#""ack":{seq}"#);
                 w.send(&self.tx, |c| c.cluster(&fields));
                 let who = w.who();
                 self.logger.event(
-                    "disconnecting",
+                    EventName::Disconnecting,
                     Some(who),
                     "is disconnecting on its own",
                     &[],
@@ -129,7 +140,7 @@ impl Supervisor {
             IpcKind::BadQueryServer { seq, detail } => {
                 let who = w.who();
                 self.logger.event(
-                    "listen_error",
+                    EventName::ListenError,
                     Some(who),
                     &format!("cannot listen: herd cannot read this listen() request ({detail}); answering EINVAL"),
                     &[],
@@ -152,7 +163,7 @@ impl Supervisor {
             IpcKind::Garbage(error) => {
                 let who = w.who();
                 self.logger.event(
-                    "ipc_error",
+                    EventName::IpcError,
                     Some(who),
                     &format!("sent something herd cannot read, ignored: {error}"),
                     &[],
@@ -194,7 +205,7 @@ impl Supervisor {
             // The event says how much, not what: a payload may be a megabyte.
             let bytes = line.len() - 1;
             self.logger.event(
-                "broadcast",
+                EventName::Broadcast,
                 Some(who),
                 &format!(
                     "broadcast {bytes} bytes to {sent} of {} workers",
@@ -215,7 +226,7 @@ impl Supervisor {
             (text, value)
         };
         self.logger.event(
-            "message",
+            EventName::Message,
             Some(who),
             &format!("message: {shown}"),
             &[("data", data), ("bytes", json!(bytes))],
@@ -236,7 +247,7 @@ impl Supervisor {
             let total = w.given_up.total;
             let who = w.who();
             self.logger.event(
-                "handoff_failed",
+                EventName::HandoffFailed,
                 Some(who),
                 &format!(
                     "it refused {n} connection(s) {} times (NACK); they go to another worker; {total} so far",
@@ -263,7 +274,7 @@ impl Supervisor {
             if let Some(w) = self.workers.get_mut(&id) {
                 let who = w.who();
                 self.logger.event(
-                    "listen_error",
+                    EventName::ListenError,
                     Some(who),
                     &format!("cannot listen: its listen() request has a {}-byte key and {data_len}-byte data (herd echoes at most {MAX_ECHO}); answering EINVAL", key.len()),
                     &[],
@@ -359,7 +370,7 @@ impl Supervisor {
         let mode = server.mode;
         let s = self.servers.insert(server);
         self.logger.event(
-            "bound",
+            EventName::Bound,
             None,
             &format!("listening on {display} ({mode})"),
             &[
@@ -384,7 +395,7 @@ impl Supervisor {
         };
         let who = w.who();
         self.logger.event(
-            "listen_error",
+            EventName::ListenError,
             Some(who),
             &format!("cannot listen: {problem}"),
             &[("errno", json!(errno))],
@@ -443,7 +454,10 @@ impl Supervisor {
         let Some(server) = self.servers.by_key(key) else {
             return;
         };
-        let stopping = self.workers.get(&id).is_none_or(|w| w.stopping);
+        let stopping = self
+            .workers
+            .get(&id)
+            .is_none_or(|w| w.state().is_draining());
         if let Some(w) = self.workers.get_mut(&id) {
             w.servers.retain(|&s| s != server);
         }
@@ -456,7 +470,7 @@ impl Supervisor {
         if !stopping && s.workers.is_empty() && !s.from_cli {
             if let Some(display) = self.servers.close(server) {
                 self.logger.event(
-                    "closed",
+                    EventName::Closed,
                     None,
                     &format!("closed {display} (the app closed it)"),
                     &[],

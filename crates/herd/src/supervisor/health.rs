@@ -10,12 +10,20 @@
 use std::rc::Rc;
 use std::time::Duration;
 
+use herd_proto::control::Reason;
+use herd_proto::event::EventName;
 use serde_json::json;
+use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::Instant;
 
+use crate::os::Os;
+
 use super::ops::OpKind;
-use super::{human, Event, Supervisor, WorkerId};
+use super::state::{Replacement, Role, WorkerState};
+use super::worker::Worker;
+use super::{Event, Supervisor, WorkerId};
 use crate::balance::Pending;
+use crate::fmt::human;
 use crate::health;
 use crate::spec::WorkerKind;
 
@@ -57,6 +65,8 @@ impl Supervisor {
         });
     }
 
+    /// The health tick: hang detection on every tick, probes on their schedule, memory and
+    /// age once a second. What it finds is acted on after the scan.
     pub(super) fn on_tick(&mut self) {
         let now = Instant::now();
         let plan = Rc::clone(&self.plan);
@@ -73,102 +83,28 @@ impl Supervisor {
         let mut replace = Vec::new();
         let mut probes = Vec::new();
         for w in self.workers.values_mut() {
-            if !w.ready || w.stopping || w.hung {
+            if !w.state().health_checked() {
                 continue;
             }
             if let Some(limit) = health.watchdog {
-                if self.plan.kind == WorkerKind::SocketActivation
-                    && now.duration_since(w.last_watchdog) > limit
-                {
-                    hung.push((
-                        w.id,
-                        format!(
-                            "no WATCHDOG=1 for {}",
-                            human(now.duration_since(w.last_watchdog))
-                        ),
-                    ));
+                if let Some(why) = watchdog(w, plan.kind, limit, now, &self.tx) {
+                    hung.push((w.id, why));
                     continue;
                 }
-                let (waiting, pongs) = match &w.channel {
-                    Some(c) => (c.waiting_since(), Some(c.pongs())),
-                    None => (None, None),
-                };
-                if let Some(pongs) = pongs {
-                    let unanswered = w.inflight.iter().map(|f| f.at).min();
-                    let oldest = waiting.into_iter().chain(unanswered).min();
-                    if let Some(since) = oldest.filter(|s| now.duration_since(*s) > limit) {
-                        hung.push((
-                            w.id,
-                            format!(
-                                "it did not answer herd (event-loop ping or connection hand-off) for {}",
-                                human(now.duration_since(since))
-                            ),
-                        ));
-                        continue;
-                    }
-                    if let Some((sent, before)) = w.ping {
-                        if pongs > before {
-                            w.ping = None;
-                        } else if now.duration_since(sent) > limit {
-                            let silent = human(now.duration_since(sent));
-                            hung.push((
-                                w.id,
-                                format!("its event loop did not answer herd's ping for {silent}"),
-                            ));
-                            continue;
-                        }
-                    }
-                    if w.ping.is_none() && w.send(&self.tx, |c| c.ping()) {
-                        // One ping per tick at most: the answer of the last one came back.
-                        w.ping = Some((now, pongs));
-                    }
-                }
             }
-            if w.replacing {
+            if w.replacement == Replacement::Queued {
                 continue;
             }
             if let Some(check) = &health.check {
-                // Keep the cadence of the schedule, not of the ticks that notice it.
-                if w.probe_due.is_none_or(|due| now + period / 2 >= due) && !w.probing {
-                    let due = w
-                        .probe_due
-                        .unwrap_or(now)
-                        .max(now.checked_sub(period).unwrap_or(now));
-                    w.probe_due = Some(due + check.interval);
+                if probe_due(w, check.interval, now, period) {
                     probes.push(w.id);
                 }
             }
             if !sample {
                 continue;
             }
-            if let Some(max) = health.max_memory {
-                if let Some(rss) = self.os.rss_bytes(w.pid).filter(|&rss| rss > max) {
-                    replace.push((
-                        w.id,
-                        "memory",
-                        format!("memory {} MB > --max-memory {} MB", rss >> 20, max >> 20),
-                    ));
-                    continue;
-                }
-            }
-            if let Some(max_age) = health.max_age {
-                let limit = max_age
-                    + Duration::from_millis(health::jitter(
-                        w.id,
-                        health.max_age_jitter.as_millis() as u64,
-                    ));
-                if w.started.elapsed() > limit {
-                    replace.push((
-                        w.id,
-                        "age",
-                        format!(
-                            "up {} > --max-age {}",
-                            human(w.started.elapsed()),
-                            human(limit)
-                        ),
-                    ));
-                    continue;
-                }
+            if let Some((reason, why)) = over_limit(&*self.os, w, health) {
+                replace.push((w.id, reason, why));
             }
         }
         for (id, why) in hung {
@@ -187,13 +123,15 @@ impl Supervisor {
         let Some(mut w) = self.workers.remove(&id) else {
             return;
         };
-        w.hung = true;
+        w.set_state(WorkerState::Hung {
+            since: Instant::now(),
+        });
         let who = w.who();
         self.logger.event(
-            "hung",
+            EventName::Hung,
             Some(who),
             &format!("hung: {why} (--watchdog) — killing it (SIGABRT, then SIGKILL) and starting a replacement"),
-            &[("reason", json!("hung")), ("detail", json!(why))],
+            &[("reason", json!(Reason::Hung)), ("detail", json!(why))],
         );
         self.os
             .signal_group(&w.leader, rustix::process::Signal::ABORT);
@@ -210,20 +148,22 @@ impl Supervisor {
     }
 
     /// Queues a graceful replacement; they run one at a time, between other operations.
-    pub(super) fn queue_replacement(&mut self, id: WorkerId, reason: &'static str, why: String) {
+    pub(super) fn queue_replacement(&mut self, id: WorkerId, reason: Reason, why: String) {
         let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
-        if w.replacing || w.stopping || w.incoming {
+        if w.state().is_draining() || w.role == Role::Incoming {
             return;
         }
-        if w.replace_not_before.is_some_and(|t| Instant::now() < t) {
-            return;
+        match w.replacement {
+            Replacement::Queued => return,
+            Replacement::NotBefore(t) if Instant::now() < t => return,
+            Replacement::NotBefore(_) | Replacement::Idle => {}
         }
-        w.replacing = true;
+        w.replacement = Replacement::Queued;
         let who = w.who();
         self.logger.event(
-            "replacing",
+            EventName::Replacing,
             Some(who),
             &format!("will be replaced ({reason}): {why}"),
             &[("reason", json!(reason)), ("detail", json!(why))],
@@ -234,14 +174,14 @@ impl Supervisor {
 
     /// Starts the next queued replacement when nothing else is running.
     pub(super) fn next_replacement(&mut self) {
-        if self.op.is_some() || self.phase != super::Phase::Running {
+        if !matches!(self.phase, super::phase::AppPhase::Running) {
             return;
         }
         while let Some((id, reason)) = self.replacements.pop_front() {
             let Some(w) = self.workers.get(&id) else {
                 continue;
             };
-            if w.stopping {
+            if w.state().is_draining() {
                 continue;
             }
             let instance = w.instance;
@@ -381,7 +321,7 @@ impl Supervisor {
             Ok(code) if (200..400).contains(&code) => {
                 if w.probe_failures > 0 {
                     self.logger.event(
-                        "healthy",
+                        EventName::Healthy,
                         Some(who),
                         &format!("healthy again ({code})"),
                         &[],
@@ -399,7 +339,7 @@ impl Supervisor {
                 let n = w.probe_failures;
                 w.health = Some(format!("failing {n}/{}: {why}", check.failures));
                 self.logger.event(
-                    "probe_failed",
+                    EventName::ProbeFailed,
                     Some(who),
                     &format!("GET {} failed ({n}/{}): {why}", check.path, check.failures),
                     &[("failures", json!(n))],
@@ -407,11 +347,98 @@ impl Supervisor {
                 if n >= check.failures {
                     self.queue_replacement(
                         id,
-                        "unhealthy",
+                        Reason::Unhealthy,
                         format!("{n} failed probes in a row, last: {why}"),
                     );
                 }
             }
         }
     }
+}
+
+/// Why the worker counts as hung, if it does: no `WATCHDOG=1` (socket activation), or
+/// (Node) a hand-off or event-loop ping unanswered for longer than `limit`. Sends the next
+/// ping when the last one was answered.
+fn watchdog(
+    w: &mut Worker,
+    kind: WorkerKind,
+    limit: Duration,
+    now: Instant,
+    tx: &UnboundedSender<Event>,
+) -> Option<String> {
+    if kind == WorkerKind::SocketActivation && now.duration_since(w.last_watchdog) > limit {
+        return Some(format!(
+            "no WATCHDOG=1 for {}",
+            human(now.duration_since(w.last_watchdog))
+        ));
+    }
+    let (waiting, pongs) = match &w.channel {
+        Some(c) => (c.waiting_since(), c.pongs()),
+        None => return None,
+    };
+    let unanswered = w.inflight.iter().map(|f| f.at).min();
+    let oldest = waiting.into_iter().chain(unanswered).min();
+    if let Some(since) = oldest.filter(|s| now.duration_since(*s) > limit) {
+        return Some(format!(
+            "it did not answer herd (event-loop ping or connection hand-off) for {}",
+            human(now.duration_since(since))
+        ));
+    }
+    if let Some((sent, before)) = w.ping {
+        if pongs > before {
+            w.ping = None;
+        } else if now.duration_since(sent) > limit {
+            let silent = human(now.duration_since(sent));
+            return Some(format!(
+                "its event loop did not answer herd's ping for {silent}"
+            ));
+        }
+    }
+    if w.ping.is_none() && w.send(tx, |c| c.ping()) {
+        // One ping per tick at most: the answer of the last one came back.
+        w.ping = Some((now, pongs));
+    }
+    None
+}
+
+/// Whether its next probe is due; if so, schedules the one after.
+fn probe_due(w: &mut Worker, interval: Duration, now: Instant, period: Duration) -> bool {
+    // Keep the cadence of the schedule, not of the ticks that notice it.
+    if w.probing || w.probe_due.is_some_and(|due| now + period / 2 < due) {
+        return false;
+    }
+    let due = w
+        .probe_due
+        .unwrap_or(now)
+        .max(now.checked_sub(period).unwrap_or(now));
+    w.probe_due = Some(due + interval);
+    true
+}
+
+/// `--max-memory` or `--max-age` exceeded (reads /proc).
+fn over_limit(os: &dyn Os, w: &Worker, health: &crate::spec::Health) -> Option<(Reason, String)> {
+    if let Some(max) = health.max_memory {
+        if let Some(rss) = os.rss_bytes(w.pid).filter(|&rss| rss > max) {
+            return Some((
+                Reason::Memory,
+                format!("memory {} MB > --max-memory {} MB", rss >> 20, max >> 20),
+            ));
+        }
+    }
+    let max_age = health.max_age?;
+    let limit = max_age
+        + Duration::from_millis(health::jitter(
+            w.id,
+            health.max_age_jitter.as_millis() as u64,
+        ));
+    (w.started.elapsed() > limit).then(|| {
+        (
+            Reason::Age,
+            format!(
+                "up {} > --max-age {}",
+                human(w.started.elapsed()),
+                human(limit)
+            ),
+        )
+    })
 }

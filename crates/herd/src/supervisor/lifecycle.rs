@@ -4,10 +4,13 @@ use std::io;
 use std::process::ExitStatus;
 use std::time::Duration;
 
+use herd_proto::event::EventName;
 use herd_proto::notify::Message as Notify;
 use serde_json::{json, Value};
 
+use super::state::{DrainReason, Role, WorkerState};
 use super::*;
+use crate::fmt::describe_status;
 use crate::logs::Who;
 use crate::spec::Ready;
 use restart::Verdict;
@@ -20,10 +23,12 @@ impl Supervisor {
         match self.launcher.launch(id, instance) {
             Ok(mut worker) => {
                 let who = worker.who();
-                worker.incoming = incoming;
+                if incoming {
+                    worker.role = Role::Incoming;
+                }
                 let what = if incoming { "replacement " } else { "" };
                 self.logger.event(
-                    "spawned",
+                    EventName::Spawned,
                     Some(who),
                     &format!("started {what}(worker {id})"),
                     &[],
@@ -55,7 +60,8 @@ impl Supervisor {
                     "could not start {}{as_user}: {e}",
                     self.plan.program.display()
                 );
-                self.logger.event("spawn_failed", Some(who), &reason, &[]);
+                self.logger
+                    .event(EventName::SpawnFailed, Some(who), &reason, &[]);
                 // Retrying cannot fix a program that is missing or not executable for us.
                 let hopeless = matches!(
                     e.kind(),
@@ -63,7 +69,7 @@ impl Supervisor {
                 ) || e.raw_os_error() == Some(libc::ENOEXEC);
                 if hopeless && !incoming {
                     self.logger.event(
-                        "errored",
+                        EventName::Errored,
                         Some(who),
                         &format!("errored: {reason}"),
                         &[("reason", json!(reason))],
@@ -78,15 +84,18 @@ impl Supervisor {
         }
     }
 
-    pub(super) fn stop_worker(&mut self, id: WorkerId) {
+    /// Asks a worker to stop (out of routing first): Node's `disconnect`, or SIGTERM; the
+    /// next signal after `--kill-timeout`.
+    pub(super) fn stop_worker(&mut self, id: WorkerId, reason: DrainReason) {
         let kill_timeout = self.plan.spec.policy.kill_timeout;
         let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
-        if w.stopping {
+        let deadline = tokio::time::Instant::now() + kill_timeout;
+        let Some(draining) = w.state().on_stop(reason, deadline) else {
             return;
-        }
-        w.stopping = true;
+        };
+        w.set_state(draining);
         let asked = w.send(&self.tx, |c| c.cluster(r#""act":"disconnect""#));
         let next = if asked {
             rustix::process::Signal::TERM
@@ -121,7 +130,7 @@ impl Supervisor {
             return;
         }
         self.logger.event(
-            "kill",
+            EventName::Kill,
             Some(who),
             &format!("still running after {after} — sending {sig}"),
             &[],
@@ -138,6 +147,8 @@ impl Supervisor {
         }
     }
 
+    /// A worker was reaped: its slot learns why, and restarts it, gives up, or (asked to
+    /// stop) moves on.
     pub(super) fn on_exit(&mut self, id: WorkerId, status: io::Result<ExitStatus>) {
         let Some(mut w) = self.workers.remove(&id) else {
             return;
@@ -146,47 +157,23 @@ impl Supervisor {
         // reaped (spawn::wait_exit): after the reap the group's number is not ours to signal.
         let who = w.who();
         let uptime = w.started.elapsed();
+        let expected = w.state().is_draining();
+        let hung = w.state().is_hung();
+        let incoming = w.role == Role::Incoming;
         let how = match &status {
             Ok(s) => describe_status(s),
             Err(e) => format!("lost ({e})"),
         };
-        let (code, signal) = match &status {
-            Ok(s) => {
-                use std::os::unix::process::ExitStatusExt;
-                (s.code(), s.signal())
-            }
-            Err(_) => (None, None),
-        };
-        let fields = [
-            ("code", json!(code)),
-            ("signal", json!(signal)),
-            ("uptime_ms", json!(uptime.as_millis() as u64)),
-            ("expected", json!(w.stopping)),
-            // Why it is gone: asked to stop (stop, reload, scale, a health replacement), or
-            // on its own (crash), or killed as hung.
-            (
-                "reason",
-                json!(if w.hung {
-                    "hung"
-                } else if w.stopping {
-                    "stopped"
-                } else {
-                    "crash"
-                }),
-            ),
-        ];
+        let fields = exit_fields(&status, uptime, expected, hung);
+        w.set_state(WorkerState::Exited {
+            status: how.clone(),
+        });
         self.detach(&mut w);
         let instance = w.instance;
-        let tail: Vec<String> = w.tail.borrow().iter().cloned().collect();
-        let shown = crate::logs::explain(&tail);
-        let reason = if shown.is_empty() {
-            how.clone()
-        } else {
-            format!("{how}; last output: {}", shown.join(" ⏎ "))
-        };
+        let reason = with_last_output(&how, &w);
         let Some(slot) = self.slots.get_mut(instance) else {
             self.logger.event(
-                "exited",
+                EventName::Exited,
                 Some(who),
                 &format!("stopped: {how} after {}", human(uptime)),
                 &fields,
@@ -195,16 +182,16 @@ impl Supervisor {
         };
         if slot.worker == Some(id) {
             slot.worker = None;
-            slot.last_exit = Some(if w.stopping {
+            slot.last_exit = Some(if expected {
                 how.clone()
             } else {
                 reason.clone()
             });
             self.all_ready = false;
         }
-        if w.incoming && !w.stopping {
+        if incoming && !expected {
             self.logger.event(
-                "exited",
+                EventName::Exited,
                 Some(who),
                 &format!(
                     "replacement exited ({how}) after {} before it was ready",
@@ -215,25 +202,32 @@ impl Supervisor {
             self.incoming_failed(id, instance, format!("exited ({reason})"));
             return;
         }
-        if w.stopping || self.phase != Phase::Running || slot.retiring {
+        if expected || self.phase.is_stopping() || slot.retiring {
             self.logger.event(
-                "exited",
+                EventName::Exited,
                 Some(who),
                 &format!("stopped: {how} after {}", human(uptime)),
                 &fields,
             );
-            let respawn = slot.respawn && slot.worker.is_none() && self.phase == Phase::Running;
-            if respawn {
-                slot.respawn = false;
-                self.start_worker(instance, false);
-            }
-            self.trim_slots();
-            self.check_op();
+            self.after_stopped_exit(instance);
             return;
         }
-        let cause = if w.hung { "hung" } else { "crash" };
+        let cause = if hung { Reason::Hung } else { Reason::Crash };
         *slot.reasons.entry(cause).or_default() += 1;
         self.after_exit(instance, who, uptime, &how, reason, &fields);
+        self.check_op();
+    }
+
+    /// A worker herd stopped (or whose slot is going) is gone: a restart starts its
+    /// successor, a scale-down drops the slot, an operation may be done.
+    fn after_stopped_exit(&mut self, instance: usize) {
+        let running = !self.phase.is_stopping();
+        let slot = &mut self.slots[instance];
+        if slot.respawn && slot.worker.is_none() && running {
+            slot.respawn = false;
+            self.start_worker(instance, false);
+        }
+        self.trim_slots();
         self.check_op();
     }
 
@@ -251,7 +245,7 @@ impl Supervisor {
         let slot = &mut self.slots[instance];
         if !policy.autorestart {
             self.logger.event(
-                "exited",
+                EventName::Exited,
                 Some(who),
                 &format!(
                     "exited ({how}) after {} — not restarting (--no-autorestart)",
@@ -268,7 +262,7 @@ impl Supervisor {
                 slot.restarts += 1;
                 slot.restart_pending = true;
                 self.logger.event(
-                    "exited",
+                    EventName::Exited,
                     Some(who),
                     &format!(
                         "exited ({how}) after {} — restarting in {}",
@@ -278,7 +272,7 @@ impl Supervisor {
                     fields,
                 );
                 self.logger.event(
-                    "restarting",
+                    EventName::Restarting,
                     Some(who),
                     &format!("restarting in {}", human(delay)),
                     &[("delay_ms", json!(delay.as_millis() as u64))],
@@ -288,13 +282,13 @@ impl Supervisor {
             Verdict::GiveUp => {
                 let unstable = slot.backoff.unstable;
                 self.logger.event(
-                    "exited",
+                    EventName::Exited,
                     Some(who),
                     &format!("exited ({how}) after {}", human(uptime)),
                     fields,
                 );
                 self.logger.event(
-                    "errored",
+                    EventName::Errored,
                     Some(who),
                     &format!(
                         "errored: {} restarts in a row each died before --min-uptime {}; giving up on this slot. Last exit: {reason}",
@@ -311,25 +305,33 @@ impl Supervisor {
     }
 
     pub(super) fn check_all_errored(&mut self) {
-        if self.phase == Phase::Running
+        if !self.phase.is_stopping()
             && self
                 .slots
                 .iter()
                 .all(|s| s.errored.is_some() && s.incoming.is_none())
         {
-            self.logger
-                .event("errored", None, "every worker slot errored — exiting", &[]);
+            self.logger.event(
+                EventName::Errored,
+                None,
+                "every worker slot errored — exiting",
+                &[],
+            );
             self.stop_all(1);
         }
     }
 
     pub(super) fn on_ipc_closed(&mut self, id: WorkerId, reason: Option<String>) {
         if let Some(reason) = reason {
-            if let Some(w) = self.workers.get_mut(&id).filter(|w| !w.stopping && !w.hung) {
+            if let Some(w) = self
+                .workers
+                .get_mut(&id)
+                .filter(|w| !w.state().is_being_stopped())
+            {
                 w.channel = None;
                 let who = w.who();
                 self.logger.event(
-                    "ipc_error",
+                    EventName::IpcError,
                     Some(who),
                     &format!(
                         "IPC channel broken: {reason} — killing the worker; its slot restarts"
@@ -355,7 +357,7 @@ impl Supervisor {
         if self
             .workers
             .get(&id)
-            .is_some_and(|w| !w.stopping && !w.hung)
+            .is_some_and(|w| !w.state().is_being_stopped())
         {
             let grace = self.plan.spec.policy.kill_timeout;
             self.after(
@@ -374,14 +376,14 @@ impl Supervisor {
         self.workers.insert(id, w);
     }
 
-    /// Slots whose current worker is ready and not stopping.
+    /// Slots whose current worker counts as ready (see [`WorkerState::counts_ready`]).
     pub(super) fn ready_slots(&self) -> usize {
         self.slots
             .iter()
             .filter(|s| {
                 s.worker
                     .and_then(|id| self.workers.get(&id))
-                    .is_some_and(|w| w.ready && !w.stopping)
+                    .is_some_and(|w| w.state().counts_ready())
             })
             .count()
     }
@@ -390,17 +392,17 @@ impl Supervisor {
         let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
-        if w.ready || w.stopping {
+        let Some(ready) = w.state().on_ready(tokio::time::Instant::now()) else {
             return;
-        }
-        w.ready = true;
+        };
+        w.set_state(ready);
         w.last_watchdog = tokio::time::Instant::now();
         let who = w.who();
         let servers = w.servers.clone();
-        let promote = w.incoming.then_some(w.instance);
+        let promote = (w.role == Role::Incoming).then_some(w.instance);
         let ms = w.started.elapsed().as_millis() as u64;
         self.logger.event(
-            "ready",
+            EventName::Ready,
             Some(who),
             &format!("ready ({via}) in {ms}ms"),
             &[("via", json!(via)), ("ms", json!(ms))],
@@ -416,7 +418,7 @@ impl Supervisor {
             self.all_ready = true;
             self.tell_manager(&format!("READY=1\nSTATUS={ready} workers ready"));
             self.logger.event(
-                "all_ready",
+                EventName::AllReady,
                 None,
                 &format!("all {ready} workers ready"),
                 &[("ready", json!(ready))],
@@ -437,7 +439,7 @@ impl Supervisor {
         let who = w.who();
         for m in malformed {
             self.logger.event(
-                "notify_error",
+                EventName::NotifyError,
                 Some(who),
                 &format!("ignored a notify message: {m}"),
                 &[],
@@ -462,12 +464,14 @@ impl Supervisor {
                 }
                 Notify::Stopping => {
                     if let Some(w) = self.workers.get_mut(&id) {
-                        w.leaving = true;
+                        if let Some(next) = w.state().on_leaving(tokio::time::Instant::now()) {
+                            w.set_state(next);
+                        }
                     }
                 }
                 Notify::Errno(n) => {
                     self.logger.event(
-                        "notify",
+                        EventName::Notify,
                         Some(who),
                         &format!("reports errno {n}"),
                         &[("errno", json!(n))],
@@ -476,5 +480,48 @@ impl Supervisor {
                 _ => {}
             }
         }
+    }
+}
+
+/// The `exited` event's fields.
+fn exit_fields(
+    status: &io::Result<ExitStatus>,
+    uptime: Duration,
+    expected: bool,
+    hung: bool,
+) -> [(&'static str, Value); 5] {
+    let (code, signal) = match status {
+        Ok(s) => {
+            use std::os::unix::process::ExitStatusExt;
+            (s.code(), s.signal())
+        }
+        Err(_) => (None, None),
+    };
+    // Why it is gone: asked to stop (stop, reload, scale, a health replacement), or on its
+    // own (crash), or killed as hung.
+    let reason = if hung {
+        "hung"
+    } else if expected {
+        "stopped"
+    } else {
+        "crash"
+    };
+    [
+        ("code", json!(code)),
+        ("signal", json!(signal)),
+        ("uptime_ms", json!(uptime.as_millis() as u64)),
+        ("expected", json!(expected)),
+        ("reason", json!(reason)),
+    ]
+}
+
+/// `how` it exited, with the last lines it printed that explain it.
+fn with_last_output(how: &str, w: &super::worker::Worker) -> String {
+    let tail: Vec<String> = w.tail.borrow().iter().cloned().collect();
+    let shown = crate::logs::explain(&tail);
+    if shown.is_empty() {
+        how.to_string()
+    } else {
+        format!("{how}; last output: {}", shown.join(" ⏎ "))
     }
 }

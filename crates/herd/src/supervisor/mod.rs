@@ -9,7 +9,10 @@
 //! every transition is visible in one place.
 //!
 //! A slot (instance 0..N-1) holds at most one current worker. A worker goes
-//! `starting → online (Node) → ready → stopping → exited`. *Ready* comes from Node's
+//! `starting → online (Node) → ready → draining → exited`, or leaves on its own, or is found
+//! hung: one [`state::WorkerState`], changed only through `Worker::set_state`, which refuses a
+//! transition the machine does not have. The app's phase (running, an operation, stopping) is
+//! one [`phase::AppPhase`]. docs/architecture.md draws both. *Ready* comes from Node's
 //! `listening`, `process.send('ready')` (`--ready message`), `READY=1` on the notify socket,
 //! or a delay (`--ready delay:D`; the default for socket-activation workers is `READY=1` or
 //! 1s up, whichever comes first). Round-robin and sticky route only to ready workers.
@@ -30,120 +33,41 @@ mod cluster;
 mod health;
 mod lifecycle;
 pub mod ops;
+mod phase;
 pub mod restart;
 mod routing;
+pub mod state;
 pub mod status;
 #[cfg(test)]
 mod tests;
 pub mod worker;
 
 use std::collections::BTreeMap;
-use std::io;
 use std::path::PathBuf;
-use std::process::ExitStatus;
 use std::rc::Rc;
 use std::time::Duration;
 
-use herd_proto::control::{Request, Response};
-use herd_proto::notify::Message as Notify;
+use herd_proto::control::{Reason, Request, Response};
+use herd_proto::event::EventName;
 use serde_json::json;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::sync::oneshot;
 
-use crate::balance::Pending;
+use crate::fmt::human;
 use crate::logs::Logger;
-use crate::node::channel::Ipc;
-use crate::node::servers::{ServerId, Servers};
+use crate::node::servers::Servers;
 use crate::os::Os;
 use crate::plan::Plan;
 use crate::spec::WorkerKind;
 use restart::Backoff;
 use worker::{Launcher, Worker};
 
-pub type WorkerId = u64;
+pub use crate::vocab::{Event, SignalKind, WorkerId};
+use phase::AppPhase;
+use state::DrainReason;
 
 /// How long a Node worker that ignored `disconnect` and then SIGTERM gets before SIGKILL.
 const TERM_GRACE: Duration = Duration::from_secs(2);
-
-/// Something happened that the supervisor must handle.
-#[derive(Debug)]
-pub enum Event {
-    Exited {
-        id: WorkerId,
-        status: io::Result<ExitStatus>,
-    },
-    Ipc {
-        id: WorkerId,
-        msg: Ipc,
-    },
-    IpcClosed {
-        id: WorkerId,
-        reason: Option<String>,
-    },
-    IpcWritable {
-        id: WorkerId,
-    },
-    Notify {
-        id: WorkerId,
-        messages: Vec<Notify>,
-        malformed: Vec<String>,
-    },
-    Conn {
-        server: ServerId,
-        conn: Pending,
-    },
-    AcceptFailed {
-        server: ServerId,
-        error: String,
-    },
-    /// A unix bind for a worker's `listen()` finished (see `Servers::start_bind`).
-    UnixBound {
-        key: String,
-    },
-    RestartDue {
-        instance: usize,
-    },
-    ReadyDue {
-        id: WorkerId,
-    },
-    ReadyTimeout {
-        id: WorkerId,
-    },
-    KillDue {
-        id: WorkerId,
-        signal: rustix::process::Signal,
-        /// What the worker was given time for, for the log: "--kill-timeout 5.0s", …
-        after: String,
-    },
-    /// Once a second, when a health check or limit is on.
-    Tick,
-    /// A Node probe's private connection is made: hand the served end to the worker.
-    ProbeConn {
-        id: WorkerId,
-        conn: crate::health::ProbeConn,
-    },
-    Probe {
-        id: WorkerId,
-        result: Result<u16, String>,
-    },
-    Signal(SignalKind),
-    Control {
-        request: Request,
-        reply: oneshot::Sender<Response>,
-    },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SignalKind {
-    Terminate,
-    Interrupt,
-    /// SIGHUP: rolling reload.
-    Hangup,
-    /// SIGTTIN: one more worker.
-    MoreWorkers,
-    /// SIGTTOU: one fewer worker.
-    FewerWorkers,
-}
 
 struct Slot {
     /// The worker that serves this slot.
@@ -159,8 +83,8 @@ struct Slot {
     retiring: bool,
     /// Restart: start a new worker once the current one is gone.
     respawn: bool,
-    /// Replacements by reason (`crash`, `hung`, `memory`, `reload`, …).
-    reasons: std::collections::BTreeMap<&'static str, u32>,
+    /// Replacements by reason.
+    reasons: BTreeMap<Reason, u32>,
 }
 
 impl Slot {
@@ -180,12 +104,6 @@ impl Slot {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Running,
-    Stopping { code: i32, forced: bool },
-}
-
 pub struct Supervisor {
     plan: Rc<Plan>,
     logger: Logger,
@@ -197,12 +115,12 @@ pub struct Supervisor {
     workers: BTreeMap<WorkerId, Worker>,
     next_id: WorkerId,
     servers: Servers,
-    phase: Phase,
+    /// Running, running an operation, or stopping (see [`phase`]).
+    phase: AppPhase,
     all_ready: bool,
     run_dir: PathBuf,
-    op: Option<ops::Op>,
     /// Graceful replacements (health, limits) waiting their turn.
-    replacements: std::collections::VecDeque<(WorkerId, &'static str)>,
+    replacements: std::collections::VecDeque<(WorkerId, Reason)>,
     stop_replies: Vec<oneshot::Sender<Response>>,
     started: tokio::time::Instant,
     /// herd's own service manager (systemd `Type=notify`), if any.
@@ -246,10 +164,9 @@ impl Supervisor {
             workers: BTreeMap::new(),
             next_id: 1,
             servers: Servers::default(),
-            phase: Phase::Running,
+            phase: AppPhase::Running,
             all_ready: false,
             run_dir,
-            op: None,
             replacements: std::collections::VecDeque::new(),
             stop_replies: Vec::new(),
             started: tokio::time::Instant::now(),
@@ -277,7 +194,7 @@ impl Supervisor {
     pub fn start(&mut self) {
         for l in &self.plan.listeners {
             self.logger.event(
-                "bound",
+                EventName::Bound,
                 None,
                 &format!("listening on {}", l.addr),
                 &[("address", json!(l.addr.to_string()))],
@@ -288,7 +205,7 @@ impl Supervisor {
             WorkerKind::SocketActivation => "socket-activation workers".to_string(),
         };
         self.logger.event(
-            "starting",
+            EventName::Starting,
             None,
             &format!(
                 "starting {} {what}: {}",
@@ -308,10 +225,7 @@ impl Supervisor {
 
     /// The exit code once the supervisor is done.
     pub fn finished(&self) -> Option<i32> {
-        match self.phase {
-            Phase::Stopping { code, .. } if self.workers.is_empty() => Some(code),
-            _ => None,
-        }
+        self.phase.exit_code().filter(|_| self.workers.is_empty())
     }
 
     /// Runs until every worker is gone after a stop.
@@ -344,7 +258,7 @@ impl Supervisor {
         self.servers.clear();
         self.plan.remove_socket_files();
         let _ = std::fs::remove_dir_all(&self.run_dir);
-        self.logger.event("stopped", None, "stopped", &[]);
+        self.logger.event(EventName::Stopped, None, "stopped", &[]);
     }
 
     pub fn handle(&mut self, event: Event) {
@@ -372,7 +286,7 @@ impl Supervisor {
                     .map(|s| s.display.clone())
                     .unwrap_or_default();
                 self.logger.event(
-                    "error",
+                    EventName::Error,
                     None,
                     &format!("accepting on {name} failed: {error}"),
                     &[],
@@ -384,24 +298,25 @@ impl Supervisor {
                 };
                 slot.restart_pending = false;
                 let wanted = slot.worker.is_none() && slot.errored.is_none() && !slot.retiring;
-                if self.phase == Phase::Running && wanted {
+                if !self.phase.is_stopping() && wanted {
                     self.start_worker(instance, false);
                 }
             }
             Event::ReadyDue { id } => self.mark_ready(id, "started"),
             Event::ReadyTimeout { id } => {
-                if let Some(w) = self.workers.get(&id).filter(|w| !w.ready && !w.stopping) {
+                if let Some(w) = self.workers.get(&id).filter(|w| w.state().awaiting_ready()) {
                     let who = w.who();
                     let limit = self.plan.spec.policy.listen_timeout;
-                    if w.incoming {
+                    if w.role == state::Role::Incoming {
                         let instance = w.instance;
                         let why = format!("not ready within --listen-timeout {}", human(limit));
-                        self.logger.event("ready_timeout", Some(who), &why, &[]);
+                        self.logger
+                            .event(EventName::ReadyTimeout, Some(who), &why, &[]);
                         self.incoming_failed(id, instance, why);
                         return;
                     }
                     self.logger.event(
-                        "ready_timeout",
+                        EventName::ReadyTimeout,
                         Some(who),
                         &format!(
                             "not ready after {} — counting it as started anyway",
@@ -443,9 +358,9 @@ impl Supervisor {
             },
             Request::Stop => {
                 self.stop_replies.push(reply);
-                if self.phase == Phase::Running {
+                if !self.phase.is_stopping() {
                     self.logger.event(
-                        "stopping",
+                        EventName::Stopping,
                         None,
                         &format!("stopping (herd stop): {} workers", self.workers.len()),
                         &[],
@@ -464,7 +379,7 @@ impl Supervisor {
                 let mut sent = 0;
                 for w in self.workers.values_mut() {
                     if instance.is_none_or(|i| i == w.instance)
-                        && !w.stopping
+                        && !w.state().is_draining()
                         && w.send(&self.tx, |c| c.user(Rc::clone(&line)))
                     {
                         sent += 1;
@@ -497,44 +412,41 @@ impl Supervisor {
                 };
                 match ops::scale_target(to, self.live_slots()) {
                     Ok(to) => self.begin(ops::OpKind::Scale { to }, None),
-                    Err(e) => {
-                        self.logger
-                            .event("refused", None, &format!("scale refused: {e}"), &[])
-                    }
+                    Err(e) => self.logger.event(
+                        EventName::Refused,
+                        None,
+                        &format!("scale refused: {e}"),
+                        &[],
+                    ),
                 }
                 return;
             }
             SignalKind::Terminate | SignalKind::Interrupt => {}
         }
-        match (self.phase, kind) {
-            (Phase::Running, _) => {
+        let graceful = matches!(self.phase, AppPhase::Stopping { forced: false, .. });
+        match (self.phase.is_stopping(), kind) {
+            (false, _) => {
                 let name = if kind == SignalKind::Interrupt {
                     "SIGINT"
                 } else {
                     "SIGTERM"
                 };
                 self.logger.event(
-                    "stopping",
+                    EventName::Stopping,
                     None,
                     &format!("stopping ({name}): {} workers", self.workers.len()),
                     &[],
                 );
                 self.stop_all(0);
             }
-            (
-                Phase::Stopping {
-                    code,
-                    forced: false,
-                },
-                SignalKind::Interrupt,
-            ) => {
+            (true, SignalKind::Interrupt) if graceful => {
                 self.logger.event(
-                    "stopping",
+                    EventName::Stopping,
                     None,
                     "second SIGINT: killing every worker now",
                     &[],
                 );
-                self.phase = Phase::Stopping { code, forced: true };
+                self.change_phase(AppPhase::force);
                 for w in self.workers.values() {
                     self.os
                         .signal_group(&w.leader, rustix::process::Signal::KILL);
@@ -553,10 +465,7 @@ impl Supervisor {
 
     pub(super) fn stop_all(&mut self, code: i32) {
         self.tell_manager("STOPPING=1");
-        self.phase = Phase::Stopping {
-            code,
-            forced: false,
-        };
+        self.change_phase(|p| p.stop(code));
         for server in self.servers.ids().collect::<Vec<_>>() {
             if let Some(s) = self.servers.get_mut(server) {
                 if let Some(task) = s.accept_task.take() {
@@ -566,8 +475,45 @@ impl Supervisor {
         }
         let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
         for id in ids {
-            self.stop_worker(id);
+            self.stop_worker(id, DrainReason::Stop);
         }
+    }
+
+    /// Changes the app's phase through one of [`AppPhase`]'s transitions and records it (a
+    /// `state` event in JSON logs). One the machine does not have is a bug in herd: refused,
+    /// logged, and fatal in debug builds (the tests).
+    pub(super) fn change_phase<T>(
+        &mut self,
+        change: impl FnOnce(&mut AppPhase) -> Result<T, phase::Invalid>,
+    ) -> Option<T> {
+        let from = self.phase.name();
+        match change(&mut self.phase) {
+            Ok(done) => {
+                let to = self.phase.name();
+                if from != to {
+                    self.logger.transition(None, from, to, &[]);
+                }
+                Some(done)
+            }
+            Err(invalid) => {
+                self.logger.event(
+                    EventName::Error,
+                    None,
+                    &format!(
+                        "herd bug: invalid app phase change {} → {}, ignored",
+                        invalid.from, invalid.to
+                    ),
+                    &[],
+                );
+                debug_assert!(false, "invalid app phase change {invalid:?}");
+                None
+            }
+        }
+    }
+
+    /// Ends the operation in progress, if any (see [`AppPhase::finish`]).
+    pub(super) fn finish_op(&mut self) -> Option<ops::Op> {
+        self.change_phase(|p| Ok(p.finish())).flatten()
     }
 
     pub(super) fn after(&self, delay: Duration, event: Event) {
@@ -576,49 +522,5 @@ impl Supervisor {
             tokio::time::sleep(delay).await;
             let _ = tx.send(event);
         });
-    }
-}
-
-/// `code 1`, `signal 9, SIGKILL`.
-pub fn describe_status(status: &ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("code {code}"),
-        (None, Some(sig)) => format!("signal {sig}, {}", signal_name(sig)),
-        _ => "unknown status".into(),
-    }
-}
-
-pub fn signal_name(sig: i32) -> &'static str {
-    match sig {
-        libc::SIGHUP => "SIGHUP",
-        libc::SIGINT => "SIGINT",
-        libc::SIGQUIT => "SIGQUIT",
-        libc::SIGILL => "SIGILL",
-        libc::SIGTRAP => "SIGTRAP",
-        libc::SIGABRT => "SIGABRT",
-        libc::SIGBUS => "SIGBUS",
-        libc::SIGFPE => "SIGFPE",
-        libc::SIGKILL => "SIGKILL",
-        libc::SIGUSR1 => "SIGUSR1",
-        libc::SIGSEGV => "SIGSEGV",
-        libc::SIGUSR2 => "SIGUSR2",
-        libc::SIGPIPE => "SIGPIPE",
-        libc::SIGALRM => "SIGALRM",
-        libc::SIGTERM => "SIGTERM",
-        libc::SIGXCPU => "SIGXCPU",
-        _ => "signal",
-    }
-}
-
-/// `150ms`, `3.2s`, `2m5s`.
-pub fn human(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms < 1000 {
-        format!("{ms}ms")
-    } else if ms < 60_000 {
-        format!("{:.1}s", d.as_secs_f64())
-    } else {
-        format!("{}m{}s", ms / 60_000, ms % 60_000 / 1000)
     }
 }

@@ -13,12 +13,16 @@
 //! **Scale**: new slots start workers; removed slots (the highest instances) stop theirs
 //! gracefully and disappear once they exited.
 
-use herd_proto::control::Response;
 use std::collections::VecDeque;
+
+use herd_proto::control::{AppState, Reason, Response};
+use herd_proto::event::EventName;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::{human, Phase, Slot, Supervisor, WorkerId};
+use super::state::{DrainReason, Replacement, Role};
+use super::{Slot, Supervisor, WorkerId};
+use crate::fmt::human;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpKind {
@@ -32,18 +36,37 @@ pub enum OpKind {
     /// One worker replaced for a health reason (`memory`, `unhealthy`, …).
     Replace {
         instance: usize,
-        reason: &'static str,
+        reason: Reason,
     },
 }
 
 impl OpKind {
     pub fn name(self) -> &'static str {
+        self.done_event().as_str()
+    }
+
+    /// The event logged when it ends well.
+    pub fn done_event(self) -> EventName {
         match self {
-            OpKind::Reload { .. } => "reload",
-            OpKind::Restart => "restart",
-            OpKind::Scale { .. } => "scale",
-            OpKind::Replace { .. } => "replace",
+            OpKind::Reload { .. } => EventName::Reload,
+            OpKind::Restart => EventName::Restart,
+            OpKind::Scale { .. } => EventName::Scale,
+            OpKind::Replace { .. } => EventName::Replace,
         }
+    }
+
+    /// The app's state while it runs.
+    pub fn state(self) -> AppState {
+        match self {
+            OpKind::Reload { .. } => AppState::Reloading,
+            OpKind::Restart => AppState::Restarting,
+            OpKind::Scale { .. } => AppState::Scaling,
+            OpKind::Replace { .. } => AppState::Replacing,
+        }
+    }
+
+    pub fn state_name(self) -> &'static str {
+        self.state().as_str()
     }
 }
 
@@ -61,6 +84,20 @@ pub struct Op {
     retired: Vec<WorkerId>,
     started: Instant,
     replaced: usize,
+}
+
+impl Op {
+    pub fn new(kind: OpKind, reply: Option<oneshot::Sender<Response>>) -> Self {
+        Op {
+            kind,
+            reply,
+            todo: VecDeque::new(),
+            active: Vec::new(),
+            retired: Vec::new(),
+            started: Instant::now(),
+            replaced: 0,
+        }
+    }
 }
 
 /// Parses `N`, `+K`, `-K` against the current count.
@@ -84,46 +121,30 @@ pub fn scale_target(to: &str, current: usize) -> Result<usize, String> {
     crate::spec::check_worker_count(target)
 }
 
+fn refuse(reply: Option<oneshot::Sender<Response>>, message: String) {
+    if let Some(reply) = reply {
+        let _ = reply.send(Response::error(message));
+    }
+}
+
 impl Supervisor {
     /// Starts an operation, or refuses it with a reason.
     pub(super) fn begin(&mut self, kind: OpKind, reply: Option<oneshot::Sender<Response>>) {
-        let refuse = |reply: Option<oneshot::Sender<Response>>, message: String| {
-            if let Some(reply) = reply {
-                let _ = reply.send(Response::error(message));
-            }
-        };
-        if self.phase != Phase::Running {
+        if self.phase.is_stopping() {
             return refuse(reply, "the app is stopping".into());
         }
-        // A reload asked for while a health replacement runs takes it over: the reload
-        // replaces that worker too.
-        let live = self.live_slots();
-        if let (Some(op), OpKind::Reload { .. }) = (&mut self.op, kind) {
-            if matches!(op.kind, OpKind::Replace { .. }) {
-                let busy: Vec<usize> = op.active.clone();
-                op.kind = kind;
-                op.reply = reply;
-                op.todo = (0..live).filter(|i| !busy.contains(i)).collect();
-                self.replacements.clear();
-                self.logger.event(
-                    "reloading",
-                    None,
-                    "reloading every worker (takes over a replacement in progress)",
-                    &[],
-                );
-                self.step_reload();
-                self.check_op();
-                return;
-            }
-        }
-        if let Some(op) = &self.op {
+        let reply = match self.take_over_replacement(kind, reply) {
+            Ok(()) => return,
+            Err(reply) => reply,
+        };
+        if let Some(op) = self.phase.op() {
             let message = format!(
                 "a {} is already in progress (started {} ago); wait for it to finish",
                 op.kind.name(),
                 human(op.started.elapsed())
             );
             self.logger.event(
-                "refused",
+                EventName::Refused,
                 None,
                 &format!("{} refused: {message}", kind.name()),
                 &[],
@@ -131,87 +152,130 @@ impl Supervisor {
             return refuse(reply, message);
         }
         let live = self.live_slots();
-        let mut op = Op {
-            kind,
-            reply,
-            todo: VecDeque::new(),
-            active: Vec::new(),
-            retired: Vec::new(),
-            started: Instant::now(),
-            replaced: 0,
-        };
+        let mut op = Op::new(kind, reply);
         match kind {
             OpKind::Reload { .. } => {
                 op.todo = (0..live).collect();
                 self.tell_manager("RELOADING=1");
-                self.logger
-                    .event("reloading", None, &format!("reloading {live} workers"), &[]);
-                self.op = Some(op);
+                self.logger.event(
+                    EventName::Reloading,
+                    None,
+                    &format!("reloading {live} workers"),
+                    &[],
+                );
+                self.change_phase(|p| p.begin(op));
                 self.step_reload();
             }
             OpKind::Replace { instance, .. } => {
                 op.todo = [instance].into();
-                self.op = Some(op);
+                self.change_phase(|p| p.begin(op));
                 self.step_reload();
             }
             OpKind::Restart => {
                 self.logger.event(
-                    "restarting",
+                    EventName::Restarting,
                     None,
                     &format!("restarting {live} workers"),
                     &[],
                 );
-                self.op = Some(op);
-                for instance in 0..live {
-                    let slot = &mut self.slots[instance];
-                    slot.errored = None;
-                    slot.backoff = super::restart::Backoff::new(&self.plan.spec.policy);
-                    match slot.worker {
-                        Some(id) => {
-                            slot.respawn = true;
-                            self.stop_worker(id);
-                        }
-                        None if !slot.restart_pending => {
-                            self.start_worker(instance, false);
-                        }
-                        None => {}
-                    }
-                }
+                self.change_phase(|p| p.begin(op));
+                self.restart_slots(live);
             }
             OpKind::Scale { to } => {
                 self.logger.event(
-                    "scaling",
+                    EventName::Scaling,
                     None,
                     &format!("scaling from {live} to {to} workers"),
                     &[],
                 );
-                self.op = Some(op);
-                if to > live {
-                    for instance in live..to {
-                        if instance < self.slots.len() {
-                            self.slots[instance].retiring = false;
-                        } else {
-                            self.slots.push(Slot::new(&self.plan.spec.policy));
-                        }
-                        if self.slots[instance].worker.is_none() {
-                            self.start_worker(instance, false);
-                        }
-                    }
-                } else {
-                    for instance in to..live {
-                        self.slots[instance].retiring = true;
-                        if let Some(id) = self.slots[instance].worker {
-                            self.stop_worker(id);
-                        }
-                        if let Some(id) = self.slots[instance].incoming {
-                            self.stop_worker(id);
-                        }
-                    }
-                }
-                self.all_ready = false;
+                self.change_phase(|p| p.begin(op));
+                self.scale_slots(live, to);
             }
         }
         self.check_op();
+    }
+
+    /// A reload asked for while a health replacement runs takes it over: the reload
+    /// replaces that worker too. Gives the reply back when there is nothing to take over.
+    fn take_over_replacement(
+        &mut self,
+        kind: OpKind,
+        reply: Option<oneshot::Sender<Response>>,
+    ) -> Result<(), Option<oneshot::Sender<Response>>> {
+        let replacing = self
+            .phase
+            .op()
+            .is_some_and(|op| matches!(op.kind, OpKind::Replace { .. }));
+        if !replacing || !matches!(kind, OpKind::Reload { .. }) {
+            return Err(reply);
+        }
+        let live = self.live_slots();
+        let taken = self.change_phase(|p| {
+            let op = p.take_over(kind)?;
+            let busy: Vec<usize> = op.active.clone();
+            op.reply = reply;
+            op.todo = (0..live).filter(|i| !busy.contains(i)).collect();
+            Ok(())
+        });
+        if taken.is_none() {
+            return Ok(());
+        }
+        self.replacements.clear();
+        self.logger.event(
+            EventName::Reloading,
+            None,
+            "reloading every worker (takes over a replacement in progress)",
+            &[],
+        );
+        self.step_reload();
+        self.check_op();
+        Ok(())
+    }
+
+    /// Restart: every slot's worker stops and starts again (errored slots too).
+    fn restart_slots(&mut self, live: usize) {
+        for instance in 0..live {
+            let slot = &mut self.slots[instance];
+            slot.errored = None;
+            slot.backoff = super::restart::Backoff::new(&self.plan.spec.policy);
+            match slot.worker {
+                Some(id) => {
+                    slot.respawn = true;
+                    self.stop_worker(id, DrainReason::Restart);
+                }
+                None if !slot.restart_pending => {
+                    self.start_worker(instance, false);
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// Scale: new slots start workers; removed ones (the highest) stop theirs.
+    fn scale_slots(&mut self, live: usize, to: usize) {
+        if to > live {
+            for instance in live..to {
+                if instance < self.slots.len() {
+                    self.slots[instance].retiring = false;
+                } else {
+                    self.slots.push(Slot::new(&self.plan.spec.policy));
+                }
+                if self.slots[instance].worker.is_none() {
+                    self.start_worker(instance, false);
+                }
+            }
+        } else {
+            for instance in to..live {
+                self.slots[instance].retiring = true;
+                if let Some(id) = self.slots[instance].worker {
+                    self.stop_worker(id, DrainReason::ScaleDown);
+                }
+                if let Some(id) = self.slots[instance].incoming {
+                    self.stop_worker(id, DrainReason::ScaleDown);
+                }
+            }
+        }
+        self.all_ready = false;
     }
 
     /// Slots that are not being removed.
@@ -221,7 +285,9 @@ impl Supervisor {
 
     fn step_reload(&mut self) {
         loop {
-            let Some(op) = self.op.as_mut() else { return };
+            let Some(op) = self.phase.op_mut() else {
+                return;
+            };
             let parallel = match op.kind {
                 OpKind::Reload { parallel } => parallel,
                 OpKind::Replace { .. } => 1,
@@ -251,12 +317,12 @@ impl Supervisor {
         slot.errored = None;
         let old = slot.worker.replace(id);
         if let Some(w) = self.workers.get_mut(&id) {
-            w.incoming = false;
+            w.role = Role::Current;
         }
-        if let Some(op) = self.op.as_mut() {
+        if let Some(op) = self.phase.op_mut() {
             let reason = match op.kind {
                 OpKind::Replace { reason, .. } => reason,
-                _ => "reload",
+                _ => Reason::Reload,
             };
             *slot.reasons.entry(reason).or_default() += 1;
             slot.restarts += 1;
@@ -267,7 +333,7 @@ impl Supervisor {
             }
         }
         if let Some(old) = old {
-            self.stop_worker(old);
+            self.stop_worker(old, DrainReason::Replaced);
         }
         self.step_reload();
     }
@@ -280,7 +346,7 @@ impl Supervisor {
             }
         }
         if self.workers.contains_key(&id) {
-            self.stop_worker(id);
+            self.stop_worker(id, DrainReason::Abandoned);
         }
         self.fail_op(format!(
             "{}[{instance}] (worker {id}) failed to become ready: {why}",
@@ -289,10 +355,12 @@ impl Supervisor {
     }
 
     fn fail_op(&mut self, message: String) {
-        let Some(mut op) = self.op.take() else { return };
+        let Some(mut op) = self.finish_op() else {
+            return;
+        };
         for instance in std::mem::take(&mut op.active) {
             if let Some(id) = self.slots.get_mut(instance).and_then(|s| s.incoming.take()) {
-                self.stop_worker(id);
+                self.stop_worker(id, DrainReason::Abandoned);
             }
         }
         // What each slot runs now: a worker started since the operation began runs the new
@@ -315,10 +383,9 @@ impl Supervisor {
         for w in self
             .workers
             .values_mut()
-            .filter(|w| w.replacing && !w.stopping)
+            .filter(|w| w.replacement == Replacement::Queued && !w.state().is_draining())
         {
-            w.replacing = false;
-            w.replace_not_before = Some(retry);
+            w.replacement = Replacement::NotBefore(retry);
         }
         let message = match op.kind {
             OpKind::Replace { instance, reason } => format!(
@@ -341,7 +408,7 @@ impl Supervisor {
                 }
             ),
         };
-        self.logger.event("op_failed", None, &message, &[]);
+        self.logger.event(EventName::OpFailed, None, &message, &[]);
         if matches!(op.kind, OpKind::Reload { .. }) {
             self.tell_manager("READY=1");
         }
@@ -353,12 +420,12 @@ impl Supervisor {
 
     /// Finishes the current operation if its goal is reached.
     pub(super) fn check_op(&mut self) {
-        let Some(op) = self.op.as_ref() else { return };
+        let Some(op) = self.phase.op() else { return };
         let workers = &self.workers;
         let ready = |s: &Slot| {
             s.worker
                 .and_then(|id| workers.get(&id))
-                .is_some_and(|w| w.ready)
+                .is_some_and(|w| w.state().has_been_ready())
         };
         let done = match op.kind {
             OpKind::Reload { .. } | OpKind::Replace { .. } => {
@@ -377,7 +444,9 @@ impl Supervisor {
         if !done {
             return;
         }
-        let Some(mut op) = self.op.take() else { return };
+        let Some(mut op) = self.finish_op() else {
+            return;
+        };
         let errored = self.slots.iter().filter(|s| s.errored.is_some()).count();
         let took = human(op.started.elapsed());
         let (ok, message) = match op.kind {
@@ -400,7 +469,7 @@ impl Supervisor {
         } else {
             message
         };
-        self.logger.event(op.kind.name(), None, &message, &[]);
+        self.logger.event(op.kind.done_event(), None, &message, &[]);
         if matches!(op.kind, OpKind::Reload { .. }) {
             self.tell_manager("READY=1");
         }

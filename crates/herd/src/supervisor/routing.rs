@@ -3,10 +3,12 @@
 
 use std::rc::Rc;
 
+use herd_proto::event::EventName;
+
 use super::*;
 use crate::balance::{self, Pending};
-use crate::node::servers::ServerId;
 use crate::spec::Balance;
+use crate::vocab::ServerId;
 use worker::Worker;
 
 impl Supervisor {
@@ -52,7 +54,7 @@ impl Supervisor {
             if let Some(n) = s.refused.note() {
                 let (total, display) = (s.refused.total, s.display.clone());
                 self.logger.event(
-                    "conn_closed",
+                    EventName::ConnClosed,
                     None,
                     &format!(
                         "closed {n} connection(s) on {display} that every worker refused or failed to take; {total} so far"
@@ -100,9 +102,9 @@ impl Supervisor {
         let health = &self.plan.spec.health;
         if let Some(max) = health.max_requests {
             let limit = max + crate::health::jitter(id, health.max_requests_jitter);
-            if w.connections >= limit && !w.replacing {
+            if w.connections >= limit && w.replacement != state::Replacement::Queued {
                 let why = format!("{} connections >= --max-requests {limit}", w.connections);
-                self.queue_replacement(id, "requests", why);
+                self.queue_replacement(id, Reason::Requests, why);
             }
         }
     }

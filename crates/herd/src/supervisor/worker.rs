@@ -7,17 +7,19 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::rc::Rc;
 
+use herd_proto::event::EventName;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::Instant;
 
 use crate::logs::{self, Logger, Stream, Tail, Who};
 use crate::node::channel::{self, Channel, Out, SendError, Tally};
-use crate::node::servers::ServerId;
 use crate::os::{Os, Spawned};
 use crate::plan::Plan;
 use crate::spawn::{Leader, SpawnRequest, FIRST_FD};
 use crate::spec::WorkerKind;
-use crate::supervisor::{Event, WorkerId};
+use crate::vocab::{Event, ServerId, WorkerId};
+
+use super::state::{Replacement, Role, WorkerState};
 
 /// A connection handed to a worker that has not said whether it took it.
 ///
@@ -61,32 +63,26 @@ pub struct Worker {
     /// Signals go through it: never to a pid or group herd has reaped.
     pub leader: Leader,
     pub started: Instant,
-    /// Sent `online` (Node).
-    pub online: bool,
-    pub ready: bool,
-    /// herd asked it to stop: its exit is expected, and it gets no new connections.
-    pub stopping: bool,
-    /// It announced it is leaving on its own (`cluster.worker.disconnect()`).
-    pub leaving: bool,
-    /// Reload: a replacement that is not yet its slot's current worker.
-    pub incoming: bool,
+    /// Where it is in its life; changed only by [`Worker::set_state`].
+    state: WorkerState,
+    /// Current, or (reload) an incoming replacement not yet its slot's current worker.
+    pub role: Role,
     /// Connections herd handed to it.
     pub connections: u64,
-    /// A task waits for its full IPC socket to drain (see [`Worker::send`]).
+    /// A task waits for its full IPC socket to drain (see [`Worker::send`]). Beside the
+    /// lifecycle: a flush can be awaited in any state that has a channel.
     pub write_waiting: bool,
     /// The last CPU reading, for `herd status`.
     pub cpu: Option<crate::procfs::CpuSample>,
-    /// Declared hung: being killed.
-    pub hung: bool,
-    /// A graceful replacement is queued or running.
-    pub replacing: bool,
-    /// After a failed replacement: not before this.
-    pub replace_not_before: Option<Instant>,
+    /// A graceful replacement for a health reason: beside the lifecycle (the worker keeps
+    /// serving, `Ready`, until its successor is).
+    pub replacement: Replacement,
     /// The last `WATCHDOG=1` (or when it became ready).
     pub last_watchdog: Instant,
     /// An event-loop ping in flight: when it was sent and the pong count then.
     pub ping: Option<(Instant, u64)>,
     pub probe_due: Option<Instant>,
+    /// A health probe is in flight (beside the lifecycle, like `write_waiting`).
     pub probing: bool,
     pub probe_failures: u32,
     /// The last probe's outcome, for `herd status`.
@@ -122,7 +118,48 @@ impl Worker {
 
     /// Can take a new connection from herd (round-robin, sticky).
     pub fn routable(&self) -> bool {
-        self.ready && !self.stopping && !self.leaving && self.channel.is_some()
+        self.state.takes_connections() && self.channel.is_some()
+    }
+
+    pub fn state(&self) -> &WorkerState {
+        &self.state
+    }
+
+    /// Moves it to `next` and records the change (a `state` event in JSON logs). A
+    /// transition the machine does not have is a bug in herd: it is refused and logged, and
+    /// fails debug builds (the tests).
+    pub fn set_state(&mut self, next: WorkerState) {
+        let from = self.state.name();
+        let to = next.name();
+        let detail = match &next {
+            WorkerState::Draining { reason, .. } => Some(reason.as_str().to_string()),
+            WorkerState::Exited { status } => Some(status.clone()),
+            _ => None,
+        };
+        if let Err(invalid) = self.state.advance(next) {
+            self.logger.event(
+                EventName::Error,
+                Some(self.who()),
+                &format!(
+                    "herd bug: invalid worker state change {} → {}, ignored",
+                    invalid.from, invalid.to
+                ),
+                &[],
+            );
+            debug_assert!(false, "invalid worker state change {invalid:?}");
+            return;
+        }
+        let mut fields = vec![(
+            "role",
+            serde_json::json!(match self.role {
+                Role::Current => "current",
+                Role::Incoming => "incoming",
+            }),
+        )];
+        if let Some(detail) = detail {
+            fields.push(("detail", serde_json::json!(detail)));
+        }
+        self.logger.transition(Some(self.who()), from, to, &fields);
     }
 
     pub fn unacked(&self, server: ServerId) -> usize {
@@ -161,7 +198,7 @@ impl Worker {
                 if let Some(n) = self.dropped.note() {
                     let total = self.dropped.total;
                     self.logger.event(
-                        "ipc_dropped",
+                        EventName::IpcDropped,
                         Some(self.who()),
                         &format!(
                             "dropped {n} message(s) for it ({bytes} bytes, {why}); {total} so far"
@@ -195,7 +232,7 @@ impl Worker {
         if let Some(n) = self.protocol_errors.note() {
             let total = self.protocol_errors.total;
             self.logger.event(
-                "ipc_error",
+                EventName::IpcError,
                 Some(self.who()),
                 &format!("{what} — ignored ({n} since the last such line, {total} in all)"),
                 &[("errors", serde_json::json!(total))],
@@ -334,7 +371,7 @@ impl Launcher {
                     base_env.push(("HERD_DRAIN_MS".into(), grace.as_millis().to_string().into()));
                 }
                 Err(e) => logger.event(
-                    "warning",
+                    EventName::Warning,
                     None,
                     &format!("keep-alive drain not loaded: {e}"),
                     &[],
@@ -496,17 +533,14 @@ impl Launcher {
             pid,
             leader,
             started: Instant::now(),
-            online: false,
-            ready: false,
-            stopping: false,
-            leaving: false,
-            incoming: false,
+            state: WorkerState::Starting {
+                since: Instant::now(),
+            },
+            role: Role::Current,
             connections: 0,
             write_waiting: false,
             cpu: None,
-            hung: false,
-            replacing: false,
-            replace_not_before: None,
+            replacement: Replacement::Idle,
             last_watchdog: Instant::now(),
             ping: None,
             probe_due: None,

@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use herd_proto::control::Request;
+use herd_proto::control::{Reason, Request};
 use rustix::process::Signal;
 use tokio::time::Instant;
 
@@ -54,7 +54,10 @@ async fn crash_restarts_back_off_by_half_and_reset_after_min_uptime() {
         );
         let status = rig.status().await;
         assert_eq!(status.workers[0].restarts, 5);
-        assert_eq!(status.workers[0].restarts_by_reason.get("crash"), Some(&5));
+        assert_eq!(
+            status.workers[0].restarts_by_reason.get(&Reason::Crash),
+            Some(&5)
+        );
     })
     .await;
 }
@@ -163,7 +166,10 @@ async fn reload_promotes_each_ready_replacement_and_then_stops_the_old_worker() 
             rows(&status),
             [(0, new0, "ready".into()), (1, new1, "ready".into())]
         );
-        assert_eq!(status.workers[0].restarts_by_reason.get("reload"), Some(&1));
+        assert_eq!(
+            status.workers[0].restarts_by_reason.get(&Reason::Reload),
+            Some(&1)
+        );
         assert!(rig.os.sent(new0).is_empty() && rig.os.sent(new1).is_empty());
     })
     .await;
@@ -419,8 +425,14 @@ async fn workers_over_max_memory_are_replaced_one_at_a_time() {
                 (2, old[2], "ready".into())
             ]
         );
-        assert_eq!(status.workers[0].restarts_by_reason.get("memory"), Some(&1));
-        assert_eq!(status.workers[1].restarts_by_reason.get("memory"), Some(&1));
+        assert_eq!(
+            status.workers[0].restarts_by_reason.get(&Reason::Memory),
+            Some(&1)
+        );
+        assert_eq!(
+            status.workers[1].restarts_by_reason.get(&Reason::Memory),
+            Some(&1)
+        );
     })
     .await;
 }
@@ -481,7 +493,10 @@ async fn a_worker_silent_past_the_watchdog_is_aborted_killed_and_replaced() {
             "the worker that kept talking"
         );
         let status = rig.status().await;
-        assert_eq!(status.workers[0].restarts_by_reason.get("hung"), Some(&1));
+        assert_eq!(
+            status.workers[0].restarts_by_reason.get(&Reason::Hung),
+            Some(&1)
+        );
         assert_eq!(rig.os.spawns().len(), 3);
     })
     .await;

@@ -177,17 +177,11 @@ impl Rig {
 
 /// A state as it travels on the wire (the way `herd status --json` shows it).
 pub fn state(w: &WorkerStatus) -> String {
-    match serde_json::to_value(&w.state).expect("state serialises") {
-        serde_json::Value::String(s) => s,
-        other => other.to_string(),
-    }
+    w.state.as_str().to_string()
 }
 
 pub fn app_state(s: &AppStatus) -> String {
-    match serde_json::to_value(&s.state).expect("state serialises") {
-        serde_json::Value::String(s) => s,
-        other => other.to_string(),
-    }
+    s.state.as_str().to_string()
 }
 
 /// (instance, worker id, state) of every row of `herd status`.
