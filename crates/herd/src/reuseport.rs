@@ -25,8 +25,10 @@
 //! program gives [`RouteError`], which names the modes that work without it.
 
 use std::io;
+use std::net::IpAddr;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::rc::Rc;
 
 use socket2::{Domain, Socket, Type};
 
@@ -77,10 +79,13 @@ pub struct Group {
     addr: SocketAddr,
     v6only: Option<bool>,
     backlog: i32,
-    /// Index = slot = the socket's index in the kernel's group. Never shrinks.
-    sockets: Vec<OwnedFd>,
+    /// Index = slot = the socket's index in the kernel's group. Never shrinks. Shared with
+    /// the Node workers' queued `queryServer` answers.
+    sockets: Vec<Rc<OwnedFd>>,
     /// The live set the attached program routes to (sorted).
     live: Vec<usize>,
+    /// The attached program's bucket → slot table.
+    table: Vec<u16>,
 }
 
 impl Group {
@@ -104,8 +109,9 @@ impl Group {
             addr: local,
             v6only,
             backlog,
-            sockets: vec![first],
+            sockets: vec![Rc::new(first)],
             live: Vec::new(),
+            table: Vec::new(),
         };
         group.grow(slots).map_err(GroupError::Bind)?;
         let all: Vec<usize> = (0..group.len()).collect();
@@ -132,6 +138,28 @@ impl Group {
         self.sockets.get(slot).map(|s| s.as_fd())
     }
 
+    /// The slot's listening socket, shared.
+    pub fn socket_rc(&self, slot: usize) -> Option<Rc<OwnedFd>> {
+        self.sockets.get(slot).cloned()
+    }
+
+    /// The slot the attached program gives a client address ([`Policy::Sticky`]), as the
+    /// kernel computes it: for connections herd takes from a slot's queue itself.
+    pub fn sticky_slot(&self, peer: IpAddr) -> Option<usize> {
+        if self.policy != Policy::Sticky {
+            return None;
+        }
+        let bucket = match peer {
+            IpAddr::V4(ip) => sticky_bucket_v4(ip),
+            IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
+                // The kernel sees the IPv4 packet of a v4-mapped client.
+                Some(v4) => sticky_bucket_v4(v4),
+                None => sticky_bucket_v6(ip),
+            },
+        };
+        self.table.get(bucket).map(|&s| usize::from(s))
+    }
+
     /// The live set the attached program routes to.
     pub fn live(&self) -> &[usize] {
         &self.live
@@ -141,7 +169,7 @@ impl Group {
     pub fn grow(&mut self, slots: usize) -> io::Result<()> {
         while self.sockets.len() < slots.max(1) {
             let socket = listen_one(self.addr, self.v6only, self.backlog)?;
-            self.sockets.push(socket);
+            self.sockets.push(Rc::new(socket));
         }
         Ok(())
     }
@@ -161,12 +189,14 @@ impl Group {
         if live.is_empty() || live == self.live {
             return Ok(false);
         }
-        let program = program(self.policy, &table(self.policy, &live), true);
+        let table = table(self.policy, &live);
+        let program = program(self.policy, &table, true);
         attach(self.sockets[0].as_fd(), &program).map_err(|source| RouteError {
             mode: self.policy.name(),
             source,
         })?;
         self.live = live;
+        self.table = table;
         Ok(true)
     }
 }

@@ -79,6 +79,7 @@ fn sticky_keeps_each_address_on_its_slot_as_the_model_says() {
             let _c = connect_from(client(i), g.local_addr());
             assert_eq!(landed(&g), expect, "127.0.0.{i}");
         }
+        assert_eq!(g.sticky_slot(client(i)), Some(expect));
         used.insert(expect);
     }
     assert!(

@@ -308,7 +308,8 @@ impl Supervisor {
             return;
         }
         let user = self.plan.user.as_ref();
-        match servers::bind_for(&query, self.plan.balance, &self.plan.listeners, user) {
+        let slots = self.slots.len().max(self.plan.instances);
+        match servers::bind_for(&query, self.plan.balance, &self.plan.listeners, user, slots) {
             servers::Step::Now(Ok(bound)) => {
                 let server = self.add_server(&query, bound);
                 self.attach(id, server, &query);
@@ -321,7 +322,11 @@ impl Supervisor {
                     let _ = tx.send(Event::UnixBound { key: done_key });
                 };
                 let creds = servers::creds_of(user);
-                let balance = self.plan.balance;
+                // A unix path has no reuseport group: hash and sticky share one socket.
+                let balance = match self.plan.balance {
+                    b if b.per_slot() => Balance::Shared,
+                    b => b,
+                };
                 if let Err(query) = self
                     .servers
                     .start_bind(key, id, query, path, mode, balance, creds, done)
@@ -378,7 +383,7 @@ impl Supervisor {
                 ("balance", json!(mode.to_string())),
             ],
         );
-        if mode != Balance::Shared {
+        if mode == Balance::RoundRobin {
             self.start_accepting(s);
         }
         s
@@ -424,13 +429,27 @@ impl Supervisor {
             w.servers.push(server);
         }
         let fields = s.reply_fields(query.seq);
-        match s.mode {
-            Balance::Shared => {
+        match (s.mode, &s.group) {
+            (Balance::RoundRobin, _) => {
+                w.send(&self.tx, |c| c.cluster(&fields));
+            }
+            // Hash and sticky: the worker's own slot's socket, the shared-handle answer.
+            (_, Some(group)) => match kernel::slot_socket(group, w.instance) {
+                Ok(socket) => {
+                    w.send(&self.tx, |c| c.cluster_with_fd(&fields, socket));
+                }
+                Err(e) => {
+                    let problem = format!("cannot add a socket for slot {}: {e}", w.instance);
+                    let errno = -e.raw_os_error().unwrap_or(libc::EADDRINUSE);
+                    s.workers.retain(|&x| x != id);
+                    w.servers.retain(|&x| x != server);
+                    self.refuse_listen(id, query, (errno, problem));
+                    return;
+                }
+            },
+            (_, None) => {
                 let socket = Rc::clone(&s.socket);
                 w.send(&self.tx, |c| c.cluster_with_fd(&fields, socket));
-            }
-            Balance::RoundRobin | Balance::Sticky => {
-                w.send(&self.tx, |c| c.cluster(&fields));
             }
         }
         self.drain(server);

@@ -33,7 +33,7 @@ pub struct InFlight {
     pub seq: u64,
     pub server: ServerId,
     pub fd: Rc<OwnedFd>,
-    pub peer: u64,
+    pub peer: Option<std::net::IpAddr>,
     pub attempts: u8,
     pub probe: bool,
     /// When it was handed over (hang detection).
@@ -420,12 +420,31 @@ impl Launcher {
         set("NOTIFY_SOCKET", notify_path.to_string_lossy().into_owned());
 
         let mut ipc = None;
+        // `--balance hash|sticky`: this slot's socket of each TCP listener.
+        let slot_sockets: Vec<Option<Rc<OwnedFd>>> = match plan.kind {
+            WorkerKind::SocketActivation => plan
+                .listeners
+                .iter()
+                .map(|l| {
+                    l.group
+                        .as_ref()
+                        .map(|g| super::kernel::slot_socket(g, instance))
+                        .transpose()
+                })
+                .collect::<io::Result<_>>()?,
+            WorkerKind::Node => Vec::new(),
+        };
         let mut fds: Vec<BorrowedFd<'_>>;
         let mut health_port = None;
         let health_listener;
         let listen_pid = match plan.kind {
             WorkerKind::SocketActivation => {
-                fds = plan.listeners.iter().map(|l| l.socket.as_fd()).collect();
+                fds = plan
+                    .listeners
+                    .iter()
+                    .zip(&slot_sockets)
+                    .map(|(l, own)| own.as_ref().map_or(l.socket.as_fd(), |s| s.as_fd()))
+                    .collect();
                 let mut names: Vec<&str> = plan.listeners.iter().map(|l| l.name.as_str()).collect();
                 if plan.spec.health.check.is_some() {
                     let socket = crate::plan::bind_tcp(
