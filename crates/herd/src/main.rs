@@ -19,7 +19,6 @@ mod paths;
 mod plan;
 mod print;
 mod procfs;
-#[allow(dead_code)] // wired into the supervisor in a later commit
 mod reuseport;
 mod rundir;
 mod sdnotify;

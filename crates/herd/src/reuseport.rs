@@ -119,10 +119,6 @@ impl Group {
         Ok(group)
     }
 
-    pub fn policy(&self) -> Policy {
-        self.policy
-    }
-
     /// The bound address, with the real port.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
@@ -161,6 +157,7 @@ impl Group {
     }
 
     /// The live set the attached program routes to.
+    #[cfg(test)]
     pub fn live(&self) -> &[usize] {
         &self.live
     }

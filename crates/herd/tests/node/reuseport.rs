@@ -348,3 +348,46 @@ fn socket_activation_sticky_keeps_addresses_and_queued_connections_wait_for_the_
         assert_eq!(answer["pid"], spawned["pid"], "{answer}");
     }
 }
+
+#[test]
+fn a_reload_under_hash_keeps_every_slot_socket_and_drops_no_request() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let name = "rp-reload";
+    let herd = start_named_node("app.js", name, 2, &["--balance", "hash"]);
+    herd.wait_ready();
+    let port = herd.port();
+    let home = home_of(&herd);
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let (mut ok, mut failed) = (0usize, Vec::new());
+                // Bounded: stops when told, or after 20,000 requests.
+                while !stop.load(Ordering::Relaxed) && ok + failed.len() < 20_000 {
+                    match get(port, "/") {
+                        Ok(r) if r.status == 200 => ok += 1,
+                        Ok(r) => failed.push(format!("status {}", r.status)),
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    let before = ready_pids(&wait_status(&home, name, "2 ready", |s| {
+        ready_pids(s).len() == 2
+    }));
+    let out = cli(&home, &["reload", name]);
+    assert_eq!(out.code, Some(0), "{out}\n{}", herd.dump());
+    let after = spread(port, 40);
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        let (ok, failed) = c.join().expect("client thread");
+        assert!(ok > 0 && failed.is_empty(), "{ok} ok, failed: {failed:?}");
+    }
+    let now: BTreeSet<u32> = after.keys().copied().collect();
+    assert_eq!(now.len(), 2, "both new workers serve: {after:?}");
+    assert!(now.is_disjoint(&before), "{before:?} → {now:?}");
+}
