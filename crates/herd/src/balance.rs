@@ -58,9 +58,12 @@ impl AcceptGate {
         self.paused.set(true);
     }
 
+    /// Wakes every accept loop of the server (hash and sticky drain several slots' sockets
+    /// through one gate). A loop checks `paused` and starts waiting without yielding in
+    /// between, so no wake-up is lost.
     pub fn resume(&self) {
         if self.paused.replace(false) {
-            self.resume.notify_one();
+            self.resume.notify_waiters();
         }
     }
 }

@@ -105,6 +105,9 @@ impl Drop for Server {
 /// Most servers an app may hold (bound or being bound): each holds fds in herd, and a
 /// worker must not be able to spend all of them.
 pub const MAX_SERVERS: usize = 1024;
+/// Most listening sockets the servers of a `--balance hash|sticky` app may hold (a socket per
+/// worker slot for each server).
+pub const MAX_SLOT_SOCKETS: usize = 4096;
 /// Most unix binds under way at once (each is a helper process).
 pub const MAX_BINDS: usize = 16;
 /// Most queries waiting for one bind.
@@ -189,6 +192,14 @@ impl Servers {
     }
 
     /// Servers bound and binds under way.
+    /// The listening sockets the servers hold (a group's are one per slot).
+    pub fn sockets(&self) -> usize {
+        self.by_id
+            .values()
+            .map(|s| s.group.as_ref().map_or(1, |g| g.borrow().len()))
+            .sum()
+    }
+
     pub fn len(&self) -> usize {
         self.by_key.len() + self.binding.len()
     }

@@ -307,8 +307,20 @@ impl Supervisor {
             self.refuse_listen(id, &query, (-libc::EMFILE, full));
             return;
         }
-        let user = self.plan.user.as_ref();
         let slots = self.slots.len().max(self.plan.instances);
+        // Hash and sticky cost a descriptor per slot for each server: bounded in descriptors.
+        if self.plan.balance.per_slot()
+            && self.servers.sockets() + slots > servers::MAX_SLOT_SOCKETS
+        {
+            let full = format!(
+                "the app's servers already hold {} sockets ({slots} per server, one per worker slot); herd's limit is {}",
+                self.servers.sockets(),
+                servers::MAX_SLOT_SOCKETS
+            );
+            self.refuse_listen(id, &query, (-libc::EMFILE, full));
+            return;
+        }
+        let user = self.plan.user.as_ref();
         match servers::bind_for(&query, self.plan.balance, &self.plan.listeners, user, slots) {
             servers::Step::Now(Ok(bound)) => {
                 let server = self.add_server(&query, bound);

@@ -484,6 +484,9 @@ impl Supervisor {
                 if let Some(task) = s.accept_task.take() {
                     task.abort();
                 }
+                for (_, task) in std::mem::take(&mut s.drains) {
+                    task.abort();
+                }
             }
         }
         let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
