@@ -5,6 +5,7 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 use herd_proto::event::EventName;
+use herd_proto::node::ClusterMessage;
 use herd_proto::notify::Message as Notify;
 use serde_json::{json, Value};
 
@@ -96,7 +97,7 @@ impl Supervisor {
             return;
         };
         w.set_state(draining);
-        let asked = w.send(&self.tx, |c| c.cluster(r#""act":"disconnect""#));
+        let asked = w.send(&self.tx, |c| c.cluster(&ClusterMessage::DISCONNECT));
         let next = if asked {
             rustix::process::Signal::TERM
         } else {
