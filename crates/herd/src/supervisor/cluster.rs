@@ -4,6 +4,7 @@
 use std::rc::Rc;
 
 use herd_proto::event::EventName;
+use herd_proto::node::{ClusterMessage, Internal, QueryServerReply};
 use serde_json::{json, Value};
 
 use super::state::WorkerState;
@@ -78,7 +79,7 @@ impl Supervisor {
                 self.drain(server);
             }
             IpcKind::WorkerHandle => {
-                w.send(&self.tx, |c| c.line(r#"{"cmd":"NODE_HANDLE_ACK"}"#));
+                w.send(&self.tx, |c| c.internal(&Internal::HandleAck));
             }
             IpcKind::SocketNotifyClose { key } => {
                 if key.len() > MAX_ECHO {
@@ -88,11 +89,8 @@ impl Supervisor {
                     ));
                     return;
                 }
-                let line = format!(
-                    r#"{{"cmd":"NODE_SOCKET_ALL_CLOSED","key":{}}}"#,
-                    herd_proto::node::quote(&key)
-                );
-                w.send(&self.tx, |c| c.line(&line));
+                let reply = Internal::SocketAllClosed { key: &key };
+                w.send(&self.tx, |c| c.internal(&reply));
             }
             IpcKind::SocketGetCount { key } => {
                 if key.len() > MAX_ECHO {
@@ -102,11 +100,11 @@ impl Supervisor {
                     ));
                     return;
                 }
-                let line = format!(
-                    r#"{{"cmd":"NODE_SOCKET_COUNT","key":{},"count":0}}"#,
-                    herd_proto::node::quote(&key)
-                );
-                w.send(&self.tx, |c| c.line(&line));
+                let reply = Internal::SocketCount {
+                    key: &key,
+                    count: 0,
+                };
+                w.send(&self.tx, |c| c.internal(&reply));
             }
             IpcKind::Online => {
                 // Node says it once, before it listens; a late or repeated one changes nothing.
@@ -126,8 +124,7 @@ impl Supervisor {
                 if let Some(next) = w.state().on_leaving(tokio::time::Instant::now()) {
                     w.set_state(next);
                 }
-                let fields = format!(r#""ack":{seq}"#);
-                w.send(&self.tx, |c| c.cluster(&fields));
+                w.send(&self.tx, |c| c.cluster(&ClusterMessage::Ack { ack: seq }));
                 let who = w.who();
                 self.logger.event(
                     EventName::Disconnecting,
@@ -146,11 +143,8 @@ impl Supervisor {
                     &[],
                 );
                 if let Some(seq) = seq {
-                    let fields = format!(
-                        r#""errno":{},"key":"herd:invalid:{seq}","ack":{seq},"data":null"#,
-                        -libc::EINVAL
-                    );
-                    w.send(&self.tx, |c| c.cluster(&fields));
+                    let reply = ClusterMessage::QueryServer(QueryServerReply::invalid(seq));
+                    w.send(&self.tx, |c| c.cluster(&reply));
                 }
             }
             IpcKind::Listening => {
@@ -279,12 +273,8 @@ impl Supervisor {
                     &format!("cannot listen: its listen() request has a {}-byte key and {data_len}-byte data (herd echoes at most {MAX_ECHO}); answering EINVAL", key.len()),
                     &[],
                 );
-                let seq = query.seq;
-                let fields = format!(
-                    r#""errno":{},"key":"herd:invalid:{seq}","ack":{seq},"data":null"#,
-                    -libc::EINVAL
-                );
-                w.send(&self.tx, |c| c.cluster(&fields));
+                let reply = ClusterMessage::QueryServer(QueryServerReply::invalid(query.seq));
+                w.send(&self.tx, |c| c.cluster(&reply));
             }
             return;
         }
@@ -400,13 +390,10 @@ impl Supervisor {
             &format!("cannot listen: {problem}"),
             &[("errno", json!(errno))],
         );
-        let data = query.data.as_ref().map_or("null", |d| d.get());
-        let fields = format!(
-            r#""errno":{errno},"key":{},"ack":{},"data":{data}"#,
-            herd_proto::node::quote(&query.key()),
-            query.seq
-        );
-        w.send(&self.tx, |c| c.cluster(&fields));
+        let key = query.key();
+        let reply = QueryServerReply::refused(errno, &key, query.seq, query.data.as_deref());
+        let reply = ClusterMessage::QueryServer(reply);
+        w.send(&self.tx, |c| c.cluster(&reply));
     }
 
     /// Gives worker `id` the server, and answers its query.
@@ -423,14 +410,14 @@ impl Supervisor {
         if !w.servers.contains(&server) {
             w.servers.push(server);
         }
-        let fields = s.reply_fields(query.seq);
+        let reply = ClusterMessage::QueryServer(s.reply(query.seq));
         match s.mode {
             Balance::Shared => {
                 let socket = Rc::clone(&s.socket);
-                w.send(&self.tx, |c| c.cluster_with_fd(&fields, socket));
+                w.send(&self.tx, |c| c.cluster_with_fd(&reply, socket));
             }
             Balance::RoundRobin | Balance::Sticky => {
-                w.send(&self.tx, |c| c.cluster(&fields));
+                w.send(&self.tx, |c| c.cluster(&reply));
             }
         }
         self.drain(server);
