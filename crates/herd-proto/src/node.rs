@@ -4,7 +4,10 @@
 //! limit on line length, so a worker that never sends a newline cannot grow herd's memory.
 //! [`parse`] classifies one line without allocating for the messages on the round-robin hot
 //! path (`NODE_HANDLE_ACK` and the `{ack, accepted}` reply): they are deserialized into
-//! borrowed fields. The `encode_*` functions append exact wire bytes to a reusable buffer.
+//! borrowed fields. The `encode_*` functions append exact wire bytes to a reusable buffer:
+//! herd's own messages are types ([`ClusterMessage`], [`QueryServerReply`], [`Internal`])
+//! serialized with serde, except the per-connection `newconn` ([`encode_newconn`]), which
+//! is written by hand so that the hot path does not allocate.
 //!
 //! A message is *internal* when it is an object whose `cmd` is a string starting with
 //! `NODE_` (and longer than 5 characters); anything else is a user message. Node decides
@@ -16,7 +19,7 @@
 use std::borrow::Cow;
 use std::fmt::Write as _;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 /// Longest line accepted from a worker (1 MiB). Longer means a broken or hostile worker.
@@ -337,27 +340,222 @@ pub fn is_internal(value: &serde_json::Value) -> bool {
         .is_some_and(|cmd| cmd.starts_with("NODE_"))
 }
 
-/// Appends `{"cmd":"NODE_CLUSTER",<fields>,"seq":N}\n`; `fields` is a JSON object body
-/// without braces (may be empty).
-pub fn encode_cluster(out: &mut Vec<u8>, fields: &str, seq: u64) {
-    out.extend_from_slice(b"{\"cmd\":\"NODE_CLUSTER\",");
-    if !fields.is_empty() {
-        out.extend_from_slice(fields.as_bytes());
-        out.push(b',');
+/// The answer to a worker's `queryServer` (its `listen()`), spec §5.4. One type for every
+/// outcome; build it with the constructor for the outcome so that `errno` is right:
+///
+/// | constructor | `errno` | the worker |
+/// |---|---|---|
+/// | [`QueryServerReply::shared`] | `0` | takes the listening socket that travels with the reply, and runs Node's port check against it |
+/// | [`QueryServerReply::round_robin`] | `null` | gets connections from herd (`newconn`); `sockname` is what `server.address()` says |
+/// | [`QueryServerReply::refused`], [`QueryServerReply::invalid`] | negative | emits the error from `listen()` |
+///
+/// Node tells `errno: 0` from `errno: null`, so `errno` is always written, `null` included.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueryServerReply<'a> {
+    pub errno: Option<i32>,
+    /// The server's key (Node's format, see [`QueryServer::key`]), echoed back.
+    pub key: Cow<'a, str>,
+    /// The `seq` of the `queryServer` answered.
+    pub ack: i64,
+    /// The first worker's `data`, echoed verbatim (TLS ticket keys); `null` when none.
+    pub data: Option<&'a RawValue>,
+    /// Round-robin TCP only; left out otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sockname: Option<&'a Sockname>,
+}
+
+impl<'a> QueryServerReply<'a> {
+    /// `shared`: the listening socket travels with this reply (send it with
+    /// [`encode_handle_message`]); the worker accepts connections itself.
+    pub fn shared(key: &'a str, ack: i64, data: Option<&'a RawValue>) -> Self {
+        QueryServerReply {
+            errno: Some(0),
+            key: Cow::Borrowed(key),
+            ack,
+            data,
+            sockname: None,
+        }
     }
-    push_seq_end(out, seq);
+
+    /// `round-robin` and `sticky`: no socket; herd accepts and hands connections over.
+    pub fn round_robin(
+        key: &'a str,
+        ack: i64,
+        data: Option<&'a RawValue>,
+        sockname: Option<&'a Sockname>,
+    ) -> Self {
+        QueryServerReply {
+            errno: None,
+            key: Cow::Borrowed(key),
+            ack,
+            data,
+            sockname,
+        }
+    }
+
+    /// The bind failed: `errno` is the negative errno `listen()` fails with.
+    pub fn refused(errno: i32, key: &'a str, ack: i64, data: Option<&'a RawValue>) -> Self {
+        QueryServerReply {
+            errno: Some(errno),
+            key: Cow::Borrowed(key),
+            ack,
+            data,
+            sockname: None,
+        }
+    }
+
+    /// A request herd will not serve as asked (unreadable, or too large to echo): `EINVAL`,
+    /// with a key of herd's own and without the worker's `data`, so nothing it sent is
+    /// echoed back.
+    pub fn invalid(seq: i64) -> Self {
+        QueryServerReply {
+            errno: Some(-rustix::io::Errno::INVAL.raw_os_error()),
+            key: Cow::Owned(format!("herd:invalid:{seq}")),
+            ack: seq,
+            data: None,
+            sockname: None,
+        }
+    }
 }
 
-/// Appends a `NODE_HANDLE` wrapper around a cluster message: the line an fd travels with.
-pub fn encode_handle(out: &mut Vec<u8>, fields: &str, seq: u64) {
-    out.extend_from_slice(b"{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Native\",\"msg\":");
-    encode_cluster(out, fields, seq);
-    // encode_cluster ended the inner object with "}\n": close the wrapper before the newline.
-    out.pop();
-    out.extend_from_slice(b"}\n");
+/// What a round-robin worker's `server.address()` returns: `{address, family, port}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Sockname {
+    pub address: String,
+    pub family: Family,
+    pub port: u16,
 }
 
-/// Appends the `newconn` hand-off for `key_json` (the key already JSON-quoted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Family {
+    IPv4,
+    IPv6,
+}
+
+impl From<std::net::SocketAddr> for Sockname {
+    fn from(addr: std::net::SocketAddr) -> Self {
+        Sockname {
+            address: addr.ip().to_string(),
+            family: if addr.is_ipv4() {
+                Family::IPv4
+            } else {
+                Family::IPv6
+            },
+            port: addr.port(),
+        }
+    }
+}
+
+/// The body of a `NODE_CLUSTER` message herd sends (framing, `cmd` and `seq`, is added by
+/// [`encode_cluster_message`]). The per-connection `newconn` is not here: it is written
+/// by hand in [`encode_newconn`], without allocating.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum ClusterMessage<'a> {
+    QueryServer(QueryServerReply<'a>),
+    /// The ack a worker waits for after `exitedAfterDisconnect` (spec §5.7).
+    Ack {
+        ack: i64,
+    },
+    /// Asks a worker to close its servers and leave (graceful stop).
+    Disconnect {
+        act: Act,
+    },
+}
+
+impl ClusterMessage<'_> {
+    pub const DISCONNECT: ClusterMessage<'static> = ClusterMessage::Disconnect {
+        act: Act::Disconnect,
+    };
+}
+
+/// The `act` of a request herd sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Act {
+    Disconnect,
+}
+
+/// Internal messages herd sends outside `NODE_CLUSTER` (no `seq`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "cmd")]
+pub enum Internal<'a> {
+    /// herd received the fd a worker sent (`process.send(msg, socket)`); without it the
+    /// worker holds back every later message.
+    #[serde(rename = "NODE_HANDLE_ACK")]
+    HandleAck,
+    /// Answer to `NODE_SOCKET_NOTIFY_CLOSE` (herd keeps no sockets a worker sent).
+    #[serde(rename = "NODE_SOCKET_ALL_CLOSED")]
+    SocketAllClosed { key: &'a str },
+    /// Answer to `NODE_SOCKET_GET_COUNT`.
+    #[serde(rename = "NODE_SOCKET_COUNT")]
+    SocketCount { key: &'a str, count: u64 },
+}
+
+/// `{"cmd":"NODE_CLUSTER",<message's fields>,"seq":N}`.
+#[derive(Serialize)]
+struct Framed<'a> {
+    cmd: &'static str,
+    #[serde(flatten)]
+    msg: &'a ClusterMessage<'a>,
+    seq: u64,
+}
+
+/// `{"cmd":"NODE_HANDLE","type":"net.Native","msg":<Framed>}`: the line an fd travels with.
+#[derive(Serialize)]
+struct Handle<'a> {
+    cmd: &'static str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    msg: Framed<'a>,
+}
+
+/// Serializes one of herd's own messages, then the newline. These types hold only strings,
+/// numbers, `null` and raw JSON that was already parsed, and a `Vec` does not fail to
+/// grow, so this cannot fail.
+fn push_json(out: &mut Vec<u8>, msg: &impl Serialize) {
+    serde_json::to_writer(&mut *out, msg).expect("herd's own Node messages always serialize");
+    out.push(b'\n');
+}
+
+/// Appends `msg` as a `NODE_CLUSTER` line with `seq`.
+pub fn encode_cluster_message(out: &mut Vec<u8>, msg: &ClusterMessage<'_>, seq: u64) {
+    push_json(
+        out,
+        &Framed {
+            cmd: "NODE_CLUSTER",
+            msg,
+            seq,
+        },
+    );
+}
+
+/// Appends `msg` as a `NODE_CLUSTER` message inside a `NODE_HANDLE` wrapper: the line an
+/// fd travels with (a shared server's listening socket).
+pub fn encode_handle_message(out: &mut Vec<u8>, msg: &ClusterMessage<'_>, seq: u64) {
+    push_json(
+        out,
+        &Handle {
+            cmd: "NODE_HANDLE",
+            kind: "net.Native",
+            msg: Framed {
+                cmd: "NODE_CLUSTER",
+                msg,
+                seq,
+            },
+        },
+    );
+}
+
+/// Appends an [`Internal`] message line.
+pub fn encode_internal(out: &mut Vec<u8>, msg: &Internal<'_>) {
+    push_json(out, msg);
+}
+
+/// Appends the `newconn` hand-off for `key_json` (the key already JSON-quoted). Written by
+/// hand, not through serde: it runs once per connection, and this way it only copies bytes
+/// into a reused buffer — no allocation, no escaping (the key was quoted once, when the
+/// server was made).
 pub fn encode_newconn(out: &mut Vec<u8>, key_json: &str, seq: u64) {
     out.extend_from_slice(b"{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Native\",\"msg\":{\"cmd\":\"NODE_CLUSTER\",\"act\":\"newconn\",\"key\":");
     out.extend_from_slice(key_json.as_bytes());
@@ -371,12 +569,6 @@ pub fn encode_newconn(out: &mut Vec<u8>, key_json: &str, seq: u64) {
 pub fn encode_user(out: &mut Vec<u8>, json: &str) {
     out.extend_from_slice(json.as_bytes());
     out.push(b'\n');
-}
-
-fn push_seq_end(out: &mut Vec<u8>, seq: u64) {
-    out.extend_from_slice(b"\"seq\":");
-    push_u64(out, seq);
-    out.extend_from_slice(b"}\n");
 }
 
 fn push_u64(out: &mut Vec<u8>, n: u64) {
@@ -535,28 +727,204 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn encodings_are_node_lines() {
+    /// The old hand-built framing (`encode_cluster` with a fields string), kept here to
+    /// prove the typed messages put the same bytes on the wire.
+    fn old_cluster(fields: &str, seq: u64) -> String {
+        format!("{{\"cmd\":\"NODE_CLUSTER\",{fields},\"seq\":{seq}}}\n")
+    }
+
+    fn cluster_line(msg: &ClusterMessage<'_>, seq: u64) -> String {
         let mut out = Vec::new();
-        encode_cluster(&mut out, r#""act":"disconnect""#, 7);
-        assert_eq!(
-            out,
-            br#"{"cmd":"NODE_CLUSTER","act":"disconnect","seq":7}"#
-                .iter()
-                .chain(b"\n")
-                .copied()
-                .collect::<Vec<_>>()
+        encode_cluster_message(&mut out, msg, seq);
+        String::from_utf8(out).expect("utf8")
+    }
+
+    fn internal_line(msg: &Internal<'_>) -> String {
+        let mut out = Vec::new();
+        encode_internal(&mut out, msg);
+        String::from_utf8(out).expect("utf8")
+    }
+
+    fn raw(json: &str) -> Box<RawValue> {
+        RawValue::from_string(json.to_string()).expect("raw json")
+    }
+
+    #[test]
+    fn query_server_replies_are_the_bytes_node_got_before() {
+        let key = "null:3000:4:undefined:0";
+        let key_json = quote(key);
+        let tls = raw(r#"{"ticketKeys":"ab\u0000"}"#);
+        let v4 = Sockname::from(
+            "127.0.0.1:3000"
+                .parse::<std::net::SocketAddr>()
+                .expect("addr"),
         );
-        out.clear();
-        encode_handle(&mut out, r#""errno":0,"key":"k","ack":1,"data":null"#, 0);
-        let text = String::from_utf8(out.clone()).expect("utf8");
+        let v6 = Sockname::from("[::]:3000".parse::<std::net::SocketAddr>().expect("addr"));
+        let sockname_json = |a: &str, family: &str, port: u16| {
+            format!(
+                r#"{{"address":{},"family":"{family}","port":{port}}}"#,
+                quote(a)
+            )
+        };
+        // What `Server::reply_fields`, `refuse_listen` and the EINVAL replies built.
+        let cases: Vec<(QueryServerReply<'_>, String)> = vec![
+            (
+                QueryServerReply::shared(key, 1, None),
+                format!(r#""errno":0,"key":{key_json},"ack":1,"data":null"#),
+            ),
+            (
+                QueryServerReply::shared(key, 9, Some(&tls)),
+                format!(r#""errno":0,"key":{key_json},"ack":9,"data":{}"#, tls.get()),
+            ),
+            (
+                QueryServerReply::round_robin(key, 2, None, Some(&v4)),
+                format!(
+                    r#""errno":null,"key":{key_json},"ack":2,"data":null,"sockname":{}"#,
+                    sockname_json("127.0.0.1", "IPv4", 3000)
+                ),
+            ),
+            (
+                QueryServerReply::round_robin(key, 2, Some(&tls), Some(&v6)),
+                format!(
+                    r#""errno":null,"key":{key_json},"ack":2,"data":{},"sockname":{}"#,
+                    tls.get(),
+                    sockname_json("::", "IPv6", 3000)
+                ),
+            ),
+            (
+                QueryServerReply::round_robin("/tmp/a \"b\".sock:-1:-1:undefined:0", 3, None, None),
+                format!(
+                    r#""errno":null,"key":{},"ack":3,"data":null"#,
+                    quote("/tmp/a \"b\".sock:-1:-1:undefined:0")
+                ),
+            ),
+            (
+                QueryServerReply::refused(-98, key, 4, Some(&tls)),
+                format!(
+                    r#""errno":-98,"key":{key_json},"ack":4,"data":{}"#,
+                    tls.get()
+                ),
+            ),
+            (
+                QueryServerReply::invalid(5),
+                format!(
+                    r#""errno":{},"key":"herd:invalid:5","ack":5,"data":null"#,
+                    -22
+                ),
+            ),
+        ];
+        for (reply, old_fields) in cases {
+            let line = cluster_line(&ClusterMessage::QueryServer(reply.clone()), 6);
+            assert_eq!(line, old_cluster(&old_fields, 6), "{reply:?}");
+            // Read back by herd's own parser: a reply (`ack`, no `act`) to seq `ack`.
+            assert_eq!(
+                parse(line.trim_end().as_bytes()),
+                Ok(Message::Reply {
+                    ack: reply.ack,
+                    accepted: None
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn a_shared_reply_says_errno_0_and_a_round_robin_one_null() {
+        let v: serde_json::Value = serde_json::from_str(
+            cluster_line(
+                &ClusterMessage::QueryServer(QueryServerReply::shared("k", 1, None)),
+                0,
+            )
+            .trim_end(),
+        )
+        .expect("json");
+        assert_eq!(v["errno"], serde_json::json!(0));
+        let v: serde_json::Value = serde_json::from_str(
+            cluster_line(
+                &ClusterMessage::QueryServer(QueryServerReply::round_robin("k", 1, None, None)),
+                0,
+            )
+            .trim_end(),
+        )
+        .expect("json");
+        assert!(v.get("errno").is_some_and(serde_json::Value::is_null));
+        assert!(v.get("data").is_some_and(serde_json::Value::is_null));
+        assert!(v.get("sockname").is_none());
+    }
+
+    #[test]
+    fn other_cluster_messages_are_the_bytes_node_got_before() {
+        let ack = cluster_line(&ClusterMessage::Ack { ack: 4 }, 3);
+        assert_eq!(ack, old_cluster(r#""ack":4"#, 3));
+        assert_eq!(
+            parse(ack.trim_end().as_bytes()),
+            Ok(Message::Reply {
+                ack: 4,
+                accepted: None
+            })
+        );
+        let disconnect = cluster_line(&ClusterMessage::DISCONNECT, 7);
+        assert_eq!(disconnect, old_cluster(r#""act":"disconnect""#, 7));
+        assert_eq!(
+            parse(disconnect.trim_end().as_bytes()),
+            Ok(Message::OtherInternal)
+        );
+    }
+
+    #[test]
+    fn a_shared_reply_travels_in_a_node_handle_wrapper() {
+        let mut out = Vec::new();
+        let reply = QueryServerReply::shared("k", 1, None);
+        encode_handle_message(&mut out, &ClusterMessage::QueryServer(reply), 0);
+        let text = String::from_utf8(out).expect("utf8");
         assert_eq!(
             text,
             "{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Native\",\"msg\":{\"cmd\":\"NODE_CLUSTER\",\"errno\":0,\"key\":\"k\",\"ack\":1,\"data\":null,\"seq\":0}}\n"
         );
-        let v: serde_json::Value = serde_json::from_str(text.trim_end()).expect("valid json");
-        assert_eq!(v["msg"]["key"], "k");
-        out.clear();
+        let Ok(Message::Handle { inner }) = parse(text.trim_end().as_bytes()) else {
+            panic!("a NODE_HANDLE: {text}")
+        };
+        assert_eq!(
+            parse(inner.as_bytes()),
+            Ok(Message::Reply {
+                ack: 1,
+                accepted: None
+            })
+        );
+    }
+
+    #[test]
+    fn internal_messages_are_the_bytes_node_got_before() {
+        let handle_ack = internal_line(&Internal::HandleAck);
+        assert_eq!(handle_ack, "{\"cmd\":\"NODE_HANDLE_ACK\"}\n");
+        assert_eq!(
+            parse(handle_ack.trim_end().as_bytes()),
+            Ok(Message::HandleAck)
+        );
+        let key = "k \"quoted\" \u{1}\n";
+        assert_eq!(
+            internal_line(&Internal::SocketAllClosed { key }),
+            format!(
+                "{{\"cmd\":\"NODE_SOCKET_ALL_CLOSED\",\"key\":{}}}\n",
+                quote(key)
+            )
+        );
+        let count = internal_line(&Internal::SocketCount { key, count: 0 });
+        assert_eq!(
+            count,
+            format!(
+                "{{\"cmd\":\"NODE_SOCKET_COUNT\",\"key\":{},\"count\":0}}\n",
+                quote(key)
+            )
+        );
+        assert_eq!(
+            parse(count.trim_end().as_bytes()),
+            Ok(Message::OtherInternal)
+        );
+    }
+
+    #[test]
+    fn a_hand_off_is_a_node_handle_line() {
+        let mut out = Vec::new();
         encode_newconn(&mut out, &quote("null:3000:4:undefined:0"), 12);
         let v: serde_json::Value =
             serde_json::from_slice(&out[..out.len() - 1]).expect("valid json");

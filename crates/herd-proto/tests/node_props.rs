@@ -1,11 +1,17 @@
 //! Properties of the Node IPC parser: whatever a worker writes, [`Lines`] and [`parse`]
-//! never panic, never hold more than their limit, and read back what herd encodes.
+//! never panic, never hold more than their limit, and read back what herd encodes; and of
+//! herd's own messages: each is one JSON object line that Node takes for its own.
+
+use std::net::SocketAddr;
 
 use herd_proto::node::{
-    encode_cluster, encode_handle, encode_newconn, encode_user, is_internal, parse, quote, Lines,
-    Message, ProtoError,
+    encode_cluster_message, encode_handle_message, encode_internal, encode_newconn, encode_user,
+    is_internal, parse, quote, ClusterMessage, Internal, Lines, Message, ProtoError,
+    QueryServerReply, Sockname,
 };
 use proptest::prelude::*;
+use serde_json::value::RawValue;
+use serde_json::Value;
 
 const LIMIT: usize = 256;
 
@@ -94,12 +100,10 @@ proptest! {
     }
 
     #[test]
-    fn encoded_replies_parse_back(ack in 0u64..1 << 53, seq in 0..i64::MAX as u64, accepted in any::<bool>()) {
-        let mut out = Vec::new();
-        encode_cluster(&mut out, &format!(r#""ack":{ack},"accepted":{accepted}"#), seq);
-        prop_assert_eq!(out.pop(), Some(b'\n'));
+    fn worker_replies_parse_back(ack in 0u64..1 << 53, seq in 0..i64::MAX as u64, accepted in any::<bool>()) {
+        let line = format!(r#"{{"cmd":"NODE_CLUSTER","ack":{ack},"accepted":{accepted},"seq":{seq}}}"#);
         prop_assert_eq!(
-            parse(&out),
+            parse(line.as_bytes()),
             Ok(Message::Reply { ack: ack as i64, accepted: Some(accepted) })
         );
     }
@@ -126,11 +130,106 @@ proptest! {
         prop_assert_eq!(v["msg"]["seq"].as_u64(), Some(seq));
         let handle = matches!(parse(&out), Ok(Message::Handle { .. }));
         prop_assert!(handle);
-        out.clear();
-        encode_handle(&mut out, r#""act":"x""#, seq);
-        out.pop();
-        let handle = matches!(parse(&out), Ok(Message::Handle { .. }));
-        prop_assert!(handle);
+    }
+
+    #[test]
+    fn every_message_herd_builds_is_a_node_internal_json_line(
+        pick in 0usize..9,
+        key in "\\PC{0,40}",
+        ack in any::<i64>(),
+        // herd's parser reads `seq` as an i64; herd's counter starts at 0 and never gets near.
+        seq in 0..=i64::MAX as u64,
+        errno in any::<i32>(),
+        data in prop::option::of("\\PC{0,20}"),
+        addr in any::<SocketAddr>(),
+        count in any::<u64>(),
+    ) {
+        let data: Option<Box<RawValue>> = data.map(|d| {
+            let text = serde_json::json!({"ticketKeys": d}).to_string();
+            RawValue::from_string(text).expect("raw JSON")
+        });
+        let data = data.as_deref();
+        let sockname = Sockname::from(addr);
+        let replies = [
+            QueryServerReply::shared(&key, ack, data),
+            QueryServerReply::round_robin(&key, ack, data, Some(&sockname)),
+            QueryServerReply::round_robin(&key, ack, data, None),
+            QueryServerReply::refused(errno, &key, ack, data),
+            QueryServerReply::invalid(ack),
+        ];
+        let mut out = Vec::new();
+        match pick {
+            0..=4 => {
+                let reply = replies[pick].clone();
+                let shared = pick == 0;
+                let msg = ClusterMessage::QueryServer(reply.clone());
+                let v = if shared {
+                    encode_handle_message(&mut out, &msg, seq);
+                    let wrapper = one_internal_line(&out)?;
+                    prop_assert_eq!(&wrapper["cmd"], "NODE_HANDLE");
+                    prop_assert_eq!(&wrapper["type"], "net.Native");
+                    let Ok(Message::Handle { inner }) = parse(&out[..out.len() - 1]) else {
+                        return Err(TestCaseError::fail("not read back as NODE_HANDLE"));
+                    };
+                    prop_assert_eq!(
+                        parse(inner.as_bytes()),
+                        Ok(Message::Reply { ack: reply.ack, accepted: None })
+                    );
+                    wrapper["msg"].clone()
+                } else {
+                    encode_cluster_message(&mut out, &msg, seq);
+                    prop_assert_eq!(
+                        parse(&out[..out.len() - 1]),
+                        Ok(Message::Reply { ack: reply.ack, accepted: None })
+                    );
+                    one_internal_line(&out)?
+                };
+                prop_assert_eq!(&v["cmd"], "NODE_CLUSTER");
+                prop_assert_eq!(v["seq"].as_u64(), Some(seq));
+                // `errno` is always there: 0 (shared), null (round-robin) or the error.
+                let want_errno = reply.errno.map_or(Value::Null, Value::from);
+                prop_assert_eq!(v.get("errno"), Some(&want_errno));
+                prop_assert_eq!(v["key"].as_str(), Some(&*reply.key));
+                prop_assert_eq!(v["ack"].as_i64(), Some(reply.ack));
+                let want_data: Value = reply
+                    .data
+                    .map_or(Value::Null, |d| serde_json::from_str(d.get()).expect("json"));
+                prop_assert_eq!(v.get("data"), Some(&want_data));
+                match reply.sockname {
+                    Some(s) => {
+                        prop_assert_eq!(v["sockname"]["address"].as_str(), Some(s.address.as_str()));
+                        let family = if addr.is_ipv4() { "IPv4" } else { "IPv6" };
+                        prop_assert_eq!(&v["sockname"]["family"], family);
+                        prop_assert_eq!(v["sockname"]["port"].as_u64(), Some(u64::from(addr.port())));
+                    }
+                    None => prop_assert!(v.get("sockname").is_none()),
+                }
+            }
+            5 | 6 => {
+                let msg = if pick == 5 {
+                    ClusterMessage::Ack { ack }
+                } else {
+                    ClusterMessage::DISCONNECT
+                };
+                encode_cluster_message(&mut out, &msg, seq);
+                let v = one_internal_line(&out)?;
+                prop_assert_eq!(&v["cmd"], "NODE_CLUSTER");
+                prop_assert_eq!(v["seq"].as_u64(), Some(seq));
+            }
+            _ => {
+                let msg = match pick {
+                    7 => Internal::SocketAllClosed { key: &key },
+                    _ => Internal::SocketCount { key: &key, count },
+                };
+                encode_internal(&mut out, &msg);
+                let v = one_internal_line(&out)?;
+                prop_assert_eq!(v["key"].as_str(), Some(key.as_str()));
+                prop_assert_eq!(
+                    parse(&out[..out.len() - 1]),
+                    Ok(Message::OtherInternal)
+                );
+            }
+        }
     }
 
     #[test]
@@ -157,4 +256,22 @@ proptest! {
             prop_assert!(!user);
         }
     }
+}
+
+/// `line` is exactly one `\n`-terminated JSON object that Node takes for one of its own
+/// (`cmd` a string starting `NODE_`, longer than the prefix), and herd's parser does not
+/// take it for a user message. Returns the object.
+fn one_internal_line(line: &[u8]) -> Result<Value, TestCaseError> {
+    prop_assert_eq!(line.last(), Some(&b'\n'));
+    let body = &line[..line.len() - 1];
+    prop_assert!(!body.contains(&b'\n'), "one line");
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| TestCaseError::fail(format!("not JSON: {e}")))?;
+    prop_assert!(v.is_object());
+    prop_assert!(is_internal(&v));
+    let cmd = v["cmd"].as_str().unwrap_or_default();
+    prop_assert!(cmd.len() > "NODE_".len(), "{}", cmd);
+    let user = matches!(parse(body), Ok(Message::User(_)) | Err(_));
+    prop_assert!(!user, "read back as a message of its own");
+    Ok(v)
 }

@@ -38,7 +38,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use herd_proto::fdpass;
-use herd_proto::node::{self, Lines, Message, QueryServer};
+use herd_proto::node::{self, ClusterMessage, Internal, Lines, Message, QueryServer};
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc::UnboundedSender;
@@ -269,11 +269,11 @@ impl Channel {
         }
     }
 
-    /// A `NODE_CLUSTER` message without fd; `fields` is a JSON object body without braces.
-    pub fn cluster(&mut self, fields: &str) -> Result<Flush, SendError> {
+    /// A `NODE_CLUSTER` message without fd.
+    pub fn cluster(&mut self, msg: &ClusterMessage<'_>) -> Result<Flush, SendError> {
         let seq = self.next_seq();
-        let mut bytes = Vec::with_capacity(fields.len() + 48);
-        node::encode_cluster(&mut bytes, fields, seq);
+        let mut bytes = Vec::with_capacity(128);
+        node::encode_cluster_message(&mut bytes, msg, seq);
         self.push(Out::Line {
             bytes: bytes.into(),
             fd: None,
@@ -282,10 +282,14 @@ impl Channel {
     }
 
     /// A `NODE_CLUSTER` message wrapped in `NODE_HANDLE` with `fd` attached.
-    pub fn cluster_with_fd(&mut self, fields: &str, fd: Rc<OwnedFd>) -> Result<Flush, SendError> {
+    pub fn cluster_with_fd(
+        &mut self,
+        msg: &ClusterMessage<'_>,
+        fd: Rc<OwnedFd>,
+    ) -> Result<Flush, SendError> {
         let seq = self.next_seq();
-        let mut bytes = Vec::with_capacity(fields.len() + 96);
-        node::encode_handle(&mut bytes, fields, seq);
+        let mut bytes = Vec::with_capacity(160);
+        node::encode_handle_message(&mut bytes, msg, seq);
         self.push(Out::Line {
             bytes: bytes.into(),
             fd: Some(fd),
@@ -293,10 +297,10 @@ impl Channel {
         })
     }
 
-    /// An internal reply herd owes the worker (JSON text without newline).
-    pub fn line(&mut self, json: &str) -> Result<Flush, SendError> {
-        let mut bytes = Vec::with_capacity(json.len() + 1);
-        node::encode_user(&mut bytes, json);
+    /// An internal message outside `NODE_CLUSTER` (`NODE_HANDLE_ACK`, `NODE_SOCKET_…`).
+    pub fn internal(&mut self, msg: &Internal<'_>) -> Result<Flush, SendError> {
+        let mut bytes = Vec::with_capacity(64);
+        node::encode_internal(&mut bytes, msg);
         self.push(Out::Line {
             bytes: bytes.into(),
             fd: None,
@@ -764,12 +768,12 @@ mod tests {
         let (mut chan, theirs) = pair();
         chan.socket().writable().await.expect("writable");
         chan.ping().expect("ping");
-        chan.cluster_with_fd(r#""act":"x""#, devnull())
+        chan.cluster_with_fd(&ClusterMessage::Ack { ack: 77 }, devnull())
             .expect("queued");
         let first = read_all(&theirs);
         assert!(first.contains("NODE_HERD_PING"), "{first}");
         assert!(
-            !first.contains(r#""act":"x""#),
+            !first.contains(r#""ack":77"#),
             "the fd message waited: {first}"
         );
         assert_eq!(chan.on_nack(), Answer::Pong);
@@ -777,7 +781,7 @@ mod tests {
         assert_eq!(chan.pongs(), 1);
         let second = read_all(&theirs);
         assert!(
-            second.contains(r#""act":"x""#),
+            second.contains(r#""ack":77"#),
             "sent once the ping was answered: {second}"
         );
     }
@@ -786,20 +790,22 @@ mod tests {
     async fn answers_match_fd_messages_in_order_and_nacks_retransmit() {
         let (mut chan, theirs) = pair();
         chan.socket().writable().await.expect("writable");
-        chan.cluster_with_fd(r#""n":1"#, devnull()).expect("sent");
-        chan.cluster_with_fd(r#""n":2"#, devnull()).expect("sent");
+        chan.cluster_with_fd(&ClusterMessage::Ack { ack: 1 }, devnull())
+            .expect("sent");
+        chan.cluster_with_fd(&ClusterMessage::Ack { ack: 2 }, devnull())
+            .expect("sent");
         let mut seen = String::new();
         for _ in 0..2 {
             seen += &read_all(&theirs);
         }
         assert!(
-            seen.contains(r#""n":1"#) && seen.contains(r#""n":2"#),
+            seen.contains(r#""ack":1"#) && seen.contains(r#""ack":2"#),
             "a window, not one at a time: {seen}"
         );
         assert_eq!(chan.on_nack(), Answer::Retry);
         chan.flush().expect("the first is sent again");
         let again = read_all(&theirs);
-        assert!(again.contains(r#""n":1"#), "{again}");
+        assert!(again.contains(r#""ack":1"#), "{again}");
         assert!(chan.waiting_since().is_some());
         assert_eq!(chan.on_ack(), Answer::Delivered(None));
         assert_eq!(chan.on_ack(), Answer::Delivered(None));
@@ -849,11 +855,12 @@ mod tests {
         }
         assert!(dropped > 0, "user messages past the bound are dropped");
         assert!(chan.held_bytes() <= MAX_USER_QUEUED_BYTES);
-        let reply = format!(
-            r#"{{"cmd":"NODE_SOCKET_COUNT","key":"{}"}}"#,
-            "k".repeat(4000)
-        );
-        let stuck = (0..2000).find_map(|_| match chan.line(&reply) {
+        let key = "k".repeat(4000);
+        let reply = Internal::SocketCount {
+            key: &key,
+            count: 0,
+        };
+        let stuck = (0..2000).find_map(|_| match chan.internal(&reply) {
             Err(SendError::Stuck(why)) => Some(why),
             _ => None,
         });

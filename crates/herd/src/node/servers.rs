@@ -24,7 +24,7 @@ use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::rc::Rc;
 
-use herd_proto::node::{quote, QueryServer, ServerKind};
+use herd_proto::node::{quote, QueryServer, QueryServerReply, ServerKind, Sockname};
 use serde_json::value::RawValue;
 use socket2::{Domain, Socket, Type};
 
@@ -46,7 +46,7 @@ pub struct Server {
     /// The `data` of the first worker that asked, echoed to all (TLS ticket keys).
     pub data: Option<Box<RawValue>>,
     /// `{address, family, port}` for round-robin replies (TCP only).
-    pub sockname: Option<String>,
+    pub sockname: Option<Sockname>,
     /// Workers that hold this server, in the order they asked.
     pub workers: Vec<WorkerId>,
     /// Round-robin cursor into `workers`.
@@ -69,24 +69,18 @@ pub struct Server {
 }
 
 impl Server {
-    /// The reply fields (JSON object body) for a successful queryServer.
-    pub fn reply_fields(&self, ack: i64) -> String {
-        let data = self.data.as_ref().map_or("null", |d| d.get());
+    /// The answer to a queryServer (seq `ack`) this server serves. The reply says how the
+    /// worker gets connections: with the socket attached (`shared`, `hash`, `sticky`: sent
+    /// with the fd, a slot's own for the last two) or from herd (`round-robin`).
+    pub fn reply(&self, ack: i64) -> QueryServerReply<'_> {
+        let data = self.data.as_deref();
         match self.mode {
-            Balance::Shared | Balance::Hash | Balance::Sticky => format!(
-                r#""errno":0,"key":{},"ack":{ack},"data":{data}"#,
-                self.key_json
-            ),
-            Balance::RoundRobin => match &self.sockname {
-                Some(sockname) => format!(
-                    r#""errno":null,"key":{},"ack":{ack},"data":{data},"sockname":{sockname}"#,
-                    self.key_json
-                ),
-                None => format!(
-                    r#""errno":null,"key":{},"ack":{ack},"data":{data}"#,
-                    self.key_json
-                ),
-            },
+            Balance::Shared | Balance::Hash | Balance::Sticky => {
+                QueryServerReply::shared(&self.key, ack, data)
+            }
+            Balance::RoundRobin => {
+                QueryServerReply::round_robin(&self.key, ack, data, self.sockname.as_ref())
+            }
         }
     }
 }
@@ -318,7 +312,7 @@ pub struct Bound {
     pub socket: OwnedFd,
     pub display: String,
     pub mode: Balance,
-    pub sockname: Option<String>,
+    pub sockname: Option<Sockname>,
     pub unix_file: Option<SocketFile>,
     pub from_cli: bool,
     pub group: Option<SharedGroup>,
@@ -413,7 +407,7 @@ fn cli_tcp_listener<'a>(
     cli: &'a [Listener],
     address: Option<&str>,
     port: u16,
-) -> Option<(&'a Listener, Option<String>)> {
+) -> Option<(&'a Listener, Option<Sockname>)> {
     if port == 0 {
         return None;
     }
@@ -422,7 +416,7 @@ fn cli_tcp_listener<'a>(
             if a.port() == port
                 && address.is_none_or(|h| h.parse::<IpAddr>().ok() == Some(a.ip())) =>
         {
-            Some((l, Some(sockname_json(*a))))
+            Some((l, Some(Sockname::from(*a))))
         }
         _ => None,
     })
@@ -460,7 +454,7 @@ fn bind_tcp_for(
                         socket,
                         display: local.to_string(),
                         mode: balance,
-                        sockname: Some(sockname_json(local)),
+                        sockname: Some(Sockname::from(local)),
                         unix_file: None,
                         from_cli: false,
                         group: Some(group),
@@ -481,7 +475,7 @@ fn bind_tcp_for(
                     socket: socket.into(),
                     display: local.to_string(),
                     mode: balance,
-                    sockname: Some(sockname_json(local)),
+                    sockname: Some(Sockname::from(local)),
                     unix_file: None,
                     from_cli: false,
                     group: None,
@@ -581,7 +575,7 @@ fn unprivileged_port_start() -> u16 {
         .unwrap_or(1024)
 }
 
-fn reuse(l: &Listener, mode: Balance, sockname: Option<String>) -> Result<Bound, (i32, String)> {
+fn reuse(l: &Listener, mode: Balance, sockname: Option<Sockname>) -> Result<Bound, (i32, String)> {
     let socket = rustix::io::fcntl_dupfd_cloexec(&l.socket, 3)
         .map_err(|e| (-e.raw_os_error(), e.to_string()))?;
     Ok(Bound {
@@ -598,16 +592,6 @@ fn reuse(l: &Listener, mode: Balance, sockname: Option<String>) -> Result<Bound,
         from_cli: true,
         group: l.group.clone(),
     })
-}
-
-/// What a round-robin worker's `server.address()` returns.
-fn sockname_json(addr: SocketAddr) -> String {
-    let family = if addr.is_ipv4() { "IPv4" } else { "IPv6" };
-    format!(
-        r#"{{"address":{},"family":"{family}","port":{}}}"#,
-        quote(&addr.ip().to_string()),
-        addr.port()
-    )
 }
 
 /// Makes a [`Server`] from a fresh bind.

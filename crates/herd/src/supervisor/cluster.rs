@@ -4,6 +4,7 @@
 use std::rc::Rc;
 
 use herd_proto::event::EventName;
+use herd_proto::node::{ClusterMessage, Internal, QueryServerReply};
 use serde_json::{json, Value};
 
 use super::state::WorkerState;
@@ -78,7 +79,7 @@ impl Supervisor {
                 self.drain(server);
             }
             IpcKind::WorkerHandle => {
-                w.send(&self.tx, |c| c.line(r#"{"cmd":"NODE_HANDLE_ACK"}"#));
+                w.send(&self.tx, |c| c.internal(&Internal::HandleAck));
             }
             IpcKind::SocketNotifyClose { key } => {
                 if key.len() > MAX_ECHO {
@@ -88,11 +89,8 @@ impl Supervisor {
                     ));
                     return;
                 }
-                let line = format!(
-                    r#"{{"cmd":"NODE_SOCKET_ALL_CLOSED","key":{}}}"#,
-                    herd_proto::node::quote(&key)
-                );
-                w.send(&self.tx, |c| c.line(&line));
+                let reply = Internal::SocketAllClosed { key: &key };
+                w.send(&self.tx, |c| c.internal(&reply));
             }
             IpcKind::SocketGetCount { key } => {
                 if key.len() > MAX_ECHO {
@@ -102,11 +100,11 @@ impl Supervisor {
                     ));
                     return;
                 }
-                let line = format!(
-                    r#"{{"cmd":"NODE_SOCKET_COUNT","key":{},"count":0}}"#,
-                    herd_proto::node::quote(&key)
-                );
-                w.send(&self.tx, |c| c.line(&line));
+                let reply = Internal::SocketCount {
+                    key: &key,
+                    count: 0,
+                };
+                w.send(&self.tx, |c| c.internal(&reply));
             }
             IpcKind::Online => {
                 // Node says it once, before it listens; a late or repeated one changes nothing.
@@ -126,8 +124,7 @@ impl Supervisor {
                 if let Some(next) = w.state().on_leaving(tokio::time::Instant::now()) {
                     w.set_state(next);
                 }
-                let fields = format!(r#""ack":{seq}"#);
-                w.send(&self.tx, |c| c.cluster(&fields));
+                w.send(&self.tx, |c| c.cluster(&ClusterMessage::Ack { ack: seq }));
                 let who = w.who();
                 self.logger.event(
                     EventName::Disconnecting,
@@ -146,11 +143,8 @@ impl Supervisor {
                     &[],
                 );
                 if let Some(seq) = seq {
-                    let fields = format!(
-                        r#""errno":{},"key":"herd:invalid:{seq}","ack":{seq},"data":null"#,
-                        -libc::EINVAL
-                    );
-                    w.send(&self.tx, |c| c.cluster(&fields));
+                    let reply = ClusterMessage::QueryServer(QueryServerReply::invalid(seq));
+                    w.send(&self.tx, |c| c.cluster(&reply));
                 }
             }
             IpcKind::Listening => {
@@ -279,12 +273,8 @@ impl Supervisor {
                     &format!("cannot listen: its listen() request has a {}-byte key and {data_len}-byte data (herd echoes at most {MAX_ECHO}); answering EINVAL", key.len()),
                     &[],
                 );
-                let seq = query.seq;
-                let fields = format!(
-                    r#""errno":{},"key":"herd:invalid:{seq}","ack":{seq},"data":null"#,
-                    -libc::EINVAL
-                );
-                w.send(&self.tx, |c| c.cluster(&fields));
+                let reply = ClusterMessage::QueryServer(QueryServerReply::invalid(query.seq));
+                w.send(&self.tx, |c| c.cluster(&reply));
             }
             return;
         }
@@ -417,13 +407,10 @@ impl Supervisor {
             &format!("cannot listen: {problem}"),
             &[("errno", json!(errno))],
         );
-        let data = query.data.as_ref().map_or("null", |d| d.get());
-        let fields = format!(
-            r#""errno":{errno},"key":{},"ack":{},"data":{data}"#,
-            herd_proto::node::quote(&query.key()),
-            query.seq
-        );
-        w.send(&self.tx, |c| c.cluster(&fields));
+        let key = query.key();
+        let reply = QueryServerReply::refused(errno, &key, query.seq, query.data.as_deref());
+        let reply = ClusterMessage::QueryServer(reply);
+        w.send(&self.tx, |c| c.cluster(&reply));
     }
 
     /// Gives worker `id` the server, and answers its query.
@@ -440,16 +427,11 @@ impl Supervisor {
         if !w.servers.contains(&server) {
             w.servers.push(server);
         }
-        let fields = s.reply_fields(query.seq);
-        match (s.mode, &s.group) {
-            (Balance::RoundRobin, _) => {
-                w.send(&self.tx, |c| c.cluster(&fields));
-            }
-            // Hash and sticky: the worker's own slot's socket, the shared-handle answer.
+        // Hash and sticky: the worker's own slot's socket, with the shared-handle answer.
+        let slot_socket = match (s.mode, &s.group) {
+            (Balance::RoundRobin, _) | (_, None) => None,
             (_, Some(group)) => match kernel::slot_socket(group, w.instance) {
-                Ok(socket) => {
-                    w.send(&self.tx, |c| c.cluster_with_fd(&fields, socket));
-                }
+                Ok(socket) => Some(socket),
                 Err(e) => {
                     let problem = format!("cannot add a socket for slot {}: {e}", w.instance);
                     let errno = -e.raw_os_error().unwrap_or(libc::EADDRINUSE);
@@ -459,9 +441,15 @@ impl Supervisor {
                     return;
                 }
             },
-            (_, None) => {
-                let socket = Rc::clone(&s.socket);
-                w.send(&self.tx, |c| c.cluster_with_fd(&fields, socket));
+        };
+        let reply = ClusterMessage::QueryServer(s.reply(query.seq));
+        match s.mode {
+            Balance::RoundRobin => {
+                w.send(&self.tx, |c| c.cluster(&reply));
+            }
+            _ => {
+                let socket = slot_socket.unwrap_or_else(|| Rc::clone(&s.socket));
+                w.send(&self.tx, |c| c.cluster_with_fd(&reply, socket));
             }
         }
         self.drain(server);

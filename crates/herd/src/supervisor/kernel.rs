@@ -55,7 +55,7 @@ impl Supervisor {
             && self
                 .slots
                 .get(instance)
-                .is_some_and(|s| !s.retiring && s.errored.is_none())
+                .is_some_and(|s| !s.retiring && !s.state.is_errored())
     }
 
     /// Recomputes every group's live set (see the module doc). Cheap when nothing changed.

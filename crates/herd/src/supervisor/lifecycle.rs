@@ -5,6 +5,7 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 use herd_proto::event::EventName;
+use herd_proto::node::ClusterMessage;
 use herd_proto::notify::Message as Notify;
 use serde_json::{json, Value};
 
@@ -74,7 +75,7 @@ impl Supervisor {
                         &format!("errored: {reason}"),
                         &[("reason", json!(reason))],
                     );
-                    self.slots[instance].errored = Some(reason);
+                    self.set_slot_state(instance, SlotState::Errored { why: reason });
                     self.check_all_errored();
                 } else if !incoming {
                     self.after_exit(instance, who, Duration::ZERO, &reason, reason.clone(), &[]);
@@ -96,7 +97,7 @@ impl Supervisor {
             return;
         };
         w.set_state(draining);
-        let asked = w.send(&self.tx, |c| c.cluster(r#""act":"disconnect""#));
+        let asked = w.send(&self.tx, |c| c.cluster(&ClusterMessage::DISCONNECT));
         let next = if asked {
             rustix::process::Signal::TERM
         } else {
@@ -222,9 +223,9 @@ impl Supervisor {
     /// successor, a scale-down drops the slot, an operation may be done.
     fn after_stopped_exit(&mut self, instance: usize) {
         let running = !self.phase.is_stopping();
-        let slot = &mut self.slots[instance];
-        if slot.respawn && slot.worker.is_none() && running {
-            slot.respawn = false;
+        let slot = &self.slots[instance];
+        if slot.state.is_respawning() && slot.worker.is_none() && running {
+            self.set_slot_state(instance, SlotState::Active);
             self.start_worker(instance, false);
         }
         self.trim_slots();
@@ -253,14 +254,14 @@ impl Supervisor {
                 ),
                 fields,
             );
-            slot.errored = Some(reason);
+            self.set_slot_state(instance, SlotState::Errored { why: reason });
             self.check_all_errored();
             return;
         }
         match slot.backoff.on_exit(uptime, &policy) {
             Verdict::Restart(delay) => {
                 slot.restarts += 1;
-                slot.restart_pending = true;
+                self.set_slot_state(instance, SlotState::RestartDue);
                 self.logger.event(
                     EventName::Exited,
                     Some(who),
@@ -297,7 +298,7 @@ impl Supervisor {
                     ),
                     &[("reason", json!(reason))],
                 );
-                slot.errored = Some(reason);
+                self.set_slot_state(instance, SlotState::Errored { why: reason });
                 self.check_all_errored();
                 self.check_op();
             }
@@ -309,7 +310,7 @@ impl Supervisor {
             && self
                 .slots
                 .iter()
-                .all(|s| s.errored.is_some() && s.incoming.is_none())
+                .all(|s| s.state.is_errored() && s.incoming.is_none())
         {
             self.logger.event(
                 EventName::Errored,

@@ -8,11 +8,12 @@
 //! [`Supervisor`] owns all state and handles one event at a time, so there are no locks and
 //! every transition is visible in one place.
 //!
-//! A slot (instance 0..N-1) holds at most one current worker. A worker goes
+//! A slot (instance 0..N-1) holds at most one current worker, and one [`slot::SlotState`]:
+//! active, waiting out a restart backoff, respawning (`herd restart`) or errored. A worker goes
 //! `starting → online (Node) → ready → draining → exited`, or leaves on its own, or is found
 //! hung: one [`state::WorkerState`], changed only through `Worker::set_state`, which refuses a
 //! transition the machine does not have. The app's phase (running, an operation, stopping) is
-//! one [`phase::AppPhase`]. docs/architecture.md draws both. *Ready* comes from Node's
+//! one [`phase::AppPhase`]. docs/architecture.md draws all three. *Ready* comes from Node's
 //! `listening`, `process.send('ready')` (`--ready message`), `READY=1` on the notify socket,
 //! or a delay (`--ready delay:D`; the default for socket-activation workers is `READY=1` or
 //! 1s up, whichever comes first). Round-robin and sticky route only to ready workers.
@@ -37,6 +38,7 @@ pub mod ops;
 mod phase;
 pub mod restart;
 mod routing;
+mod slot;
 pub mod state;
 pub mod status;
 #[cfg(test)]
@@ -65,6 +67,7 @@ use worker::{Launcher, Worker};
 
 pub use crate::vocab::{Event, SignalKind, WorkerId};
 use phase::AppPhase;
+use slot::SlotState;
 use state::DrainReason;
 
 /// How long a Node worker that ignored `disconnect` and then SIGTERM gets before SIGKILL.
@@ -77,13 +80,13 @@ struct Slot {
     incoming: Option<WorkerId>,
     backoff: Backoff,
     restarts: u32,
-    restart_pending: bool,
-    errored: Option<String>,
+    /// Active, waiting out a backoff, respawning (`herd restart`) or errored; changed only
+    /// by [`Supervisor::set_slot_state`].
+    state: SlotState,
     last_exit: Option<String>,
-    /// Scale-down: removed once its worker is gone.
+    /// Scale-down: removed once its worker is gone. Beside `state`, not in it: a slot in
+    /// any state but `Respawning` can be scaled away (see [`slot`]).
     retiring: bool,
-    /// Restart: start a new worker once the current one is gone.
-    respawn: bool,
     /// Replacements by reason.
     reasons: BTreeMap<Reason, u32>,
 }
@@ -95,11 +98,9 @@ impl Slot {
             incoming: None,
             backoff: Backoff::new(policy),
             restarts: 0,
-            restart_pending: false,
-            errored: None,
+            state: SlotState::Active,
             last_exit: None,
             retiring: false,
-            respawn: false,
             reasons: Default::default(),
         }
     }
@@ -305,11 +306,14 @@ impl Supervisor {
                 );
             }
             Event::RestartDue { instance } => {
-                let Some(slot) = self.slots.get_mut(instance) else {
+                let Some(slot) = self.slots.get(instance) else {
                     return;
                 };
-                slot.restart_pending = false;
-                let wanted = slot.worker.is_none() && slot.errored.is_none() && !slot.retiring;
+                if slot.state.is_restart_due() {
+                    self.set_slot_state(instance, SlotState::Active);
+                }
+                let slot = &self.slots[instance];
+                let wanted = slot.worker.is_none() && !slot.state.is_errored() && !slot.retiring;
                 if !self.phase.is_stopping() && wanted {
                     self.start_worker(instance, false);
                 }
@@ -524,6 +528,36 @@ impl Supervisor {
                 debug_assert!(false, "invalid app phase change {invalid:?}");
                 None
             }
+        }
+    }
+
+    /// Changes slot `instance`'s state through one of [`SlotState`]'s transitions. One the
+    /// machine does not have is a bug in herd: refused, logged, and fatal in debug builds.
+    /// Valid changes are not logged as events of their own: the events that cause them
+    /// (`restarting`, `errored`, `restart`) already say so.
+    pub(super) fn set_slot_state(&mut self, instance: usize, next: SlotState) {
+        let Some(slot) = self.slots.get_mut(instance) else {
+            return;
+        };
+        if let Err(invalid) = slot.state.advance(next) {
+            self.logger.event(
+                EventName::Error,
+                None,
+                &format!(
+                    "herd bug: invalid state change {} → {} for {}[{instance}]'s slot, ignored",
+                    invalid.from, invalid.to, self.plan.spec.name
+                ),
+                &[],
+            );
+            debug_assert!(false, "invalid slot state change {invalid:?}");
+        }
+    }
+
+    /// Slot `instance` got a worker by other means than its restart timer (a reload's
+    /// replacement, `herd scale` taking a retiring slot back): it is active again.
+    pub(super) fn slot_filled(&mut self, instance: usize) {
+        if let Some(next) = self.slots.get(instance).and_then(|s| s.state.on_filled()) {
+            self.set_slot_state(instance, next);
         }
     }
 

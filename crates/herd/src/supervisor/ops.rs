@@ -20,6 +20,7 @@ use herd_proto::event::EventName;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use super::slot::SlotState;
 use super::state::{DrainReason, Replacement, Role};
 use super::{Slot, Supervisor, WorkerId};
 use crate::fmt::human;
@@ -235,18 +236,21 @@ impl Supervisor {
     /// Restart: every slot's worker stops and starts again (errored slots too).
     fn restart_slots(&mut self, live: usize) {
         for instance in 0..live {
+            if self.slots[instance].state.is_errored() {
+                self.set_slot_state(instance, SlotState::Active);
+            }
             let slot = &mut self.slots[instance];
-            slot.errored = None;
             slot.backoff = super::restart::Backoff::new(&self.plan.spec.policy);
             match slot.worker {
                 Some(id) => {
-                    slot.respawn = true;
+                    self.set_slot_state(instance, SlotState::Respawning);
                     self.stop_worker(id, DrainReason::Restart);
                 }
-                None if !slot.restart_pending => {
+                // Waiting out a backoff: its timer starts the worker.
+                None if slot.state.is_restart_due() => {}
+                None => {
                     self.start_worker(instance, false);
                 }
-                None => {}
             }
         }
     }
@@ -261,6 +265,7 @@ impl Supervisor {
                     self.slots.push(Slot::new(&self.plan.spec.policy));
                 }
                 if self.slots[instance].worker.is_none() {
+                    self.slot_filled(instance);
                     self.start_worker(instance, false);
                 }
             }
@@ -312,9 +317,9 @@ impl Supervisor {
 
     /// An incoming worker became ready: it takes over its slot.
     pub(super) fn promote(&mut self, id: WorkerId, instance: usize) {
+        self.slot_filled(instance);
         let slot = &mut self.slots[instance];
         slot.incoming = None;
-        slot.errored = None;
         let old = slot.worker.replace(id);
         if let Some(w) = self.workers.get_mut(&id) {
             w.role = Role::Current;
@@ -436,9 +441,10 @@ impl Supervisor {
             OpKind::Restart => self
                 .slots
                 .iter()
-                .all(|s| !s.respawn && (s.errored.is_some() || ready(s))),
+                .all(|s| !s.state.is_respawning() && (s.state.is_errored() || ready(s))),
             OpKind::Scale { to } => {
-                self.slots.len() == to && self.slots.iter().all(|s| s.errored.is_some() || ready(s))
+                self.slots.len() == to
+                    && self.slots.iter().all(|s| s.state.is_errored() || ready(s))
             }
         };
         if !done {
@@ -447,7 +453,7 @@ impl Supervisor {
         let Some(mut op) = self.finish_op() else {
             return;
         };
-        let errored = self.slots.iter().filter(|s| s.errored.is_some()).count();
+        let errored = self.slots.iter().filter(|s| s.state.is_errored()).count();
         let took = human(op.started.elapsed());
         let (ok, message) = match op.kind {
             OpKind::Reload { .. } => (true, format!("reloaded {} workers in {took}", op.replaced)),

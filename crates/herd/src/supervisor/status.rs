@@ -63,7 +63,7 @@ impl Supervisor {
         match self.phase.op() {
             _ if self.phase.is_stopping() => AppState::Stopping,
             Some(op) => op.kind.state(),
-            None if self.slots.iter().all(|s| s.errored.is_some()) => AppState::Errored,
+            None if self.slots.iter().all(|s| s.state.is_errored()) => AppState::Errored,
             None => AppState::Running,
         }
     }
@@ -133,14 +133,18 @@ fn empty_slot_status(instance: usize, slot: &Slot) -> WorkerStatus {
         instance,
         worker_id: 0,
         pid: 0,
-        state: if slot.errored.is_some() {
+        state: if slot.state.is_errored() {
             Shown::Errored
         } else {
             Shown::Waiting
         },
         uptime_ms: 0,
         restarts: slot.restarts,
-        last_exit: slot.errored.clone().or_else(|| slot.last_exit.clone()),
+        last_exit: slot
+            .state
+            .errored()
+            .map(str::to_string)
+            .or_else(|| slot.last_exit.clone()),
         cpu_percent: 0.0,
         memory_bytes: 0,
         connections: 0,

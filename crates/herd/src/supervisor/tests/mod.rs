@@ -112,6 +112,60 @@ async fn a_crash_loop_errors_its_slot_and_herd_exits_1_once_every_slot_is_errore
 }
 
 #[tokio::test(start_paused = true)]
+async fn restart_revives_an_errored_slot_respawns_a_live_one_and_leaves_a_backoff_to_its_timer() {
+    local(async {
+        let mut s = spec(3);
+        s.policy.max_restarts = 2;
+        let mut rig = Rig::start(s);
+        rig.settle().await;
+        rig.all_ready().await;
+        // Slot 0 crash-loops until it is errored.
+        for _ in 0..3 {
+            rig.os.exit(rig.os.newest(0), 3);
+            rig.advance(ms(500)).await;
+        }
+        assert_eq!(state(&rig.status().await.workers[0]), "errored");
+        // Slot 1 crashes once and waits out its first backoff (100ms).
+        let crashed = rig.os.newest(1);
+        rig.os.exit(crashed, 1);
+        rig.settle().await;
+        let died = rig.os.exited_at(crashed).expect("exited");
+        let live = rig.os.newest(2);
+        let before = rig.os.spawns().len();
+
+        let mut restart = rig.control(Request::Restart).await;
+        // Errored slot 0 starts at once; slot 2's worker is stopped first and its successor
+        // starts once it is gone; slot 1 is left to its timer.
+        assert_eq!(rig.os.sent(live), [Signal::TERM]);
+        let started: Vec<usize> = rig.os.spawns()[before..]
+            .iter()
+            .map(|s| s.instance)
+            .collect();
+        assert_eq!(started, [0, 2]);
+        assert_eq!(app_state(&rig.status().await), "restarting");
+        rig.advance(ms(200)).await;
+        let next = rig.os.spawned(rig.os.newest(1));
+        assert_ne!(next.id, crashed);
+        assert_about(next.at - died, ms(100), "slot 1 kept its backoff");
+        assert_eq!(rig.os.spawns().len(), before + 3, "one worker per slot");
+
+        for i in 0..3 {
+            rig.os.ready(rig.os.newest(i));
+        }
+        rig.settle().await;
+        let response = answered(&mut restart).expect("answered");
+        assert!(
+            response.ok && response.message.contains("restarted 3 workers"),
+            "{response:?}"
+        );
+        let status = rig.status().await;
+        assert_eq!(status.ready, 3);
+        assert!(status.workers.iter().all(|w| state(w) == "ready"));
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn reload_promotes_each_ready_replacement_and_then_stops_the_old_worker() {
     local(async {
         let mut rig = Rig::start(spec(2));
