@@ -140,6 +140,32 @@ pub async fn accept_loop(
     }
 }
 
+/// Accepts connections on `listener` and closes them at once, until the task is aborted: for
+/// the socket of a slot that will never have a worker again (socket activation, scaled away
+/// or errored), so that clients queued there are refused quickly instead of waiting forever.
+pub async fn refuse_loop(listener: Rc<OwnedFd>) {
+    // SAFETY: the Rc keeps the fd open for as long as the AsyncFd (which holds a clone) lives.
+    let Ok(listener) = (unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) })
+    else {
+        return;
+    };
+    loop {
+        let accepted = listener
+            .async_io(Interest::READABLE, |fd| {
+                rustix::net::accept_with(fd.as_fd(), SocketFlags::NONBLOCK | SocketFlags::CLOEXEC)
+                    .map_err(io::Error::from)
+            })
+            .await;
+        match accepted {
+            Ok(conn) => drop(conn),
+            Err(e) if is_transient(&e) => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(_) => return,
+        }
+    }
+}
+
 fn is_transient(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),

@@ -19,7 +19,9 @@
 //!   to ready workers, as round-robin does (sticky: to the worker of the slot the kernel now
 //!   gives the client's address).
 //! - Socket-activation workers cannot be handed connections: what is queued in a dead slot
-//!   waits for that slot's next worker, which inherits the same socket.
+//!   waits for that slot's next worker, which inherits the same socket. A slot that will not
+//!   have one (scaled away, errored) has its queued connections closed by herd, so their
+//!   clients fail fast instead of waiting forever.
 
 use std::collections::BTreeSet;
 use std::rc::Rc;
@@ -101,9 +103,12 @@ impl Supervisor {
             .iter()
             .filter_map(|l| l.group.clone())
             .collect();
-        for group in listener_groups {
+        for group in &listener_groups {
             let set: Vec<usize> = live.iter().copied().collect();
-            self.route_group(&group, &set);
+            self.route_group(group, &set);
+        }
+        if self.plan.kind == crate::spec::WorkerKind::SocketActivation {
+            self.close_abandoned_slots(&live);
         }
 
         // Node servers: a slot is live for a server once its worker holds that server.
@@ -142,6 +147,43 @@ impl Supervisor {
                 ),
                 &[("instance", json!(instance))],
             );
+        }
+    }
+
+    /// Socket activation: connections queued in the socket of a slot that will not have a
+    /// worker again (scaled away, errored) cannot be handed to another worker: herd closes
+    /// them, so their clients fail fast instead of waiting forever. A slot that comes back
+    /// (scaled up again, `herd restart`) stops this.
+    fn close_abandoned_slots(&mut self, live: &BTreeSet<usize>) {
+        let stopping = self.phase.is_stopping();
+        for (index, l) in self.plan.listeners.iter().enumerate() {
+            let Some(group) = &l.group else {
+                continue;
+            };
+            for slot in 0..group.borrow().len() {
+                let abandoned = !stopping
+                    && !live.contains(&slot)
+                    && self.slots.get(slot).is_none_or(|s| {
+                        s.worker.is_none()
+                            && s.incoming.is_none()
+                            && (s.retiring || s.state.is_errored())
+                    });
+                let key = (index, slot);
+                match (abandoned, self.closers.contains_key(&key)) {
+                    (true, false) => {
+                        if let Some(socket) = group.borrow().socket_rc(slot) {
+                            let task = tokio::task::spawn_local(balance::refuse_loop(socket));
+                            self.closers.insert(key, task);
+                        }
+                    }
+                    (false, true) => {
+                        if let Some(task) = self.closers.remove(&key) {
+                            task.abort();
+                        }
+                    }
+                    _ => {}
+                }
+            }
         }
     }
 

@@ -134,6 +134,9 @@ pub struct Supervisor {
     was_ready: BTreeSet<usize>,
     /// `--balance sticky`: empty slots that keep their clients, until when.
     held: BTreeMap<usize, tokio::time::Instant>,
+    /// Socket activation, hash and sticky: (listener, slot) sockets of slots that will not
+    /// have a worker again, whose queued connections herd closes.
+    closers: BTreeMap<(usize, usize), tokio::task::JoinHandle<()>>,
 }
 
 impl Supervisor {
@@ -181,6 +184,7 @@ impl Supervisor {
             last_sample: None,
             was_ready: BTreeSet::new(),
             held: BTreeMap::new(),
+            closers: BTreeMap::new(),
         };
         (sup, rx)
     }

@@ -93,6 +93,17 @@ impl Waiting {
         !matches!(r, Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 
+    /// How it ended: the answer's JSON body, or the error or close without an answer.
+    fn outcome(mut self) -> Result<serde_json::Value, String> {
+        let mut raw = Vec::new();
+        self.0.read_to_end(&mut raw).map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&raw);
+        let (_, body) = text
+            .split_once("\r\n\r\n")
+            .ok_or("closed without an answer")?;
+        serde_json::from_str(body).map_err(|e| e.to_string())
+    }
+
     /// The answer's JSON body.
     fn answer(mut self) -> serde_json::Value {
         let mut raw = Vec::new();
@@ -295,7 +306,14 @@ fn start_python(name: &str, instances: usize, balance: &str) -> Herd {
         "control_server.py",
         name,
         instances,
-        &["--ready", "notify", "--balance", balance],
+        &[
+            "--ready",
+            "notify",
+            "--balance",
+            balance,
+            "--kill-timeout",
+            "300ms",
+        ],
     )
 }
 
@@ -390,4 +408,40 @@ fn a_reload_under_hash_keeps_every_slot_socket_and_drops_no_request() {
     let now: BTreeSet<u32> = after.keys().copied().collect();
     assert_eq!(now.len(), 2, "both new workers serve: {after:?}");
     assert!(now.is_disjoint(&before), "{before:?} → {now:?}");
+}
+
+#[test]
+fn socket_activation_connections_queued_for_a_retired_slot_are_closed_not_stranded() {
+    let name = "rp-sa-retire";
+    let herd = start_python(name, 2, "hash");
+    herd.wait_ready();
+    let port = herd.port();
+    let home = home_of(&herd);
+    let s = wait_status(&home, name, "2 ready", |s| ready_pids(s).len() == 2);
+    let retired = crate::util::workers(&s)
+        .iter()
+        .find(|w| w["instance"] == 1)
+        .and_then(|w| w["pid"].as_u64())
+        .expect("slot 1's pid") as u32;
+    // Slot 1's worker stops accepting: about half the connections queue in its socket.
+    kill(retired, libc::SIGSTOP);
+    let waiting: Vec<Waiting> = (0..12).map(|_| Waiting::send(None, port)).collect();
+    let out = cli(&home, &["scale", name, "1"]);
+    assert_eq!(out.code, Some(0), "{out}\n{}", herd.dump());
+    let started = Instant::now();
+    let outcomes: Vec<_> = waiting.into_iter().map(Waiting::outcome).collect();
+    let closed = outcomes.iter().filter(|o| o.is_err()).count();
+    eprintln!("after scaling away a slot with a queue: {outcomes:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "queued connections waited {:?}",
+        started.elapsed()
+    );
+    assert!(
+        closed >= 1,
+        "none of 12 connections was queued in slot 1: {outcomes:?}"
+    );
+    for o in outcomes.iter().flatten() {
+        assert_ne!(o["pid"], retired, "{o}");
+    }
 }
