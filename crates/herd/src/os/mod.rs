@@ -37,6 +37,9 @@ pub trait Os {
 }
 
 /// A started worker.
+/// Resolves once a worker has exited and is reaped ([`Spawned::exit`]).
+pub type Exit = Pin<Box<dyn Future<Output = io::Result<ExitStatus>>>>;
+
 pub struct Spawned {
     pub pid: u32,
     /// Its process group; signals go through it.
@@ -45,7 +48,7 @@ pub struct Spawned {
     pub stderr: Option<ChildStderr>,
     /// Resolves once the worker has exited and what was left of its group is killed; only
     /// then is it reaped and `leader` marked so ([`spawn::wait_exit`]).
-    pub exit: Pin<Box<dyn Future<Output = io::Result<ExitStatus>>>>,
+    pub exit: Exit,
 }
 
 /// The real OS.

@@ -393,90 +393,11 @@ impl Launcher {
     /// Starts worker `id` in slot `instance`.
     pub fn launch(&self, id: WorkerId, instance: usize) -> io::Result<Worker> {
         let plan = &self.plan;
-        let mut env = self.base_env.clone();
-        let mut set = |k: &str, v: String| env.push((k.into(), v.into()));
-        set("HERD_APP", plan.spec.name.clone());
-        set("HERD_WORKER_ID", id.to_string());
-        set("HERD_INSTANCE", instance.to_string());
-        set("NODE_APP_INSTANCE", instance.to_string());
-        if let Some(port) = plan.first_port() {
-            set("PORT", port.to_string());
-        }
-
-        // The socket is the worker's (0600); the directory stays herd's (rundir.rs).
-        let dir = self
-            .run_dir_fd
-            .as_ref()
-            .map_err(|e| io::Error::other(e.clone()))?;
-        let notify_name = format!("w{id}.notify");
-        let notify_path = self.run_dir.join(&notify_name);
-        let notify = crate::rundir::bind_notify(
-            dir,
-            &self.run_dir,
-            &notify_name,
-            plan.user.as_ref().map(|u| (u.uid, u.gid)),
-        )?;
-        notify.set_nonblocking(true)?;
-        set("NOTIFY_SOCKET", notify_path.to_string_lossy().into_owned());
-
-        let mut ipc = None;
-        // `--balance hash|sticky`: this slot's socket of each TCP listener.
-        let slot_sockets: Vec<Option<Rc<OwnedFd>>> = match plan.kind {
-            WorkerKind::SocketActivation => plan
-                .listeners
-                .iter()
-                .map(|l| {
-                    l.group
-                        .as_ref()
-                        .map(|g| super::kernel::slot_socket(g, instance))
-                        .transpose()
-                })
-                .collect::<io::Result<_>>()?,
-            WorkerKind::Node => Vec::new(),
-        };
-        let mut fds: Vec<BorrowedFd<'_>>;
-        let mut health_port = None;
-        let health_listener;
-        let listen_pid = match plan.kind {
-            WorkerKind::SocketActivation => {
-                fds = plan
-                    .listeners
-                    .iter()
-                    .zip(&slot_sockets)
-                    .map(|(l, own)| own.as_ref().map_or(l.socket.as_fd(), |s| s.as_fd()))
-                    .collect();
-                let mut names: Vec<&str> = plan.listeners.iter().map(|l| l.name.as_str()).collect();
-                if plan.spec.health.check.is_some() {
-                    let socket = crate::plan::bind_tcp(
-                        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-                        true,
-                    )?;
-                    health_port = socket.local_addr()?.as_socket().map(|a| a.port());
-                    health_listener = socket;
-                    fds.push(health_listener.as_fd());
-                    names.push("health");
-                }
-                if let Some(watchdog) = plan.spec.health.watchdog {
-                    set("WATCHDOG_USEC", watchdog.as_micros().to_string());
-                }
-                set("LISTEN_FDS", fds.len().to_string());
-                set("LISTEN_FDNAMES", names.join(":"));
-                !fds.is_empty()
-            }
-            WorkerKind::Node => {
-                let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
-                set("NODE_UNIQUE_ID", id.to_string());
-                set("NODE_CHANNEL_FD", FIRST_FD.to_string());
-                set("NODE_CHANNEL_SERIALIZATION_MODE", "json".into());
-                ipc = Some((ours, theirs));
-                fds = vec![ipc.as_ref().map(|(_, t)| t.as_fd()).expect("just set")];
-                false
-            }
-        };
-        if !listen_pid {
-            env.retain(|(k, _)| k != "LISTEN_FDS" && k != "LISTEN_FDNAMES");
-        }
-
+        let mut env = self.worker_env(id, instance);
+        let (notify, notify_path) = self.notify_socket(id)?;
+        env.push(("NOTIFY_SOCKET".into(), notify_path.clone().into_os_string()));
+        let given = self.given_fds(id, instance, &mut env)?;
+        let fds = self.fds_of(&given);
         let Spawned {
             pid,
             leader,
@@ -487,55 +408,22 @@ impl Launcher {
             program: &plan.program,
             argv: &self.argv,
             env: &env,
-            listen_pid,
+            listen_pid: given.listen_pid,
             fds: &fds,
             cwd: plan.cwd.as_deref(),
             uid: plan.user.as_ref().map(|u| u.uid),
             gid: plan.user.as_ref().map(|u| u.gid),
         })?;
         drop(fds);
-        let tail: Tail = Default::default();
         let who = Who {
             instance,
             worker_id: id,
             pid,
         };
-
-        let stdout = stdout
-            .map(tokio::process::ChildStdout::from_std)
-            .transpose();
-        let stderr = stderr
-            .map(tokio::process::ChildStderr::from_std)
-            .transpose();
-        let tx = self.tx.clone();
-        // From here on the child is reaped by this task only (spawn::wait_exit).
-        tokio::task::spawn_local(async move {
-            let status = exit.await;
-            let _ = tx.send(Event::Exited { id, status });
-        });
-        if let Some(out) = stdout? {
-            tokio::task::spawn_local(logs::pump(
-                out,
-                self.logger.clone(),
-                who,
-                Stream::Stdout,
-                Rc::clone(&tail),
-            ));
-        }
-        if let Some(err) = stderr? {
-            tokio::task::spawn_local(logs::pump(
-                err,
-                self.logger.clone(),
-                who,
-                Stream::Stderr,
-                Rc::clone(&tail),
-            ));
-        }
-        let tx = self.tx.clone();
+        let tail = self.watch(who, exit, stdout, stderr)?;
         let notify = tokio::net::UnixDatagram::from_std(notify)?;
-        let notify_task = tokio::task::spawn_local(notify_loop(notify, id, pid, tx));
-
-        let channel = match ipc {
+        let notify_task = tokio::task::spawn_local(notify_loop(notify, id, pid, self.tx.clone()));
+        let channel = match given.ipc {
             Some((ours, theirs)) => {
                 drop(theirs);
                 ours.set_nonblocking(true)?;
@@ -566,7 +454,7 @@ impl Launcher {
             probing: false,
             probe_failures: 0,
             health: None,
-            health_port,
+            health_port: given.health_port,
             channel,
             inflight: Vec::new(),
             dropped: Tally::default(),
@@ -579,6 +467,181 @@ impl Launcher {
             notify_path: Some(notify_path),
             notify_task: Some(notify_task),
         })
+    }
+
+    /// herd's environment plus what tells a worker who it is (`HERD_*`, `PORT`).
+    fn worker_env(&self, id: WorkerId, instance: usize) -> Vec<(OsString, OsString)> {
+        let plan = &self.plan;
+        let mut env = self.base_env.clone();
+        let mut set = |k: &str, v: String| env.push((k.into(), v.into()));
+        set("HERD_APP", plan.spec.name.clone());
+        set("HERD_WORKER_ID", id.to_string());
+        set("HERD_INSTANCE", instance.to_string());
+        set("NODE_APP_INSTANCE", instance.to_string());
+        if let Some(port) = plan.first_port() {
+            set("PORT", port.to_string());
+        }
+        env
+    }
+
+    /// The worker's own notify socket (`NOTIFY_SOCKET`): 0600 and the worker's; the directory
+    /// stays herd's (rundir.rs).
+    fn notify_socket(
+        &self,
+        id: WorkerId,
+    ) -> io::Result<(std::os::unix::net::UnixDatagram, PathBuf)> {
+        let dir = self
+            .run_dir_fd
+            .as_ref()
+            .map_err(|e| io::Error::other(e.clone()))?;
+        let name = format!("w{id}.notify");
+        let notify = crate::rundir::bind_notify(
+            dir,
+            &self.run_dir,
+            &name,
+            self.plan.user.as_ref().map(|u| (u.uid, u.gid)),
+        )?;
+        notify.set_nonblocking(true)?;
+        Ok((notify, self.run_dir.join(&name)))
+    }
+
+    /// The fds worker `id` gets at 3.. and the variables that describe them: the listeners
+    /// (and a private `health` one) for socket activation, the IPC channel for Node.
+    fn given_fds(
+        &self,
+        id: WorkerId,
+        instance: usize,
+        env: &mut Vec<(OsString, OsString)>,
+    ) -> io::Result<GivenFds> {
+        let plan = &self.plan;
+        let mut set = |k: &str, v: String| env.push((k.into(), v.into()));
+        let mut given = GivenFds {
+            listen_pid: false,
+            ipc: None,
+            slot_sockets: Vec::new(),
+            health: None,
+            health_port: None,
+        };
+        match plan.kind {
+            WorkerKind::SocketActivation => {
+                // `--balance hash|sticky`: this slot's socket of each TCP listener.
+                given.slot_sockets = plan
+                    .listeners
+                    .iter()
+                    .map(|l| {
+                        l.group
+                            .as_ref()
+                            .map(|g| super::kernel::slot_socket(g, instance))
+                            .transpose()
+                    })
+                    .collect::<io::Result<_>>()?;
+                let mut names: Vec<&str> = plan.listeners.iter().map(|l| l.name.as_str()).collect();
+                if plan.spec.health.check.is_some() {
+                    let socket = crate::plan::bind_tcp(
+                        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+                        true,
+                    )?;
+                    given.health_port = socket.local_addr()?.as_socket().map(|a| a.port());
+                    given.health = Some(socket.into());
+                    names.push("health");
+                }
+                if let Some(watchdog) = plan.spec.health.watchdog {
+                    set("WATCHDOG_USEC", watchdog.as_micros().to_string());
+                }
+                let count = names.len();
+                given.listen_pid = count > 0;
+                if given.listen_pid {
+                    set("LISTEN_FDS", count.to_string());
+                    set("LISTEN_FDNAMES", names.join(":"));
+                }
+            }
+            WorkerKind::Node => {
+                set("NODE_UNIQUE_ID", id.to_string());
+                set("NODE_CHANNEL_FD", FIRST_FD.to_string());
+                set("NODE_CHANNEL_SERIALIZATION_MODE", "json".into());
+                given.ipc = Some(std::os::unix::net::UnixStream::pair()?);
+            }
+        }
+        Ok(given)
+    }
+
+    /// Starts the tasks that watch a spawned worker: its exit (the only reaper from here on,
+    /// spawn::wait_exit) and its output pumps, which keep its last lines in the returned tail.
+    fn watch(
+        &self,
+        who: Who,
+        exit: crate::os::Exit,
+        stdout: Option<std::process::ChildStdout>,
+        stderr: Option<std::process::ChildStderr>,
+    ) -> io::Result<Tail> {
+        let id = who.worker_id;
+        let tx = self.tx.clone();
+        tokio::task::spawn_local(async move {
+            let status = exit.await;
+            let _ = tx.send(Event::Exited { id, status });
+        });
+        let tail: Tail = Default::default();
+        if let Some(out) = stdout {
+            let out = tokio::process::ChildStdout::from_std(out)?;
+            let pump = logs::pump(
+                out,
+                self.logger.clone(),
+                who,
+                Stream::Stdout,
+                Rc::clone(&tail),
+            );
+            tokio::task::spawn_local(pump);
+        }
+        if let Some(err) = stderr {
+            let err = tokio::process::ChildStderr::from_std(err)?;
+            let pump = logs::pump(
+                err,
+                self.logger.clone(),
+                who,
+                Stream::Stderr,
+                Rc::clone(&tail),
+            );
+            tokio::task::spawn_local(pump);
+        }
+        Ok(tail)
+    }
+}
+
+/// What a worker inherits besides stdio, owned until it is spawned.
+struct GivenFds {
+    /// Socket activation with at least one fd: set `LISTEN_PID`.
+    listen_pid: bool,
+    /// Node: herd's end and the worker's end of the IPC channel.
+    ipc: Option<(
+        std::os::unix::net::UnixStream,
+        std::os::unix::net::UnixStream,
+    )>,
+    /// Socket activation, `--balance hash|sticky`: the slot's own socket of each listener
+    /// (None: the listener's one shared socket).
+    slot_sockets: Vec<Option<Rc<OwnedFd>>>,
+    /// Socket activation with --health-check: the worker's private `health` listener.
+    health: Option<OwnedFd>,
+    health_port: Option<u16>,
+}
+
+impl Launcher {
+    /// The plan's listeners (with hash and sticky, the slot's own socket of each); `given`
+    /// holds the rest.
+    fn fds_of<'a>(&'a self, given: &'a GivenFds) -> Vec<BorrowedFd<'a>> {
+        match &given.ipc {
+            Some((_, theirs)) => vec![theirs.as_fd()],
+            None => self
+                .plan
+                .listeners
+                .iter()
+                .enumerate()
+                .map(|(i, l)| match given.slot_sockets.get(i) {
+                    Some(Some(own)) => own.as_fd(),
+                    _ => l.socket.as_fd(),
+                })
+                .chain(given.health.as_ref().map(|h| h.as_fd()))
+                .collect(),
+        }
     }
 }
 

@@ -529,28 +529,40 @@ fn a_huge_log_file_costs_herd_start_bounded_memory() {
     let missing = home.join("no-such-program");
     let missing = missing.to_str().expect("utf-8 path");
     let t = Instant::now();
-    // Reaped by wait4 below, which also reports its peak RSS.
-    #[allow(clippy::zombie_processes)]
-    let child = cli_command(home.path(), &["start", "--name", name, missing])
-        .spawn()
-        .expect("start herd start");
-    let pid = child.id() as libc::pid_t;
-    // wait4 for the CLI's own peak RSS (ru_maxrss, kB).
-    let (code, maxrss_kb) = poll_until("herd start to exit", || {
-        let mut status = 0;
-        // SAFETY: an all-zero rusage is valid; wait4 fills it for our own child.
-        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        let rc = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
-        assert!(rc >= 0, "wait4: {}", std::io::Error::last_os_error());
-        (rc == pid).then(|| (libc::WEXITSTATUS(status), usage.ru_maxrss))
-    });
+    // The CLI's own peak RSS (ru_maxrss), measured by a small python3 parent: a process forked
+    // from this test binary counts the test's own (large, busy) memory until it execs, so
+    // wait4 from here would measure the test harness, not herd.
+    let cmd = cli_command(home.path(), &["start", "--name", name, missing]);
+    let mut wrapped = std::process::Command::new("python3");
+    wrapped.args([
+        "-c",
+        "import os, sys\n\
+         pid = os.fork()\n\
+         if pid == 0:\n    os.execv(sys.argv[1], sys.argv[1:])\n\
+         _, status, usage = os.wait4(pid, 0)\n\
+         print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)",
+    ]);
+    wrapped.arg(cmd.get_program()).args(cmd.get_args());
+    for (key, value) in cmd.get_envs() {
+        match value {
+            Some(v) => wrapped.env(key, v),
+            None => wrapped.env_remove(key),
+        };
+    }
+    wrapped.stdin(std::process::Stdio::null());
+    let out = wrapped.output().expect("run herd start under python3");
+    drop(cmd);
+    let measured = String::from_utf8_lossy(&out.stdout);
+    let mut words = measured.split_whitespace();
+    let (code, maxrss_kb): (i32, i64) = match (words.next(), words.next()) {
+        (Some(c), Some(m)) => (c.parse().expect("code"), m.parse().expect("maxrss")),
+        _ => panic!(
+            "no measurement: {measured} {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    };
     let took = t.elapsed();
-    let mut stderr = String::new();
-    child
-        .stderr
-        .expect("stderr")
-        .read_to_string(&mut stderr)
-        .expect("stderr");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     eprintln!("herd start: exit {code}, peak RSS {maxrss_kb} kB, {took:?}");
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("did not start"), "{stderr}");
