@@ -645,7 +645,8 @@ class Herd(_ProcTarget):
         self.herd_bin = herd_bin
         self.reload_cmd = reload_cmd
         self.ls_cmd = ls_cmd
-        self.name = {"round-robin": "herd-rr", "shared": "herd-shared", "sticky": "herd-sticky"}[balance]
+        self.name = {"round-robin": "herd-rr", "shared": "herd-shared", "sticky": "herd-sticky",
+                     "hash": "herd-hash"}[balance]
         self.label = f"herd --balance {balance}"
         self.runtime_dir = None
         super().__init__(workers, logdir)

@@ -4,6 +4,8 @@
  *
  *   GET /  -> busy-loops WORK_MS milliseconds of CPU (env, default 0), then answers
  *             {"pid":..., "instance":..., "work_ms":..., "n":...} (small JSON, 200).
+ *             WORK_SLOW_PCT=P with WORK_SLOW_MS=S (env, default 0: off): P % of requests,
+ *             at random, burn S ms instead (a mixed load; balance.py).
  *   other  -> 404.
  *   stop   -> SIGINT / SIGTERM / cluster disconnect: drain (see shutdown()), exit within 1.5 s;
  *             APP_DRAIN=node: Node's stock server.close() instead (the common, racy way).
@@ -18,6 +20,8 @@ const cluster = require('node:cluster');
 
 const PORT = Number(process.env.PORT || 3000);
 const WORK_MS = Number(process.env.WORK_MS || 0);
+const WORK_SLOW_MS = Number(process.env.WORK_SLOW_MS || 0);
+const WORK_SLOW_PCT = Number(process.env.WORK_SLOW_PCT || 0);
 const INSTANCE = process.env.HERD_INSTANCE ?? process.env.NODE_APP_INSTANCE ?? null;
 const DRAIN_MS = 1500; // below PM2's default kill_timeout (1600 ms) and herd's (5 s)
 const IDLE_GRACE_MS = 250; // while draining, a keep-alive socket idle this long is closed
@@ -40,9 +44,10 @@ const server = http.createServer((req, res) => {
   res.once('finish', () => { if (idleSince.has(socket)) idleSince.set(socket, Date.now()); });
   if (draining && CAREFUL) res.setHeader('connection', 'close'); // keep-alive clients go elsewhere
   if (req.method === 'GET' && (req.url === '/' || req.url.startsWith('/?'))) {
-    burn(WORK_MS);
+    const work = WORK_SLOW_PCT > 0 && Math.random() * 100 < WORK_SLOW_PCT ? WORK_SLOW_MS : WORK_MS;
+    burn(work);
     served += 1;
-    const body = JSON.stringify({ pid: process.pid, instance: INSTANCE, work_ms: WORK_MS, n: served });
+    const body = JSON.stringify({ pid: process.pid, instance: INSTANCE, work_ms: work, n: served });
     res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) });
     res.end(body);
   } else {

@@ -69,6 +69,9 @@ wire_enum! {
         Starting = "starting",
         /// A worker's or the app's state changed (`from`, `to`); JSON logs only.
         State = "state",
+        /// `--balance sticky`: a slot without a ready worker for `--sticky-wait`; its clients
+        /// go to their next slots.
+        StickyMoved = "sticky_moved",
         Stopped = "stopped",
         Stopping = "stopping",
         Warning = "warning",

@@ -1,4 +1,4 @@
-//! herd's side of round-robin and sticky balancing: the accept loop and the choice of worker.
+//! herd's side of round-robin balancing: the accept loop and the choice of worker.
 //!
 //! An accept task per server takes connections off the listening socket (already
 //! non-blocking and close-on-exec, straight from `accept4`, never registered with the event
@@ -10,12 +10,10 @@
 //!   stuck stops answering and so stops receiving. When no worker is free the connection
 //!   waits in the server's queue; past [`MAX_QUEUED`] the accept task pauses and the kernel's
 //!   backlog holds the rest.
-//! - **sticky**: rendezvous hashing of the client's IP address over the worker slots: every
-//!   (address, slot) pair gets a score and the best live slot wins. A client keeps its slot
-//!   while that slot has a ready worker (a reload replaces the worker, not the slot, so the
-//!   client stays); while the slot has none (a crash), its clients go to their next-best slot
-//!   instead of waiting, and come back once the slot is ready again. Only the clients of the
-//!   missing slot move.
+//! - **hash, sticky** (Node): the kernel picks the worker (see `reuseport`); herd runs this
+//!   loop only on the socket of a slot that has no ready worker, to hand the connections
+//!   already queued there to ready workers (sticky: to the slot the kernel now gives the
+//!   client's address).
 
 use std::cell::Cell;
 use std::io;
@@ -29,7 +27,6 @@ use tokio::io::Interest;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::Notify;
 
-use crate::mix::mix64;
 use crate::vocab::{Event, ServerId};
 
 /// Hand-offs a worker may leave unanswered before it stops counting as free.
@@ -41,8 +38,8 @@ pub const MAX_QUEUED: usize = 4096;
 #[derive(Debug)]
 pub struct Pending {
     pub fd: OwnedFd,
-    /// Hash of the client's IP address (sticky).
-    pub peer: u64,
+    /// The client's IP address (sticky: which slot it belongs to).
+    pub peer: Option<IpAddr>,
     /// Workers that refused it or died holding it.
     pub attempts: u8,
     /// herd's own health probe for one worker: never re-routed to another.
@@ -61,9 +58,12 @@ impl AcceptGate {
         self.paused.set(true);
     }
 
+    /// Wakes every accept loop of the server (hash and sticky drain several slots' sockets
+    /// through one gate). A loop checks `paused` and starts waiting without yielding in
+    /// between, so no wake-up is lost.
     pub fn resume(&self) {
         if self.paused.replace(false) {
-            self.resume.notify_one();
+            self.resume.notify_waiters();
         }
     }
 }
@@ -103,7 +103,7 @@ pub async fn accept_loop(
             .await;
         match accepted {
             Ok((fd, addr)) => {
-                let peer = addr.as_ref().map_or(0, peer_hash);
+                let peer = addr.as_ref().and_then(peer_ip);
                 if tx
                     .send(Event::Conn {
                         server,
@@ -140,6 +140,32 @@ pub async fn accept_loop(
     }
 }
 
+/// Accepts connections on `listener` and closes them at once, until the task is aborted: for
+/// the socket of a slot that will never have a worker again (socket activation, scaled away
+/// or errored), so that clients queued there are refused quickly instead of waiting forever.
+pub async fn refuse_loop(listener: Rc<OwnedFd>) {
+    // SAFETY: the Rc keeps the fd open for as long as the AsyncFd (which holds a clone) lives.
+    let Ok(listener) = (unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) })
+    else {
+        return;
+    };
+    loop {
+        let accepted = listener
+            .async_io(Interest::READABLE, |fd| {
+                rustix::net::accept_with(fd.as_fd(), SocketFlags::NONBLOCK | SocketFlags::CLOEXEC)
+                    .map_err(io::Error::from)
+            })
+            .await;
+        match accepted {
+            Ok(conn) => drop(conn),
+            Err(e) if is_transient(&e) => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(_) => return,
+        }
+    }
+}
+
 fn is_transient(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
@@ -156,26 +182,11 @@ fn is_transient(e: &io::Error) -> bool {
     )
 }
 
-/// Hash of the client's IP address (not the port: a browser opens many connections).
-fn peer_hash(addr: &SocketAddrAny) -> u64 {
-    match std::net::SocketAddr::try_from(addr.clone()) {
-        Ok(sa) => match sa.ip() {
-            IpAddr::V4(ip) => mix64(u64::from(u32::from(ip))),
-            IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
-                Some(v4) => mix64(u64::from(u32::from(v4))),
-                None => {
-                    let bits = u128::from(ip);
-                    mix64((bits >> 64) as u64 ^ mix64(bits as u64))
-                }
-            },
-        },
-        Err(_) => 0,
-    }
-}
-
-/// The rendezvous score of a client on a slot.
-pub fn sticky_score(peer: u64, instance: usize) -> u64 {
-    mix64(peer ^ mix64(instance as u64 + 1))
+/// The client's IP address.
+fn peer_ip(addr: &SocketAddrAny) -> Option<IpAddr> {
+    std::net::SocketAddr::try_from(addr.clone())
+        .ok()
+        .map(|sa| sa.ip())
 }
 
 /// Picks the next eligible worker after `cursor` among `candidates`, advancing the cursor.
@@ -210,31 +221,5 @@ mod tests {
         assert_eq!(next_free(&workers, &mut cursor, |w| w != 2), Some(3));
         assert_eq!(next_free(&workers, &mut cursor, |_| false), None);
         assert_eq!(next_free::<u32>(&[], &mut cursor, |_| true), None);
-    }
-
-    #[test]
-    fn sticky_moves_only_the_missing_slots_clients() {
-        let clients: Vec<u64> = (0..2000u64).map(mix64).collect();
-        let best = |peer: u64, slots: &[usize]| {
-            *slots
-                .iter()
-                .max_by_key(|&&s| sticky_score(peer, s))
-                .expect("slots")
-        };
-        let all = [0, 1, 2, 3];
-        let without_2 = [0, 1, 3];
-        let mut counts = [0usize; 4];
-        for &c in &clients {
-            let before = best(c, &all);
-            counts[before] += 1;
-            let after = best(c, &without_2);
-            if before != 2 {
-                assert_eq!(before, after, "a client of a live slot moved");
-            }
-        }
-        // Roughly even: each slot gets 500 ± 20%.
-        for n in counts {
-            assert!((400..=600).contains(&n), "{counts:?}");
-        }
     }
 }

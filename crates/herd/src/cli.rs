@@ -141,9 +141,15 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
-    /// How connections reach workers [default: round-robin for Node, shared otherwise].
+    /// How connections reach workers: round-robin, shared, sticky, hash
+    /// [default: round-robin for Node, shared otherwise].
     #[arg(long, value_enum)]
     pub balance: Option<Balance>,
+
+    /// --balance sticky: how long a slot without a ready worker keeps its clients waiting for
+    /// the next one before they move to their next slot.
+    #[arg(long, value_name = "DURATION", default_value = "2s", allow_hyphen_values = true, value_parser = spec::parse_duration)]
+    pub sticky_wait: Duration,
 
     /// Interpreter for a script APP (e.g. a specific node binary).
     #[arg(long, value_name = "PATH")]
@@ -193,7 +199,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "SIZE", value_parser = spec::parse_size)]
     pub max_memory: Option<u64>,
 
-    /// Replace a worker after herd handed it N connections (round-robin, sticky).
+    /// Replace a worker after herd handed it N connections (round-robin).
     #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = spec::parse_positive_count)]
     pub max_requests: Option<u64>,
 
@@ -252,6 +258,7 @@ impl RunArgs {
                 max_restarts: self.max_restarts,
                 autorestart: !self.no_autorestart,
                 listen_timeout: self.listen_timeout,
+                sticky_wait: self.sticky_wait,
             },
             health: Health {
                 watchdog: self.watchdog,

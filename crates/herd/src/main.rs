@@ -19,6 +19,7 @@ mod paths;
 mod plan;
 mod print;
 mod procfs;
+mod reuseport;
 mod rundir;
 mod sdnotify;
 mod spawn;

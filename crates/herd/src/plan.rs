@@ -2,15 +2,18 @@
 //! listening sockets bound. After this nothing about the app can fail for a reason the user
 //! could have fixed on the command line, so every error here names the fix.
 
+use std::cell::RefCell;
 use std::ffi::OsString;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use socket2::{Domain, Socket, Type};
 
 use crate::node::sockfile::{self, SocketFile};
+use crate::reuseport::{self, Group, GroupError};
 use crate::spawn::resolve_program;
 use crate::spec::{self, Balance, ListenAddr, Ready, Spec, SpecError, WorkerKind};
 
@@ -35,9 +38,41 @@ pub struct Listener {
     pub addr: ListenAddr,
     /// Its name in `LISTEN_FDNAMES`.
     pub name: String,
+    /// The socket (with `--balance hash|sticky` on TCP: slot 0's).
     pub socket: OwnedFd,
     /// The socket file herd made for a unix path, removed when herd stops.
     pub file: Option<SocketFile>,
+    /// `--balance hash|sticky` on TCP: a socket per worker slot.
+    pub group: Option<SharedGroup>,
+}
+
+/// A reuseport group, shared by the plan's listener, the Node servers that reuse it and the
+/// supervisor that routes it.
+pub type SharedGroup = Rc<RefCell<Group>>;
+
+/// The routing program's policy for a balance mode that has one.
+pub fn kernel_policy(balance: Balance) -> Option<reuseport::Policy> {
+    match balance {
+        Balance::Hash => Some(reuseport::Policy::Hash),
+        Balance::Sticky => Some(reuseport::Policy::Sticky),
+        Balance::RoundRobin | Balance::Shared => None,
+    }
+}
+
+/// Binds a reuseport group of `slots` sockets on `addr`, routed by `policy`.
+pub fn bind_group(
+    policy: reuseport::Policy,
+    addr: SocketAddr,
+    v6only: Option<bool>,
+    slots: usize,
+) -> Result<SharedGroup, (Option<i32>, String)> {
+    match Group::bind(policy, addr, v6only, slots, BACKLOG) {
+        Ok(group) => Ok(Rc::new(RefCell::new(group))),
+        Err(GroupError::Bind(e)) => {
+            Err((e.raw_os_error(), describe_bind_error(&e, &addr.to_string())))
+        }
+        Err(GroupError::Route(e)) => Err((e.source.raw_os_error(), e.to_string())),
+    }
 }
 
 /// Everything needed to start workers.
@@ -152,9 +187,10 @@ pub fn plan(spec: Spec) -> Result<Plan, PlanError> {
         Some(name) => Some(resolve_user(name)?),
         None => None,
     };
-    let listeners = bind_all(&spec.listen)?;
+    let instances = spec.instances.resolve();
+    let listeners = bind_all(&spec.listen, kernel_policy(balance), instances)?;
     Ok(Plan {
-        instances: spec.instances.resolve(),
+        instances,
         spec,
         kind,
         program,
@@ -229,10 +265,10 @@ fn resolve_command(
 
 /// The health flags that depend on the balance mode or need a well-formed path.
 fn check_health(spec: &Spec, balance: Balance) -> Result<(), PlanError> {
-    if spec.health.max_requests.is_some() && balance == Balance::Shared {
+    if spec.health.max_requests.is_some() && balance != Balance::RoundRobin {
         return Err(SpecError::Invalid {
             flag: "--max-requests",
-            problem: "herd counts the connections it hands out, which needs --balance round-robin or sticky (Node workers)".into(),
+            problem: "herd counts the connections it hands out, which needs --balance round-robin (Node workers)".into(),
         }
         .into());
     }
@@ -269,8 +305,13 @@ fn resolve_user(name: &str) -> Result<User, PlanError> {
 }
 
 /// Binds every `--listen` address, named `http`, `http1`, …; on a failure the socket files
-/// already made are removed.
-fn bind_all(addrs: &[ListenAddr]) -> Result<Vec<Listener>, PlanError> {
+/// already made are removed. With a kernel `policy` (`--balance hash|sticky`) a TCP address
+/// gets a socket per slot; a unix path keeps one socket (SO_REUSEPORT is for TCP).
+fn bind_all(
+    addrs: &[ListenAddr],
+    policy: Option<reuseport::Policy>,
+    slots: usize,
+) -> Result<Vec<Listener>, PlanError> {
     let mut listeners = Vec::with_capacity(addrs.len());
     for (i, addr) in addrs.iter().enumerate() {
         let name = if i == 0 {
@@ -278,12 +319,31 @@ fn bind_all(addrs: &[ListenAddr]) -> Result<Vec<Listener>, PlanError> {
         } else {
             format!("http{i}")
         };
-        match bind(addr) {
-            Ok((socket, addr, file)) => listeners.push(Listener {
+        let bound = match (addr, policy) {
+            (ListenAddr::Tcp(sa), Some(policy)) => bind_group(policy, *sa, None, slots)
+                .and_then(|group| {
+                    let g = group.borrow();
+                    let first = g.socket(0).ok_or((None, "no socket".to_string()))?;
+                    let socket = first
+                        .try_clone_to_owned()
+                        .map_err(|e| (e.raw_os_error(), e.to_string()))?;
+                    let local = ListenAddr::Tcp(g.local_addr());
+                    drop(g);
+                    Ok((socket, local, None, Some(group)))
+                })
+                .map_err(|(_, problem)| PlanError::Listen {
+                    addr: addr.to_string(),
+                    problem,
+                }),
+            _ => bind(addr).map(|(socket, addr, file)| (socket, addr, file, None)),
+        };
+        match bound {
+            Ok((socket, addr, file, group)) => listeners.push(Listener {
                 addr,
                 name,
                 socket,
                 file,
+                group,
             }),
             Err(e) => {
                 for file in listeners.iter().filter_map(|l| l.file.as_ref()) {

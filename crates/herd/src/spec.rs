@@ -234,8 +234,19 @@ pub enum Balance {
     RoundRobin,
     /// Every worker accepts from one inherited socket; the kernel balances.
     Shared,
-    /// herd accepts; a client address always reaches the same worker slot.
+    /// Every worker slot has its own socket (one SO_REUSEPORT group); the kernel keeps a
+    /// client address on one slot (a BPF program herd attaches).
     Sticky,
+    /// Every worker slot has its own socket; the kernel spreads connections over the ready
+    /// slots by the connection's hash.
+    Hash,
+}
+
+impl Balance {
+    /// Kernel balancing: a socket per slot, routed by herd's BPF program.
+    pub fn per_slot(self) -> bool {
+        matches!(self, Balance::Sticky | Balance::Hash)
+    }
 }
 
 impl fmt::Display for Balance {
@@ -244,6 +255,7 @@ impl fmt::Display for Balance {
             Balance::RoundRobin => "round-robin",
             Balance::Shared => "shared",
             Balance::Sticky => "sticky",
+            Balance::Hash => "hash",
         })
     }
 }
@@ -302,6 +314,9 @@ pub struct Policy {
     pub max_restarts: u32,
     pub autorestart: bool,
     pub listen_timeout: Duration,
+    /// `--balance sticky`: how long an empty slot keeps its clients (their connections wait
+    /// for its next worker) before they move to their next slot.
+    pub sticky_wait: Duration,
 }
 
 impl Default for Policy {
@@ -313,6 +328,7 @@ impl Default for Policy {
             max_restarts: 15,
             autorestart: true,
             listen_timeout: Duration::from_secs(10),
+            sticky_wait: Duration::from_secs(2),
         }
     }
 }
@@ -348,7 +364,7 @@ pub struct Health {
     pub check: Option<HealthCheck>,
     /// Resident memory in bytes, sampled every second.
     pub max_memory: Option<u64>,
-    /// Connections herd handed to one worker (round-robin, sticky).
+    /// Connections herd handed to one worker (round-robin).
     pub max_requests: Option<u64>,
     /// Up to this many more, chosen per worker, so workers do not all recycle together.
     pub max_requests_jitter: u64,
@@ -424,10 +440,10 @@ pub fn validate(spec: &Spec, kind: WorkerKind) -> Result<(), SpecError> {
         ));
     }
     if kind == WorkerKind::SocketActivation {
-        if matches!(spec.balance, Some(Balance::RoundRobin | Balance::Sticky)) {
+        if spec.balance == Some(Balance::RoundRobin) {
             return Err(invalid(
                 "--balance",
-                "round-robin and sticky need a worker that takes connections from herd (Node); socket-activation workers accept for themselves: use --balance shared",
+                "round-robin needs a worker that takes connections from herd (Node); socket-activation workers accept for themselves: use --balance hash, sticky or shared",
             ));
         }
         if matches!(spec.ready, Some(Ready::Listening | Ready::Message)) {

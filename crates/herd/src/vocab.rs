@@ -76,6 +76,8 @@ pub enum Event {
     },
     /// Once a second, when a health check or limit is on.
     Tick,
+    /// `--balance sticky`: an empty slot's `--sticky-wait` is over; route again.
+    Reroute,
     /// A Node probe's private connection is made: hand the served end to the worker.
     ProbeConn {
         id: WorkerId,

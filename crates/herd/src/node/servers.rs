@@ -30,7 +30,7 @@ use socket2::{Domain, Socket, Type};
 
 use crate::balance::{AcceptGate, Pending};
 use crate::node::sockfile::{self, Creds, Failure, SocketFile};
-use crate::plan::{self, Listener, User};
+use crate::plan::{self, Listener, SharedGroup, User};
 use crate::spec::{Balance, ListenAddr};
 pub use crate::vocab::ServerId;
 use crate::vocab::WorkerId;
@@ -62,17 +62,23 @@ pub struct Server {
     pub from_cli: bool,
     /// Connections closed because every worker refused them.
     pub refused: crate::node::channel::Tally,
+    /// `--balance hash|sticky`: a socket per worker slot; each worker gets its slot's.
+    pub group: Option<SharedGroup>,
+    /// Slots whose queue herd empties itself (no ready worker there): their accept tasks.
+    pub drains: BTreeMap<usize, tokio::task::JoinHandle<()>>,
 }
 
 impl Server {
     /// The answer to a queryServer (seq `ack`) this server serves. The reply says how the
-    /// worker gets connections: with the socket attached (`shared`, sent with the fd) or
-    /// from herd (`round-robin`, `sticky`).
+    /// worker gets connections: with the socket attached (`shared`, `hash`, `sticky`: sent
+    /// with the fd, a slot's own for the last two) or from herd (`round-robin`).
     pub fn reply(&self, ack: i64) -> QueryServerReply<'_> {
         let data = self.data.as_deref();
         match self.mode {
-            Balance::Shared => QueryServerReply::shared(&self.key, ack, data),
-            Balance::RoundRobin | Balance::Sticky => {
+            Balance::Shared | Balance::Hash | Balance::Sticky => {
+                QueryServerReply::shared(&self.key, ack, data)
+            }
+            Balance::RoundRobin => {
                 QueryServerReply::round_robin(&self.key, ack, data, self.sockname.as_ref())
             }
         }
@@ -84,12 +90,18 @@ impl Drop for Server {
         if let Some(task) = self.accept_task.take() {
             task.abort();
         }
+        for (_, task) in std::mem::take(&mut self.drains) {
+            task.abort();
+        }
     }
 }
 
 /// Most servers an app may hold (bound or being bound): each holds fds in herd, and a
 /// worker must not be able to spend all of them.
 pub const MAX_SERVERS: usize = 1024;
+/// Most listening sockets the servers of a `--balance hash|sticky` app may hold (a socket per
+/// worker slot for each server).
+pub const MAX_SLOT_SOCKETS: usize = 4096;
 /// Most unix binds under way at once (each is a helper process).
 pub const MAX_BINDS: usize = 16;
 /// Most queries waiting for one bind.
@@ -174,6 +186,14 @@ impl Servers {
     }
 
     /// Servers bound and binds under way.
+    /// The listening sockets the servers hold (a group's are one per slot).
+    pub fn sockets(&self) -> usize {
+        self.by_id
+            .values()
+            .map(|s| s.group.as_ref().map_or(1, |g| g.borrow().len()))
+            .sum()
+    }
+
     pub fn len(&self) -> usize {
         self.by_key.len() + self.binding.len()
     }
@@ -249,6 +269,7 @@ impl Servers {
                 sockname: None,
                 unix_file: Some(file),
                 from_cli: false,
+                group: None,
             }),
             Some(Err(f)) => Err((-f.errno, f.problem)),
             None => Err((-libc::EIO, "the bind was abandoned".into())),
@@ -294,6 +315,7 @@ pub struct Bound {
     pub sockname: Option<Sockname>,
     pub unix_file: Option<SocketFile>,
     pub from_cli: bool,
+    pub group: Option<SharedGroup>,
 }
 
 /// The rights a worker's unix bind runs with: `--user`'s, or herd's own.
@@ -305,14 +327,16 @@ pub fn creds_of(user: Option<&User>) -> Option<Creds> {
 }
 
 /// Binds what `query` asks for, reusing a `--listen` socket with the same port or path, as
-/// the workers (running as `user`) could.
+/// the workers (running as `user`) could. With `--balance hash|sticky` a TCP server gets a
+/// socket for each of `slots` worker slots; unix paths and UDP stay one shared socket.
 pub fn bind_for(
     query: &QueryServer,
     balance: Balance,
     cli: &[Listener],
     user: Option<&User>,
+    slots: usize,
 ) -> Step {
-    match decide(query, balance, cli, user) {
+    match decide(query, balance, cli, user, slots) {
         Ok(step) => step,
         Err(e) => Step::Now(Err(e)),
     }
@@ -323,6 +347,7 @@ fn decide(
     balance: Balance,
     cli: &[Listener],
     user: Option<&User>,
+    slots: usize,
 ) -> Result<Step, (i32, String)> {
     let kind = query.kind().map_err(|e| (-libc::EINVAL, e.to_string()))?;
     let address = query.address.as_deref();
@@ -332,14 +357,21 @@ fn decide(
             -libc::EBADF,
             "listen({fd}) asks for an fd of the primary; herd has none to give".into(),
         )),
-        ServerKind::Unix => Ok(unix_step(query, balance, cli)),
+        ServerKind::Unix => {
+            let balance = if balance.per_slot() {
+                Balance::Shared
+            } else {
+                balance
+            };
+            Ok(unix_step(query, balance, cli))
+        }
         ServerKind::Tcp4 | ServerKind::Tcp6 => {
             let port = port_of(port)?;
             if let Some((l, sockname)) = cli_tcp_listener(cli, address, port) {
                 return Ok(Step::Now(reuse(l, balance, sockname)));
             }
             refuse_privileged(port, user)?;
-            bind_tcp_for(address, port, balance).map(|b| Step::Now(Ok(b)))
+            bind_tcp_for(address, port, balance, slots).map(|b| Step::Now(Ok(b)))
         }
         ServerKind::Udp4 | ServerKind::Udp6 => {
             let port = port_of(port)?;
@@ -396,6 +428,7 @@ fn bind_tcp_for(
     address: Option<&str>,
     port: u16,
     balance: Balance,
+    slots: usize,
 ) -> Result<Bound, (i32, String)> {
     let candidates: Vec<SocketAddr> = match address {
         Some(host) => vec![SocketAddr::new(parse_ip(host)?, port)],
@@ -404,6 +437,35 @@ fn bind_tcp_for(
             SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
         ],
     };
+    if let Some(policy) = plan::kernel_policy(balance) {
+        let mut last = None;
+        for addr in candidates {
+            match plan::bind_group(policy, addr, None, slots) {
+                Ok(group) => {
+                    let g = group.borrow();
+                    let local = g.local_addr();
+                    let socket = g
+                        .socket(0)
+                        .ok_or((-libc::EINVAL, "no socket".to_string()))?
+                        .try_clone_to_owned()
+                        .map_err(|e| bind_error(&e, addr))?;
+                    drop(g);
+                    return Ok(Bound {
+                        socket,
+                        display: local.to_string(),
+                        mode: balance,
+                        sockname: Some(Sockname::from(local)),
+                        unix_file: None,
+                        from_cli: false,
+                        group: Some(group),
+                    });
+                }
+                Err((errno, problem)) => last = Some((errno, problem)),
+            }
+        }
+        let (errno, problem) = last.expect("at least one candidate");
+        return Err((-errno.unwrap_or(libc::EINVAL), problem));
+    }
     let mut last = None;
     for addr in candidates {
         match plan::bind_tcp(addr, true) {
@@ -416,6 +478,7 @@ fn bind_tcp_for(
                     sockname: Some(Sockname::from(local)),
                     unix_file: None,
                     from_cli: false,
+                    group: None,
                 });
             }
             Err(e) => last = Some((addr, e)),
@@ -457,6 +520,7 @@ fn bind_udp_for(
         sockname: None,
         unix_file: None,
         from_cli: false,
+        group: None,
     })
 }
 
@@ -517,10 +581,16 @@ fn reuse(l: &Listener, mode: Balance, sockname: Option<Sockname>) -> Result<Boun
     Ok(Bound {
         socket,
         display: l.addr.to_string(),
-        mode,
+        // A unix `--listen` path has no group: one shared socket.
+        mode: if l.group.is_none() && mode.per_slot() {
+            Balance::Shared
+        } else {
+            mode
+        },
         sockname,
         unix_file: None,
         from_cli: true,
+        group: l.group.clone(),
     })
 }
 
@@ -543,5 +613,7 @@ pub fn new_server(query: &QueryServer, bound: Bound) -> Server {
         unix_file: bound.unix_file,
         from_cli: bound.from_cli,
         refused: Default::default(),
+        group: bound.group,
+        drains: BTreeMap::new(),
     }
 }

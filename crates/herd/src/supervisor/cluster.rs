@@ -297,8 +297,21 @@ impl Supervisor {
             self.refuse_listen(id, &query, (-libc::EMFILE, full));
             return;
         }
+        let slots = self.slots.len().max(self.plan.instances);
+        // Hash and sticky cost a descriptor per slot for each server: bounded in descriptors.
+        if self.plan.balance.per_slot()
+            && self.servers.sockets() + slots > servers::MAX_SLOT_SOCKETS
+        {
+            let full = format!(
+                "the app's servers already hold {} sockets ({slots} per server, one per worker slot); herd's limit is {}",
+                self.servers.sockets(),
+                servers::MAX_SLOT_SOCKETS
+            );
+            self.refuse_listen(id, &query, (-libc::EMFILE, full));
+            return;
+        }
         let user = self.plan.user.as_ref();
-        match servers::bind_for(&query, self.plan.balance, &self.plan.listeners, user) {
+        match servers::bind_for(&query, self.plan.balance, &self.plan.listeners, user, slots) {
             servers::Step::Now(Ok(bound)) => {
                 let server = self.add_server(&query, bound);
                 self.attach(id, server, &query);
@@ -311,7 +324,11 @@ impl Supervisor {
                     let _ = tx.send(Event::UnixBound { key: done_key });
                 };
                 let creds = servers::creds_of(user);
-                let balance = self.plan.balance;
+                // A unix path has no reuseport group: hash and sticky share one socket.
+                let balance = match self.plan.balance {
+                    b if b.per_slot() => Balance::Shared,
+                    b => b,
+                };
                 if let Err(query) = self
                     .servers
                     .start_bind(key, id, query, path, mode, balance, creds, done)
@@ -368,7 +385,7 @@ impl Supervisor {
                 ("balance", json!(mode.to_string())),
             ],
         );
-        if mode != Balance::Shared {
+        if mode == Balance::RoundRobin {
             self.start_accepting(s);
         }
         s
@@ -410,14 +427,29 @@ impl Supervisor {
         if !w.servers.contains(&server) {
             w.servers.push(server);
         }
+        // Hash and sticky: the worker's own slot's socket, with the shared-handle answer.
+        let slot_socket = match (s.mode, &s.group) {
+            (Balance::RoundRobin, _) | (_, None) => None,
+            (_, Some(group)) => match kernel::slot_socket(group, w.instance) {
+                Ok(socket) => Some(socket),
+                Err(e) => {
+                    let problem = format!("cannot add a socket for slot {}: {e}", w.instance);
+                    let errno = -e.raw_os_error().unwrap_or(libc::EADDRINUSE);
+                    s.workers.retain(|&x| x != id);
+                    w.servers.retain(|&x| x != server);
+                    self.refuse_listen(id, query, (errno, problem));
+                    return;
+                }
+            },
+        };
         let reply = ClusterMessage::QueryServer(s.reply(query.seq));
         match s.mode {
-            Balance::Shared => {
-                let socket = Rc::clone(&s.socket);
-                w.send(&self.tx, |c| c.cluster_with_fd(&reply, socket));
-            }
-            Balance::RoundRobin | Balance::Sticky => {
+            Balance::RoundRobin => {
                 w.send(&self.tx, |c| c.cluster(&reply));
+            }
+            _ => {
+                let socket = slot_socket.unwrap_or_else(|| Rc::clone(&s.socket));
+                w.send(&self.tx, |c| c.cluster_with_fd(&reply, socket));
             }
         }
         self.drain(server);

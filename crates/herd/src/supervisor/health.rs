@@ -291,7 +291,7 @@ impl Supervisor {
         } = conn;
         let pending = Pending {
             fd: served,
-            peer: 0,
+            peer: None,
             attempts: 0,
             probe: true,
         };

@@ -411,6 +411,8 @@ impl Supervisor {
         if let Some(instance) = promote {
             self.promote(id, instance);
         }
+        // Kernel balancing: route to it before anyone is told it is ready.
+        self.reroute();
         for s in servers {
             self.drain(s);
         }

@@ -32,6 +32,7 @@
 
 mod cluster;
 mod health;
+mod kernel;
 mod lifecycle;
 pub mod ops;
 mod phase;
@@ -44,7 +45,7 @@ pub mod status;
 mod tests;
 pub mod worker;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
@@ -129,6 +130,13 @@ pub struct Supervisor {
     control_path: Option<PathBuf>,
     /// When the health tick last read /proc.
     last_sample: Option<tokio::time::Instant>,
+    /// `--balance hash|sticky`: slots that had a ready worker at the last reroute.
+    was_ready: BTreeSet<usize>,
+    /// `--balance sticky`: empty slots that keep their clients, until when.
+    held: BTreeMap<usize, tokio::time::Instant>,
+    /// Socket activation, hash and sticky: (listener, slot) sockets of slots that will not
+    /// have a worker again, whose queued connections herd closes.
+    closers: BTreeMap<(usize, usize), tokio::task::JoinHandle<()>>,
 }
 
 impl Supervisor {
@@ -174,6 +182,9 @@ impl Supervisor {
             manager: crate::sdnotify::Manager::from_env(),
             control_path: None,
             last_sample: None,
+            was_ready: BTreeSet::new(),
+            held: BTreeMap::new(),
+            closers: BTreeMap::new(),
         };
         (sup, rx)
     }
@@ -263,6 +274,11 @@ impl Supervisor {
     }
 
     pub fn handle(&mut self, event: Event) {
+        self.on_event(event);
+        self.reroute();
+    }
+
+    fn on_event(&mut self, event: Event) {
         match event {
             Event::Exited { id, status } => self.on_exit(id, status),
             Event::Ipc { id, msg } => self.on_ipc(id, msg),
@@ -335,6 +351,7 @@ impl Supervisor {
             Event::Signal(kind) => self.on_signal(kind),
             Event::Control { request, reply } => self.on_control(request, reply),
             Event::Tick => self.on_tick(),
+            Event::Reroute => {}
             Event::ProbeConn { id, conn } => self.on_probe_conn(id, conn),
             Event::Probe { id, result } => self.on_probe(id, result),
         }
@@ -473,6 +490,9 @@ impl Supervisor {
         for server in self.servers.ids().collect::<Vec<_>>() {
             if let Some(s) = self.servers.get_mut(server) {
                 if let Some(task) = s.accept_task.take() {
+                    task.abort();
+                }
+                for (_, task) in std::mem::take(&mut s.drains) {
                     task.abort();
                 }
             }

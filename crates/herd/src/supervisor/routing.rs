@@ -1,5 +1,6 @@
-//! Round-robin and sticky routing of accepted connections to workers, the queue of
-//! connections waiting for a free worker, and re-routing when a worker goes away.
+//! Routing of the connections herd accepts to workers (round-robin, and for hash and sticky
+//! the ones herd takes from a slot without a ready worker), the queue of connections waiting
+//! for a free worker, and re-routing when a worker goes away.
 
 use std::rc::Rc;
 
@@ -64,23 +65,24 @@ impl Supervisor {
             }
             return;
         }
-        let workers = &self.workers;
-        let pick = match s.mode {
-            Balance::RoundRobin | Balance::Shared => {
-                balance::next_free(&s.workers, &mut s.cursor, |id| {
-                    Some(id) != avoid
-                        && workers.get(&id).is_some_and(|w| {
-                            w.routable() && w.unacked(server) < balance::MAX_UNACKED
-                        })
-                })
-            }
-            Balance::Sticky => s
-                .workers
-                .iter()
-                .copied()
-                .filter(|&id| Some(id) != avoid && workers.get(&id).is_some_and(Worker::routable))
-                .max_by_key(|id| balance::sticky_score(conn.peer, workers[id].instance)),
+        let sticky = match s.mode {
+            Balance::Sticky => self
+                .sticky_pick(server, conn.peer)
+                .filter(|&id| Some(id) != avoid),
+            _ => None,
         };
+        let Some(s) = self.servers.get_mut(server) else {
+            return;
+        };
+        let workers = &self.workers;
+        let pick = sticky.or_else(|| {
+            balance::next_free(&s.workers, &mut s.cursor, |id| {
+                Some(id) != avoid
+                    && workers
+                        .get(&id)
+                        .is_some_and(|w| w.routable() && w.unacked(server) < balance::MAX_UNACKED)
+            })
+        });
         let Some(id) = pick else {
             s.pending.push_back(conn);
             if s.pending.len() >= balance::MAX_QUEUED {
@@ -124,10 +126,9 @@ impl Supervisor {
             let before = s.pending.len();
             let workers = &self.workers;
             let any_free = s.workers.iter().any(|id| {
-                workers.get(id).is_some_and(|w| {
-                    w.routable()
-                        && (s.mode == Balance::Sticky || w.unacked(server) < balance::MAX_UNACKED)
-                })
+                workers
+                    .get(id)
+                    .is_some_and(|w| w.routable() && w.unacked(server) < balance::MAX_UNACKED)
             });
             if !any_free {
                 return;

@@ -33,7 +33,7 @@ pub struct InFlight {
     pub seq: u64,
     pub server: ServerId,
     pub fd: Rc<OwnedFd>,
-    pub peer: u64,
+    pub peer: Option<std::net::IpAddr>,
     pub attempts: u8,
     pub probe: bool,
     /// When it was handed over (hang detection).
@@ -396,7 +396,7 @@ impl Launcher {
         let mut env = self.worker_env(id, instance);
         let (notify, notify_path) = self.notify_socket(id)?;
         env.push(("NOTIFY_SOCKET".into(), notify_path.clone().into_os_string()));
-        let given = self.given_fds(id, &mut env)?;
+        let given = self.given_fds(id, instance, &mut env)?;
         let fds = self.fds_of(&given);
         let Spawned {
             pid,
@@ -507,17 +507,34 @@ impl Launcher {
 
     /// The fds worker `id` gets at 3.. and the variables that describe them: the listeners
     /// (and a private `health` one) for socket activation, the IPC channel for Node.
-    fn given_fds(&self, id: WorkerId, env: &mut Vec<(OsString, OsString)>) -> io::Result<GivenFds> {
+    fn given_fds(
+        &self,
+        id: WorkerId,
+        instance: usize,
+        env: &mut Vec<(OsString, OsString)>,
+    ) -> io::Result<GivenFds> {
         let plan = &self.plan;
         let mut set = |k: &str, v: String| env.push((k.into(), v.into()));
         let mut given = GivenFds {
             listen_pid: false,
             ipc: None,
+            slot_sockets: Vec::new(),
             health: None,
             health_port: None,
         };
         match plan.kind {
             WorkerKind::SocketActivation => {
+                // `--balance hash|sticky`: this slot's socket of each TCP listener.
+                given.slot_sockets = plan
+                    .listeners
+                    .iter()
+                    .map(|l| {
+                        l.group
+                            .as_ref()
+                            .map(|g| super::kernel::slot_socket(g, instance))
+                            .transpose()
+                    })
+                    .collect::<io::Result<_>>()?;
                 let mut names: Vec<&str> = plan.listeners.iter().map(|l| l.name.as_str()).collect();
                 if plan.spec.health.check.is_some() {
                     let socket = crate::plan::bind_tcp(
@@ -599,13 +616,17 @@ struct GivenFds {
         std::os::unix::net::UnixStream,
         std::os::unix::net::UnixStream,
     )>,
+    /// Socket activation, `--balance hash|sticky`: the slot's own socket of each listener
+    /// (None: the listener's one shared socket).
+    slot_sockets: Vec<Option<Rc<OwnedFd>>>,
     /// Socket activation with --health-check: the worker's private `health` listener.
     health: Option<OwnedFd>,
     health_port: Option<u16>,
 }
 
 impl Launcher {
-    /// The plan's listeners are the same for every worker; `given` holds the rest.
+    /// The plan's listeners (with hash and sticky, the slot's own socket of each); `given`
+    /// holds the rest.
     fn fds_of<'a>(&'a self, given: &'a GivenFds) -> Vec<BorrowedFd<'a>> {
         match &given.ipc {
             Some((_, theirs)) => vec![theirs.as_fd()],
@@ -613,7 +634,11 @@ impl Launcher {
                 .plan
                 .listeners
                 .iter()
-                .map(|l| l.socket.as_fd())
+                .enumerate()
+                .map(|(i, l)| match given.slot_sockets.get(i) {
+                    Some(Some(own)) => own.as_fd(),
+                    _ => l.socket.as_fd(),
+                })
                 .chain(given.health.as_ref().map(|h| h.as_fd()))
                 .collect(),
         }

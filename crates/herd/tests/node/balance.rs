@@ -1,10 +1,9 @@
-//! How connections reach Node workers: round-robin, shared, sticky.
+//! How connections reach Node workers: round-robin, shared (sticky and hash: reuseport.rs).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
 
 use super::start_node;
-use crate::util::{get, get_from, kill, pid_in, TempDir};
+use crate::util::{get, pid_in};
 
 #[test]
 fn round_robin_spreads_sequential_requests_evenly() {
@@ -86,122 +85,4 @@ fn a_node_worker_is_a_cluster_worker_whose_id_is_herd_worker_id() {
         seen.insert(id);
     }
     assert_eq!(seen.len(), 2, "{seen:?}");
-}
-
-/// One address asked `n` times from `client`: the one (pid, instance) that answered.
-fn sticky_ask(port: u16, client: Ipv4Addr, n: usize) -> (u32, String) {
-    let answers: BTreeSet<(u32, String)> = (0..n)
-        .map(|_| {
-            let r = get_from(Some(client), port, "/")
-                .unwrap_or_else(|e| panic!("request from {client}: {e}"));
-            assert_eq!(r.status, 200);
-            let v = r.json();
-            let instance = v["herd_instance"].as_str().expect("instance").to_string();
-            (pid_in(&r), instance)
-        })
-        .collect();
-    assert_eq!(answers.len(), 1, "{client} reached {answers:?}");
-    answers.into_iter().next().expect("one answer")
-}
-
-#[test]
-fn sticky_keeps_each_client_address_on_one_worker_when_another_dies() {
-    let dir = TempDir::new();
-    let block = dir.join("block");
-    let herd = start_node(
-        3,
-        &[
-            "--balance",
-            "sticky",
-            "-e",
-            &format!("BLOCK_FILE={}", block.display()),
-        ],
-    );
-    herd.wait_ready();
-    let port = herd.port();
-    // Find client addresses for every slot (which slot an address hashes to is herd's
-    // business: ask). 59 addresses over 3 slots leave none empty.
-    let mut before: BTreeMap<Ipv4Addr, (u32, String)> = BTreeMap::new();
-    for i in 2..=60 {
-        let client = Ipv4Addr::new(127, 0, 0, i);
-        before.insert(client, sticky_ask(port, client, 3));
-        let slots: BTreeSet<&String> = before.values().map(|(_, s)| s).collect();
-        let least = ["0", "1", "2"]
-            .iter()
-            .map(|s| before.values().filter(|(_, i)| i == s).count())
-            .min();
-        if slots.len() == 3 && least >= Some(2) {
-            break;
-        }
-    }
-    eprintln!("sticky: {before:?}");
-    let of_slot = |slot: &str| -> Vec<Ipv4Addr> {
-        before
-            .iter()
-            .filter(|(_, (_, s))| s == slot)
-            .map(|(&c, _)| c)
-            .collect()
-    };
-    // The victim is slot 0's worker, and it has clients.
-    let victims = of_slot("0");
-    assert!(victims.len() >= 2, "no clients for slot 0: {before:?}");
-    let victim = before[&victims[0]].0;
-
-    // Its replacement will wait on the block file: the slot stays empty until the test
-    // removes it.
-    std::fs::write(&block, b"").expect("create the block file");
-    let mark = herd.mark();
-    kill(victim, libc::SIGKILL);
-    herd.wait_event_after("the victim's exit", mark, |e| {
-        e["event"] == "exited" && e["pid"] == victim
-    });
-    let spawned = herd.wait_event_after("the replacement", mark, |e| {
-        e["event"] == "spawned" && e["instance"] == 0
-    });
-    let replacement = spawned["pid"].as_u64().expect("pid") as u32;
-    herd.wait_event_after("the replacement blocked", mark, |e| {
-        e["pid"] == replacement && e["line"] == "blocked"
-    });
-
-    // While slot 0 is empty its clients are served by another slot (not queued), each
-    // address still by one worker; every other client stays where it was.
-    let live: BTreeSet<u32> = before
-        .values()
-        .map(|(p, _)| *p)
-        .filter(|&p| p != victim)
-        .collect();
-    for (&client, (pid, _)) in &before {
-        let (now, slot) = sticky_ask(port, client, 3);
-        if *pid == victim {
-            assert!(
-                live.contains(&now) && slot != "0",
-                "{client} (slot 0, empty) went to {now} in slot {slot}, not a live slot {live:?}"
-            );
-        } else {
-            assert_eq!(now, *pid, "{client} moved although its worker lived");
-        }
-    }
-    assert!(
-        !herd.events()[mark..]
-            .iter()
-            .any(|e| e["event"] == "all_ready"),
-        "slot 0 counted ready while its worker was blocked\n{}",
-        herd.dump()
-    );
-
-    // Slot 0 comes back: its clients follow it to the new worker; nobody else moves.
-    std::fs::remove_file(&block).expect("remove the block file");
-    herd.wait_named_after("all_ready", mark);
-    for (&client, (pid, _)) in &before {
-        let (now, slot) = sticky_ask(port, client, 3);
-        if *pid == victim {
-            assert_eq!(
-                (now, slot.as_str()),
-                (replacement, "0"),
-                "{client} follows its slot to the new worker"
-            );
-        } else {
-            assert_eq!(now, *pid, "{client} moved although its worker lived");
-        }
-    }
 }

@@ -5,6 +5,7 @@ mod kill_timeout;
 mod lifecycle;
 mod listen_host;
 mod messages;
+mod reuseport;
 mod transports;
 
 use crate::util::{fixture, Herd};

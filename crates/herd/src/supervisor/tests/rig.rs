@@ -47,6 +47,7 @@ pub fn spec(instances: usize) -> Spec {
             max_restarts: 15,
             autorestart: true,
             listen_timeout: ms(10_000),
+            sticky_wait: ms(2000),
         },
         health: Health::default(),
         keepalive_drain: false,
