@@ -174,9 +174,17 @@ SERVERS = [
            "PORT=3000 herd run -i 2 --kill-timeout 3s bench/compat/apps/worker_threads.js",
            node_port=True, checks=["works", "reload_ka", "reload_time"], kill_timeout=3.0,
            expect={"reload_time": 5}, needs=need_node),
+    Server("worker_threads-exit", "worker_threads, THREAD_EXIT",
+           "PORT=3000 herd run -i 2 --kill-timeout 3s -e THREAD_EXIT=1 bench/compat/apps/worker_threads.js",
+           node_port=True, checks=["works", "reload_ka", "reload_time"], kill_timeout=3.0, needs=need_node,
+           notes="ends its thread on 'disconnect'"),
     Server("cluster_fork", "app that forks its own cluster",
            "PORT=3000 herd run -i 2 bench/compat/apps/cluster_fork.js",
            node_port=True, checks=["not_ready"], expect={"not_ready": 3}, needs=need_node),
+    Server("cluster_child", "the same app's worker file, run by herd",
+           "PORT=3000 herd run -i 2 bench/compat/apps/cluster_fork_child.js",
+           node_port=True, checks=["works"], needs=need_node,
+           notes="the fix for the row above: herd is the primary"),
     Server("gunicorn-fd3", "gunicorn --bind fd://3 (wrong line)",
            "herd run -l 127.0.0.1:3000 -i 1 --cwd bench/compat/apps -- gunicorn --bind fd://3 wsgi_app:app",
            checks=["not_ready"], expect={"not_ready": 3}, not_ready_wait=4.0, needs=need_venv("gunicorn"),
@@ -188,11 +196,18 @@ SERVERS = [
            "herd run -l 127.0.0.1:3000 -i 2 --cwd bench/compat/apps -- uvicorn --fd 3 asgi_app:app",
            checks=SA_FULL, expect={"latency": 4, "reload_ka": 2}, needs=need_venv("uvicorn")),
     Server("uvicorn-sockets", "uvicorn sockets=",
-           "herd run -l 127.0.0.1:3000 -i 2 -- bench/compat/venv/bin/python "
-           "bench/compat/apps/uvicorn_sockets.py",
+           "herd run -l 127.0.0.1:3000 -i 2 bench/compat/apps/uvicorn_sockets.py",
            checks=SA_FULL, expect={"reload_ka": 2}, ci=False, needs=need_venv("uvicorn")),
+    Server("uvicorn-drain", "uvicorn sockets=, DRAIN_MS",
+           "herd run -l 127.0.0.1:3000 -i 2 -e DRAIN_MS=1000 bench/compat/apps/uvicorn_sockets.py",
+           checks=["works", "reload_ka"], needs=need_venv("uvicorn"),
+           notes="answers Connection: close for 1 s after SIGTERM, then uvicorn's shutdown"),
     Server("go", "Go net/http", "herd run -l 127.0.0.1:3000 -i 2 bench/compat/bin/gohttp",
            checks=SA_FULL, expect={"reload_ka": 2}, needs=need_go),
+    Server("go-drain", "Go net/http, DRAIN_MS",
+           "herd run -l 127.0.0.1:3000 -i 2 -e DRAIN_MS=1000 bench/compat/bin/gohttp",
+           checks=["works", "reload_ka"], needs=need_go,
+           notes="answers Connection: close for 1 s after SIGTERM, then Shutdown"),
     Server("puma", "Puma 5",
            "herd run -l 127.0.0.1:3000 -i 2 --cwd bench/compat/apps -- "
            "puma --bind-to-activated-sockets only config.ru",
@@ -309,9 +324,12 @@ def keepalive_latency(port: int, n: int) -> dict:
     """n sequential GET / on one keep-alive connection: median and max ms per request."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     times = []
+    closes = False
     try:
         conn.request("GET", "/")
-        conn.getresponse().read()  # connect + first request not timed
+        r = conn.getresponse()
+        r.read()  # connect + first request not timed
+        closes = r.will_close
         for _ in range(n):
             t = time.perf_counter()
             conn.request("GET", "/")
@@ -323,7 +341,7 @@ def keepalive_latency(port: int, n: int) -> dict:
     finally:
         conn.close()
     return dict(n=len(times), median_ms=round(statistics.median(times), 2) if times else None,
-                max_ms=round(max(times), 2) if times else None)
+                max_ms=round(max(times), 2) if times else None, no_keepalive=closes)
 
 
 # ---------------------------------------------------------------- one herd
@@ -496,7 +514,8 @@ def descendants(pid: int) -> list[int]:
 def check_latency(h, args):
     r = keepalive_latency(h.port, args.latency_requests)
     good = r["median_ms"] is not None and r["median_ms"] < 20
-    return chk(good, r, f"{r['median_ms']} ms/request (max {r['max_ms']}, n={r['n']})")
+    return chk(good, r, f"{r['median_ms']} ms/request (max {r['max_ms']}, n={r['n']})"
+               + (" — the server closes after each response: no keep-alive" if r["no_keepalive"] else ""))
 
 
 def run_node(args_list, timeout):
@@ -795,7 +814,8 @@ def table(results) -> str:
         rl = f"{cell(res, 'reload_ka', loss)} / {cell(res, 'reload_close', loss)}"
         k9 = cell(res, "kill9", loss)
         notes = []
-        for c, fmt in (("latency", lambda r: f"keep-alive {r['value']['median_ms']} ms/req"),
+        for c, fmt in (("latency", lambda r: "no keep-alive (closes after each response)"
+                        if r["value"].get("no_keepalive") else f"keep-alive {r['value']['median_ms']} ms/req"),
                        ("reload_ka", None),
                        ("reload_time", lambda r: f"reload {r['value']['reload_s']}s"),
                        ("sio_sticky", lambda r: r["detail"]),

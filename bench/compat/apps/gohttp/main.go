@@ -3,6 +3,12 @@
 // herd passes the listening socket at fd 3 (LISTEN_FDS=1). It is O_NONBLOCK; Go's runtime
 // poller handles that. On SIGTERM, Shutdown stops accepting, lets requests in flight finish
 // and closes idle keep-alive connections, then the process exits.
+//
+// Shutdown closing an idle keep-alive connection races with a client that is sending its next
+// request on it at that moment: that request fails (a reload under keep-alive load loses a few).
+// DRAIN_MS=1000 (herd run -e DRAIN_MS=1000 ...) first answers every request with
+// "Connection: close" for that long, so clients move to new connections (the new workers), and
+// only then calls Shutdown.
 package main
 
 import (
@@ -13,6 +19,8 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"strconv"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -26,7 +34,12 @@ func main() {
 		log.Fatal(err)
 	}
 	me := map[string]any{"pid": os.Getpid(), "instance": os.Getenv("HERD_INSTANCE"), "server": "go"}
+	drainMs, _ := strconv.Atoi(os.Getenv("DRAIN_MS"))
+	var draining atomic.Bool
 	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if draining.Load() {
+			w.Header().Set("Connection", "close")
+		}
 		w.Header().Set("Content-Type", "application/json")
 		json.NewEncoder(w).Encode(me)
 	})}
@@ -36,6 +49,10 @@ func main() {
 	go func() {
 		defer close(drained)
 		<-stop
+		if drainMs > 0 {
+			draining.Store(true)
+			time.Sleep(time.Duration(drainMs) * time.Millisecond)
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), 4*time.Second)
 		defer cancel()
 		srv.Shutdown(ctx)
