@@ -1,0 +1,3 @@
+module herdcompat/gohttp
+
+go 1.19
