@@ -386,16 +386,16 @@ impl Drop for Herd {
     }
 }
 
-/// SIGKILLs a worker and its process group, if it is still ours: herd makes every worker
-/// the leader of its own group, so a pid that is not a group leader was reused.
+/// SIGKILLs a worker's process group, if it is still ours: herd makes every worker the
+/// leader of its own group. A live pid that leads no group was reused by someone else. A dead
+/// leader's group may still hold its children (a helper it spawned, once herd itself was
+/// killed too hard to kill the group): a pgid number stays reserved while any member lives,
+/// so signalling it reaches only what that worker left behind.
 fn kill_worker(pid: u32) {
-    if !pid_alive(pid) {
-        return;
-    }
     let pid = pid as i32;
     // SAFETY: getpgid and kill on a pid; no memory involved.
     unsafe {
-        if libc::getpgid(pid) == pid {
+        if !pid_alive(pid as u32) || libc::getpgid(pid) == pid {
             libc::kill(-pid, libc::SIGKILL);
         }
     }
