@@ -144,6 +144,12 @@ pub async fn accept_loop(
 /// the socket of a slot that will never have a worker again (socket activation, scaled away
 /// or errored), so that clients queued there are refused quickly instead of waiting forever.
 pub async fn refuse_loop(listener: Rc<OwnedFd>) {
+    // Socket-activation workers get their sockets blocking; no worker will hold this one
+    // again (the next one to, after a `herd restart`, gets it blocking once more), and an
+    // accept that blocked would stop herd's one runtime thread.
+    if rustix::io::ioctl_fionbio(&*listener, true).is_err() {
+        return;
+    }
     // SAFETY: the Rc keeps the fd open for as long as the AsyncFd (which holds a clone) lives.
     let Ok(listener) = (unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) })
     else {

@@ -535,12 +535,23 @@ impl Launcher {
                             .transpose()
                     })
                     .collect::<io::Result<_>>()?;
+                // Blocking, as systemd passes them: a plain `accept()` loop waits instead of
+                // dying on EAGAIN. The flag belongs to the socket every worker of the app
+                // shares, and herd accepts from a socket-activation listener only while no
+                // worker can hold it (`refuse_loop`, which makes it non-blocking for that time).
+                for (i, l) in plan.listeners.iter().enumerate() {
+                    match given.slot_sockets.get(i) {
+                        Some(Some(own)) => set_blocking(own.as_fd())?,
+                        _ => set_blocking(l.socket.as_fd())?,
+                    }
+                }
                 let mut names: Vec<&str> = plan.listeners.iter().map(|l| l.name.as_str()).collect();
                 if plan.spec.health.check.is_some() {
                     let socket = crate::plan::bind_tcp(
                         std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
                         true,
                     )?;
+                    set_blocking(socket.as_fd())?;
                     given.health_port = socket.local_addr()?.as_socket().map(|a| a.port());
                     given.health = Some(socket.into());
                     names.push("health");
@@ -643,6 +654,15 @@ impl Launcher {
                 .collect(),
         }
     }
+}
+
+/// Clears `O_NONBLOCK` on a listening socket handed to a socket-activation worker.
+fn set_blocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let flags = rustix::fs::fcntl_getfl(fd)?;
+    if flags.contains(rustix::fs::OFlags::NONBLOCK) {
+        rustix::fs::fcntl_setfl(fd, flags - rustix::fs::OFlags::NONBLOCK)?;
+    }
+    Ok(())
 }
 
 /// Reads a worker's notify datagrams (`READY=1`, `STATUS=…`) until the socket is dropped.

@@ -1,0 +1,115 @@
+//! Servers written for systemd socket activation, as they are (issue #11): a plain blocking
+//! `accept()` loop, and responses written in two pieces on keep-alive connections
+//! (`fixtures/compat_naive.py`).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::util::{fixture, Herd, WAIT};
+
+fn start_naive(instances: usize) -> Herd {
+    let app = fixture("compat_naive.py");
+    let n = instances.to_string();
+    Herd::start(&[
+        "-i",
+        &n,
+        "--listen",
+        "127.0.0.1:0",
+        "--ready",
+        "notify",
+        "--name",
+        "compat-naive",
+        &app,
+    ])
+}
+
+/// One request on a keep-alive connection: the parsed JSON body.
+fn request(reader: &mut BufReader<TcpStream>) -> Value {
+    reader
+        .get_mut()
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("send request");
+    let mut length = None;
+    loop {
+        let mut line = String::new();
+        let n = reader.read_line(&mut line).expect("read header line");
+        assert!(n > 0, "connection closed mid-response");
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = Some(v.trim().parse::<usize>().expect("content-length"));
+        }
+    }
+    let mut body = vec![0; length.expect("a content-length")];
+    reader.read_exact(&mut body).expect("read body");
+    serde_json::from_slice(&body).expect("JSON body")
+}
+
+fn connect(port: u16) -> BufReader<TcpStream> {
+    let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream.set_read_timeout(Some(WAIT)).expect("timeout");
+    stream.set_nodelay(true).expect("client nodelay");
+    BufReader::new(stream)
+}
+
+/// Issue #11 item 4: herd's TCP listeners carry TCP_NODELAY, which accepted connections
+/// inherit, so a server that never sets it (uvicorn `--fd 3`, a plain loop) does not wait
+/// ~40 ms for the client's delayed ACK before the second write of every response.
+#[test]
+fn keep_alive_responses_written_in_two_pieces_are_not_held_by_nagle() {
+    let mut herd = start_naive(1);
+    herd.wait_ready();
+    let mut conn = connect(herd.port());
+    let first = request(&mut conn);
+    let mut took = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        request(&mut conn);
+        took.push(t.elapsed());
+    }
+    took.sort();
+    let median = took[took.len() / 2];
+    assert!(
+        median < Duration::from_millis(20),
+        "median keep-alive request took {median:?} (Nagle + delayed ACK: ~40 ms): {took:?}"
+    );
+    assert_eq!(
+        first["nodelay"], true,
+        "the accepted connection inherits TCP_NODELAY: {first}"
+    );
+    drop(conn);
+    herd.stop();
+}
+
+/// Issue #11 item 6: fd 3 is blocking, as systemd passes it, so a loop that calls `accept()`
+/// without select() waits for the next connection instead of dying with EAGAIN.
+#[test]
+fn a_plain_blocking_accept_loop_serves_and_stays_up() {
+    let mut herd = start_naive(2);
+    herd.wait_ready();
+    let port = herd.port();
+    // Bounded: 20 requests on fresh connections, 50 ms apart (both workers wait in accept).
+    for _ in 0..20 {
+        let mut conn = connect(port);
+        let r = request(&mut conn);
+        assert_eq!(r["nonblock_at_start"], false, "fd 3 is blocking: {r}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let exits: Vec<Value> = herd
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "exited")
+        .collect();
+    assert!(
+        exits.is_empty(),
+        "no worker may exit: {exits:?}\n{}",
+        herd.dump()
+    );
+    herd.stop();
+    herd.assert_no_worker_left();
+}
