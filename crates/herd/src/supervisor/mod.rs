@@ -70,8 +70,13 @@ use phase::AppPhase;
 use slot::SlotState;
 use state::DrainReason;
 
-/// How long a Node worker that ignored `disconnect` and then SIGTERM gets before SIGKILL.
+/// How long a Node worker whose IPC channel closed on its own (not stopped by herd) gets
+/// between SIGTERM and SIGKILL.
 const TERM_GRACE: Duration = Duration::from_secs(2);
+
+/// How long a Node worker herd is stopping may stay after its disconnect finished (its IPC
+/// channel closed) before SIGTERM: long enough for one that is exiting anyway.
+const AFTER_DISCONNECT: Duration = Duration::from_millis(250);
 
 struct Slot {
     /// The worker that serves this slot.

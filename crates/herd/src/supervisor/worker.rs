@@ -84,6 +84,9 @@ pub struct Worker {
     pub probe_due: Option<Instant>,
     /// A health probe is in flight (beside the lifecycle, like `write_waiting`).
     pub probing: bool,
+    /// Stopping: herd has sent it SIGTERM (once its disconnect finished, or at half
+    /// `--kill-timeout`), so the other of the two does not send a second one.
+    pub termed: bool,
     pub probe_failures: u32,
     /// The last probe's outcome, for `herd status`.
     pub health: Option<String>,
@@ -452,6 +455,7 @@ impl Launcher {
             ping: None,
             probe_due: None,
             probing: false,
+            termed: false,
             probe_failures: 0,
             health: None,
             health_port: given.health_port,
