@@ -248,8 +248,9 @@ pub fn start(
     home: &Home,
     name: &AppName,
     run_args: Vec<std::ffi::OsString>,
-    wait: Duration,
+    listen_timeout: Duration,
 ) -> anyhow::Result<u8> {
+    let wait = listen_timeout + Duration::from_secs(10);
     use std::os::unix::process::CommandExt;
     if let Ok(mut c) = Client::connect(home, name) {
         if c.request(&Request::Status, Some(Duration::from_secs(2)))
@@ -324,6 +325,26 @@ pub fn start(
                     "error: {name} did not start: its workers keep exiting. {}",
                     sanitize(&why)
                 );
+                let _ = request(home, name, &Request::Stop, Some(Duration::from_secs(30)));
+                return Ok(FAILED);
+            }
+            // Up past --listen-timeout and still not ready: it is not serving (the
+            // supervisor logged why, with a hint).
+            let limit = listen_timeout.as_millis() as u64 + 500;
+            if let Some(w) = s
+                .workers
+                .iter()
+                .find(|w| w.state == WorkerState::Starting && w.uptime_ms >= limit)
+            {
+                errln!(
+                    "error: {name} did not start: worker {} was not ready within --listen-timeout {}s",
+                    w.instance,
+                    listen_timeout.as_secs_f64()
+                );
+                let tail = file_tail(&log, start_offset, 200, 256 * 1024).unwrap_or_default();
+                if let Some(line) = tail.iter().rev().find(|l| l.contains("not ready after")) {
+                    errln!("  {}", sanitize(line));
+                }
                 let _ = request(home, name, &Request::Stop, Some(Duration::from_secs(30)));
                 return Ok(FAILED);
             }

@@ -72,7 +72,7 @@ fn dispatch(command: Command) -> anyhow::Result<u8> {
     match command {
         Command::Run(_) => unreachable!("handled above"),
         Command::Start(args) => {
-            let wait = args.listen_timeout + std::time::Duration::from_secs(10);
+            let listen_timeout = args.listen_timeout;
             let name = match args.name.clone() {
                 Some(name) => name,
                 None => paths::AppName::new(&args.clone().into_spec().name)
@@ -82,7 +82,7 @@ fn dispatch(command: Command) -> anyhow::Result<u8> {
                 &home,
                 &name,
                 start_args(args.name.is_none(), name.as_str()),
-                wait,
+                listen_timeout,
             )
         }
         Command::Ls { json } => commands::ls(&home, json),

@@ -70,6 +70,23 @@ use phase::AppPhase;
 use slot::SlotState;
 use state::DrainReason;
 
+/// Why a worker may not have become ready, and what to do: for the `ready_timeout` event.
+fn not_ready_hint(ready: &crate::spec::Ready) -> String {
+    use crate::spec::Ready;
+    match ready {
+        Ready::Listening => "it has not listened on any port through herd. An app that forks its own \
+            cluster (`cluster.fork()`) serves nothing under herd: run its worker file instead; one \
+            that binds its own socket (not a cluster server) is not reachable through herd; a worker \
+            that serves nothing needs `--ready delay:D`. See docs/compat.md"
+            .into(),
+        Ready::Message => "it has not sent `process.send('ready')` (--ready message / --wait-ready)".into(),
+        Ready::Notify => "it has not sent READY=1 to NOTIFY_SOCKET (--ready notify); a server that \
+            never does needs `--ready delay:D`. See docs/compat.md"
+            .into(),
+        Ready::Delay(d) => format!("--ready delay:{} is longer than --listen-timeout", human(*d)),
+    }
+}
+
 /// How long a Node worker whose IPC channel closed on its own (not stopped by herd) gets
 /// between SIGTERM and SIGKILL.
 const TERM_GRACE: Duration = Duration::from_secs(2);
@@ -340,16 +357,16 @@ impl Supervisor {
                         self.incoming_failed(id, instance, why);
                         return;
                     }
+                    // Not ready means not serving: it stays out of routing and out of the
+                    // ready count (`herd start` fails on it), and becomes ready if it ever
+                    // sends its signal.
+                    let hint = not_ready_hint(&self.plan.ready);
                     self.logger.event(
                         EventName::ReadyTimeout,
                         Some(who),
-                        &format!(
-                            "not ready after {} — counting it as started anyway",
-                            human(limit)
-                        ),
+                        &format!("not ready after --listen-timeout {}: {hint}", human(limit)),
                         &[],
                     );
-                    self.mark_ready(id, "timeout");
                 }
             }
             Event::KillDue { id, signal, after } => self.kill_due(id, signal, &after),

@@ -1,11 +1,14 @@
 //! How herd stops a Node worker (issue #11 item 5): it tells the worker first
 //! (`{"herd":"stopping","reason":…}` before `disconnect`), and the whole sequence —
-//! `disconnect`, SIGTERM, SIGKILL — fits in one `--kill-timeout`.
-//! Fixture: `fixtures/compat_stopping.js`.
+//! `disconnect`, SIGTERM, SIGKILL — fits in one `--kill-timeout`; and a worker that never
+//! serves is not ready (issue #11 item 3).
+//! Fixtures: `fixtures/compat_stopping.js`, `fixtures/compat_fork.js`.
+
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::util::{cli, home_of, start_named_node, ts_ms};
+use crate::util::{cli, fixture, home_of, start_named_node, ts_ms, TempDir};
 
 /// The index of the first event from `from` on that is a line of worker `id` equal to `text`.
 fn line_index(events: &[Value], from: usize, id: &Value, text: &str) -> Option<usize> {
@@ -101,5 +104,67 @@ fn a_node_worker_that_will_not_leave_is_killed_within_one_kill_timeout() {
         "SIGKILL {to_kill} ms after the stop began: --kill-timeout 2s in all\n{}",
         herd.dump()
     );
+    herd.assert_no_worker_left();
+}
+
+/// Issue #11 item 3: an app that forks its own cluster serves nothing under herd. Its worker
+/// is not counted as ready after `--listen-timeout` (it was: "counting it as started
+/// anyway"), the log says why with a hint, and `herd start` fails.
+#[test]
+fn a_worker_that_never_listens_is_not_ready_and_start_fails() {
+    let dir = TempDir::new();
+    let home = dir.join("home");
+    let app = fixture("compat_fork.js");
+    let name = "compat-fork";
+    let started = Instant::now();
+    let out = cli(
+        &home,
+        &[
+            "start",
+            "-i",
+            "1",
+            "-e",
+            "PORT=0",
+            "--listen-timeout",
+            "1s",
+            "--name",
+            name,
+            &app,
+        ],
+    );
+    let took = started.elapsed();
+    // Whatever happened, nothing is left running.
+    let _ = cli(&home, &["stop", name]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(
+        out.stderr
+            .contains("was not ready within --listen-timeout 1s"),
+        "{out}"
+    );
+    assert!(out.stderr.contains("forks its own"), "the hint\n{out}");
+    assert!(
+        took < Duration::from_secs(10),
+        "it failed at once: {took:?}"
+    );
+    let s = cli(&home, &["status", name]);
+    assert_eq!(s.code, Some(1), "the app was stopped: {s}");
+
+    // `herd run`: the same worker stays out of the ready count, with the hint.
+    let mut herd = start_named_node("compat_fork.js", name, 1, &["--listen-timeout", "1s"]);
+    let timeout = herd.wait_named("ready_timeout");
+    assert!(
+        timeout["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not listened on any port") && m.contains("docs/compat.md")),
+        "{timeout}"
+    );
+    let status = crate::util::status(&home_of(&herd), name);
+    assert_eq!(status["ready"], 0, "{status}");
+    assert!(
+        !herd.events().iter().any(|e| e["event"] == "ready"),
+        "{}",
+        herd.dump()
+    );
+    herd.stop();
     herd.assert_no_worker_left();
 }
