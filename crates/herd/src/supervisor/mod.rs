@@ -367,6 +367,10 @@ impl Supervisor {
                         &format!("not ready after --listen-timeout {}: {hint}", human(limit)),
                         &[],
                     );
+                    if let Some(w) = self.workers.get_mut(&id) {
+                        w.late = true;
+                    }
+                    self.check_op();
                 }
             }
             Event::KillDue { id, signal, after } => self.kill_due(id, signal, &after),

@@ -87,6 +87,9 @@ pub struct Worker {
     /// Stopping: herd has sent it SIGTERM (once its disconnect finished, or at half
     /// `--kill-timeout`), so the other of the two does not send a second one.
     pub termed: bool,
+    /// Not ready by `--listen-timeout` (and not since): `herd restart` and `herd scale` stop
+    /// waiting for it and answer with an error.
+    pub late: bool,
     pub probe_failures: u32,
     /// The last probe's outcome, for `herd status`.
     pub health: Option<String>,
@@ -456,6 +459,7 @@ impl Launcher {
             probe_due: None,
             probing: false,
             termed: false,
+            late: false,
             probe_failures: 0,
             health: None,
             health_port: given.health_port,
