@@ -162,7 +162,8 @@ pub fn ls(home: &Home, json: bool) -> anyhow::Result<u8> {
             Cell::new(format!("{}/{}", a.ready, a.desired)),
             Cell::new(a.pid),
             Cell::new(duration_ms(a.uptime_ms)),
-            Cell::new(a.restarts).set_alignment(CellAlignment::Right),
+            // By reason: a reload replaces every worker, which is not a crash.
+            Cell::new(restarts(a.restarts, &app_reasons(a))).set_alignment(CellAlignment::Right),
             Cell::new(format!("{:.1}%", a.cpu_percent)).set_alignment(CellAlignment::Right),
             Cell::new(bytes(a.memory_bytes)).set_alignment(CellAlignment::Right),
             Cell::new(sanitize(&a.listen.join(" "))),
@@ -355,6 +356,17 @@ pub fn start(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Every worker's restarts by reason, added up.
+fn app_reasons(a: &herd_proto::control::AppStatus) -> std::collections::BTreeMap<Reason, u32> {
+    let mut all = std::collections::BTreeMap::new();
+    for w in &a.workers {
+        for (reason, n) in &w.restarts_by_reason {
+            *all.entry(*reason).or_insert(0) += n;
+        }
+    }
+    all
 }
 
 /// `3 (crash 2, memory 1)`.

@@ -302,7 +302,8 @@ impl Supervisor {
                     ),
                     fields,
                 );
-                self.logger.event(
+                // The exit's sentence said it: the text log gets it once.
+                self.logger.record(
                     EventName::Restarting,
                     Some(who),
                     &format!("restarting in {}", human(delay)),

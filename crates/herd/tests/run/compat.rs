@@ -1,6 +1,6 @@
 //! Servers written for systemd socket activation, as they are (issue #11): a plain blocking
 //! `accept()` loop, and responses written in two pieces on keep-alive connections
-//! (`fixtures/compat_naive.py`).
+//! (`fixtures/compat_naive.py`); and the CLI's output items of issue #11 item 7.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::util::{fixture, Herd, WAIT};
+use crate::util::{cli, fixture, home_of, Herd, TempDir, WAIT};
 
 fn start_naive(instances: usize) -> Herd {
     let app = fixture("compat_naive.py");
@@ -110,6 +110,70 @@ fn a_plain_blocking_accept_loop_serves_and_stays_up() {
         "no worker may exit: {exits:?}\n{}",
         herd.dump()
     );
+    herd.stop();
+    herd.assert_no_worker_left();
+}
+
+/// Issue #11 item 7: a missing argument is named, with the usage, on the one error line.
+#[test]
+fn a_missing_argument_is_named_with_the_usage() {
+    let home = TempDir::new();
+    for (args, missing, usage) in [
+        (&["run"][..], "<APP>", "usage: herd run"),
+        (&["reload"][..], "<NAME>", "usage: herd reload <NAME>"),
+    ] {
+        let out = cli(home.path(), args);
+        assert_eq!(out.code, Some(2), "{out}");
+        let lines: Vec<&str> = out.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "one line: {out}");
+        assert!(
+            lines[0].starts_with("error: ")
+                && lines[0].contains(missing)
+                && lines[0].contains(usage),
+            "{args:?}: {out}"
+        );
+    }
+}
+
+/// Issue #11 item 7: the text log says "restarting in …" once per crash (it said it twice),
+/// and `herd ls` tells restarts by reload apart from crashes.
+#[test]
+fn a_crash_is_told_once_and_ls_names_why_workers_restarted() {
+    let home = TempDir::new();
+    let app = fixture("exit3.sh");
+    let out = cli(
+        home.path(),
+        &[
+            "run",
+            "--log-format",
+            "text",
+            "-i",
+            "1",
+            "--restart-delay",
+            "10ms",
+            "--max-restarts",
+            "2",
+            "--",
+            "sh",
+            &app,
+        ],
+    );
+    assert_eq!(out.code, Some(1), "{out}");
+    let told = out.stdout.matches("restarting in").count();
+    assert_eq!(told, 2, "2 restarts, each told once:\n{out}");
+
+    let mut herd = start_naive(2);
+    herd.wait_ready();
+    let home = home_of(&herd);
+    cli(&home, &["reload", "compat-naive"]).assert_ok();
+    let ls = cli(&home, &["ls"]);
+    ls.assert_ok();
+    let row = ls
+        .stdout
+        .lines()
+        .find(|l| l.contains("compat-naive"))
+        .unwrap_or_else(|| panic!("no row\n{ls}"));
+    assert!(row.contains("2 (reload 2)"), "{row}");
     herd.stop();
     herd.assert_no_worker_left();
 }
