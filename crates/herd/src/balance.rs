@@ -144,9 +144,9 @@ pub async fn accept_loop(
 /// the socket of a slot that will never have a worker again (socket activation, scaled away
 /// or errored), so that clients queued there are refused quickly instead of waiting forever.
 pub async fn refuse_loop(listener: Rc<OwnedFd>) {
-    // Socket-activation workers get their sockets blocking; no worker will hold this one
-    // again (the next one to, after a `herd restart`, gets it blocking once more), and an
-    // accept that blocked would stop herd's one runtime thread.
+    // Socket-activation workers get their sockets blocking; an accept that blocked would stop
+    // herd's one runtime thread. It stays non-blocking afterwards (if the slot comes back
+    // after a `herd restart`, as if a worker had made it so).
     if rustix::io::ioctl_fionbio(&*listener, true).is_err() {
         return;
     }

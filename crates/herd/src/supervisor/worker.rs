@@ -310,6 +310,9 @@ pub struct Launcher {
     run_dir_fd: Result<OwnedFd, String>,
     /// The command line, with herd's keep-alive drain preloaded for Node workers.
     argv: Vec<OsString>,
+    /// Socket activation: the listening sockets (listener index, slot or `usize::MAX` for
+    /// the shared one) already made blocking, once, before the first worker got them.
+    made_blocking: std::cell::RefCell<std::collections::HashSet<(usize, usize)>>,
 }
 
 /// herd's keep-alive drain for Node workers (see the file's header).
@@ -393,6 +396,7 @@ impl Launcher {
             run_dir,
             run_dir_fd,
             argv,
+            made_blocking: Default::default(),
         }
     }
 
@@ -545,12 +549,19 @@ impl Launcher {
                     .collect::<io::Result<_>>()?;
                 // Blocking, as systemd passes them: a plain `accept()` loop waits instead of
                 // dying on EAGAIN. The flag belongs to the socket every worker of the app
-                // shares, and herd accepts from a socket-activation listener only while no
-                // worker can hold it (`refuse_loop`, which makes it non-blocking for that time).
+                // shares, so it is set once, before the first worker gets the socket, and
+                // never again: an async server makes it non-blocking for itself and every
+                // other worker (as under systemd), and setting it back under a running one
+                // would let its accept() block its event loop. herd accepts from a
+                // socket-activation listener only while no worker can hold it
+                // (`refuse_loop`, which makes it non-blocking first).
                 for (i, l) in plan.listeners.iter().enumerate() {
-                    match given.slot_sockets.get(i) {
-                        Some(Some(own)) => set_blocking(own.as_fd())?,
-                        _ => set_blocking(l.socket.as_fd())?,
+                    let (key, fd) = match given.slot_sockets.get(i) {
+                        Some(Some(own)) => ((i, instance), own.as_fd()),
+                        _ => ((i, usize::MAX), l.socket.as_fd()),
+                    };
+                    if self.made_blocking.borrow_mut().insert(key) {
+                        set_blocking(fd)?;
                     }
                 }
                 let mut names: Vec<&str> = plan.listeners.iter().map(|l| l.name.as_str()).collect();

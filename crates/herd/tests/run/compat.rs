@@ -177,3 +177,41 @@ fn a_crash_is_told_once_and_ls_names_why_workers_restarted() {
     herd.stop();
     herd.assert_no_worker_left();
 }
+
+/// fd 3 is made blocking once, before the first worker gets it, and never again: a worker
+/// that made it non-blocking (every async server does, for all the app's workers) keeps it so
+/// when herd starts another worker — set back to blocking, a running async worker's accept()
+/// could block its event loop.
+#[test]
+fn herd_sets_fd_3_blocking_once_and_leaves_it_to_the_workers_after() {
+    let app = fixture("compat_naive.py");
+    let mut herd = Herd::start(&[
+        "-i",
+        "1",
+        "--listen",
+        "127.0.0.1:0",
+        "--ready",
+        "notify",
+        "--name",
+        "compat-async",
+        "-e",
+        "ASYNC=1",
+        &app,
+    ]);
+    herd.wait_ready();
+    let port = herd.port();
+    let first = request(&mut connect(port));
+    assert_eq!(first["nonblock_at_start"], false, "{first}");
+    let pid = first["pid"].as_u64().expect("pid") as u32;
+    let mark = herd.mark();
+    crate::util::kill(pid, libc::SIGKILL);
+    herd.wait_event_after("the replacement's ready", mark, |e| e["event"] == "ready");
+    let second = request(&mut connect(port));
+    assert_ne!(second["pid"], first["pid"], "{second}");
+    assert_eq!(
+        second["nonblock_at_start"], true,
+        "left as the first worker made it: {second}"
+    );
+    herd.stop();
+    herd.assert_no_worker_left();
+}
