@@ -158,6 +158,9 @@ pub async fn refuse_loop(listener: Rc<OwnedFd>) {
     loop {
         let accepted = listener
             .async_io(Interest::READABLE, |fd| {
+                // Again before each accept: a process that still holds the socket (one a
+                // worker left behind outside its group) could have cleared the flag.
+                rustix::io::ioctl_fionbio(fd, true)?;
                 rustix::net::accept_with(fd.as_fd(), SocketFlags::NONBLOCK | SocketFlags::CLOEXEC)
                     .map_err(io::Error::from)
             })
