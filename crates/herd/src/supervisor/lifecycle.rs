@@ -385,8 +385,8 @@ impl Supervisor {
         }
         // A worker herd is stopping finished its disconnect (Node closes the channel once its
         // servers are closed and their connections answered). One that stays (a live thread,
-        // a timer, open websockets) gets SIGTERM now, not at half `--kill-timeout`: after a
-        // moment, so that one exiting anyway is not told to.
+        // a timer) gets SIGTERM now, not at half `--kill-timeout`: after a moment, so that
+        // one exiting anyway is not told to.
         if self
             .workers
             .get(&id)
