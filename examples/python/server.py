@@ -8,8 +8,9 @@ at fd 3 and LISTEN_FDS=1, LISTEN_PID=<its pid>. All copies accept from that one 
 the kernel spreads connections over them. Run alone (no LISTEN_FDS), it binds
 127.0.0.1:$PORT (default 3000).
 
-The inherited socket is O_NONBLOCK, and that flag lives on the socket shared by every worker,
-not on this process's fd: leave it non-blocking. serve_forever() only accepts after select()
+herd passes the socket blocking (as systemd does); this server makes it O_NONBLOCK. That flag
+lives on the socket shared by every worker, not on this process's fd, so every worker of the
+app sees it (here they all want it). serve_forever() only accepts after select()
 says a connection is waiting, but another worker may take it first; accept() then raises
 BlockingIOError, which socketserver already ignores. A blocking accept() would instead wait
 for the next connection, and this worker could not notice SIGTERM meanwhile.
@@ -48,7 +49,7 @@ def inherited_socket():
     if int(fds) < 1:
         return None
     sock = socket.socket(fileno=3)  # family and type are read from the fd
-    sock.setblocking(False)  # herd already made it so; see the module docstring
+    sock.setblocking(False)  # see the module docstring
     return sock
 
 

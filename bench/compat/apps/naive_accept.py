@@ -2,11 +2,11 @@
 
     herd run -l 127.0.0.1:3000 -i 2 bench/compat/apps/naive_accept.py
 
-systemd passes listening sockets in blocking mode; herd passes them O_NONBLOCK (the flag is on
-the socket shared with every worker). Here accept() then raises BlockingIOError (EAGAIN) as soon
-as no connection is waiting, and this server dies. bench/compat.py records it (issue #11 item 6).
-The fix in the app: select()/poll() before accept() and ignore BlockingIOError (see
-examples/python/server.py), or use a server library that does.
+systemd passes listening sockets in blocking mode, and so does herd: accept() waits for the next
+connection. (Until issue #11 item 6 was fixed herd passed them O_NONBLOCK, and this loop died
+with BlockingIOError.) The flag is on the socket shared with every worker: if one worker of an
+app makes it non-blocking, every worker's accept() can raise EAGAIN; a server that wants its
+SIGTERM noticed while idle waits with select()/poll() first (see examples/python/server.py).
 """
 import json
 import os

@@ -144,6 +144,12 @@ pub async fn accept_loop(
 /// the socket of a slot that will never have a worker again (socket activation, scaled away
 /// or errored), so that clients queued there are refused quickly instead of waiting forever.
 pub async fn refuse_loop(listener: Rc<OwnedFd>) {
+    // Socket-activation workers get their sockets blocking; an accept that blocked would stop
+    // herd's one runtime thread. It stays non-blocking afterwards (if the slot comes back
+    // after a `herd restart`, as if a worker had made it so).
+    if rustix::io::ioctl_fionbio(&*listener, true).is_err() {
+        return;
+    }
     // SAFETY: the Rc keeps the fd open for as long as the AsyncFd (which holds a clone) lives.
     let Ok(listener) = (unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) })
     else {
@@ -152,6 +158,9 @@ pub async fn refuse_loop(listener: Rc<OwnedFd>) {
     loop {
         let accepted = listener
             .async_io(Interest::READABLE, |fd| {
+                // Again before each accept: a process that still holds the socket (one a
+                // worker left behind outside its group) could have cleared the flag.
+                rustix::io::ioctl_fionbio(fd, true)?;
                 rustix::net::accept_with(fd.as_fd(), SocketFlags::NONBLOCK | SocketFlags::CLOEXEC)
                     .map_err(io::Error::from)
             })

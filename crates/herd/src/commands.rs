@@ -162,7 +162,8 @@ pub fn ls(home: &Home, json: bool) -> anyhow::Result<u8> {
             Cell::new(format!("{}/{}", a.ready, a.desired)),
             Cell::new(a.pid),
             Cell::new(duration_ms(a.uptime_ms)),
-            Cell::new(a.restarts).set_alignment(CellAlignment::Right),
+            // By reason: a reload replaces every worker, which is not a crash.
+            Cell::new(restarts(a.restarts, &app_reasons(a))).set_alignment(CellAlignment::Right),
             Cell::new(format!("{:.1}%", a.cpu_percent)).set_alignment(CellAlignment::Right),
             Cell::new(bytes(a.memory_bytes)).set_alignment(CellAlignment::Right),
             Cell::new(sanitize(&a.listen.join(" "))),
@@ -248,8 +249,9 @@ pub fn start(
     home: &Home,
     name: &AppName,
     run_args: Vec<std::ffi::OsString>,
-    wait: Duration,
+    listen_timeout: Duration,
 ) -> anyhow::Result<u8> {
+    let wait = listen_timeout + Duration::from_secs(10);
     use std::os::unix::process::CommandExt;
     if let Ok(mut c) = Client::connect(home, name) {
         if c.request(&Request::Status, Some(Duration::from_secs(2)))
@@ -327,6 +329,26 @@ pub fn start(
                 let _ = request(home, name, &Request::Stop, Some(Duration::from_secs(30)));
                 return Ok(FAILED);
             }
+            // Up past --listen-timeout and still not ready: it is not serving (the
+            // supervisor logged why, with a hint).
+            let limit = listen_timeout.as_millis() as u64 + 500;
+            if let Some(w) = s
+                .workers
+                .iter()
+                .find(|w| w.state == WorkerState::Starting && w.uptime_ms >= limit)
+            {
+                errln!(
+                    "error: {name} did not start: worker {} was not ready within --listen-timeout {}s",
+                    w.instance,
+                    listen_timeout.as_secs_f64()
+                );
+                let tail = file_tail(&log, start_offset, 200, 256 * 1024).unwrap_or_default();
+                if let Some(line) = tail.iter().rev().find(|l| l.contains("not ready after")) {
+                    errln!("  {}", sanitize(line));
+                }
+                let _ = request(home, name, &Request::Stop, Some(Duration::from_secs(30)));
+                return Ok(FAILED);
+            }
         }
         if Instant::now() > deadline {
             errln!("error: {name} is running but its workers were not all ready within {}s; see herd status {name}", wait.as_secs());
@@ -334,6 +356,17 @@ pub fn start(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Every worker's restarts by reason, added up.
+fn app_reasons(a: &herd_proto::control::AppStatus) -> std::collections::BTreeMap<Reason, u32> {
+    let mut all = std::collections::BTreeMap::new();
+    for w in &a.workers {
+        for (reason, n) in &w.restarts_by_reason {
+            *all.entry(*reason).or_insert(0) += n;
+        }
+    }
+    all
 }
 
 /// `3 (crash 2, memory 1)`.

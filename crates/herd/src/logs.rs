@@ -258,6 +258,21 @@ impl Logger {
         self.inner.out.event(out);
     }
 
+    /// An event for tools only: written with `--log-format json`, left out of the text log
+    /// because the sentence before it already said the same (`restarting` after `exited … —
+    /// restarting in 100ms`).
+    pub fn record(
+        &self,
+        name: EventName,
+        who: Option<Who>,
+        message: &str,
+        fields: &[(&str, Value)],
+    ) {
+        if self.inner.format == LogFormat::Json {
+            self.event(name, who, message, fields);
+        }
+    }
+
     /// A worker's or the app's state changed (`from` → `to`). Written with `--log-format
     /// json` only, as a `state` event: the text log already has a sentence for each change a
     /// person needs to see, and this record is for tools and tests that follow the machine.

@@ -72,7 +72,7 @@ fn dispatch(command: Command) -> anyhow::Result<u8> {
     match command {
         Command::Run(_) => unreachable!("handled above"),
         Command::Start(args) => {
-            let wait = args.listen_timeout + std::time::Duration::from_secs(10);
+            let listen_timeout = args.listen_timeout;
             let name = match args.name.clone() {
                 Some(name) => name,
                 None => paths::AppName::new(&args.clone().into_spec().name)
@@ -82,7 +82,7 @@ fn dispatch(command: Command) -> anyhow::Result<u8> {
                 &home,
                 &name,
                 start_args(args.name.is_none(), name.as_str()),
-                wait,
+                listen_timeout,
             )
         }
         Command::Ls { json } => commands::ls(&home, json),
@@ -139,10 +139,34 @@ fn clap_error(e: clap::Error) -> ExitCode {
         let _ = e.print();
         return ExitCode::SUCCESS;
     }
-    let text = e.to_string();
-    let first = text.lines().next().unwrap_or("error: invalid command line");
-    print::errln!("{first}");
+    print::errln!("{}", one_line(e.kind(), &e.to_string()));
     ExitCode::from(2)
+}
+
+/// clap's error as one line: its first line, with what it lists below (the missing
+/// arguments) and, for a missing argument, the usage.
+fn one_line(kind: clap::error::ErrorKind, text: &str) -> String {
+    let mut lines = text.lines();
+    let mut line = lines
+        .next()
+        .unwrap_or("error: invalid command line")
+        .trim_end()
+        .to_string();
+    if line.ends_with(':') {
+        let listed: Vec<&str> = lines
+            .take_while(|l| !l.trim().is_empty())
+            .map(str::trim)
+            .collect();
+        if !listed.is_empty() {
+            line = format!("{line} {}", listed.join(" "));
+        }
+    }
+    if kind == clap::error::ErrorKind::MissingRequiredArgument {
+        if let Some(usage) = text.lines().find_map(|l| l.trim().strip_prefix("Usage: ")) {
+            line = format!("{line} (usage: {usage}; see --help)");
+        }
+    }
+    line
 }
 
 fn run(args: cli::RunArgs) -> anyhow::Result<u8> {

@@ -215,6 +215,8 @@ fn listen_one(addr: SocketAddr, v6only: Option<bool>, backlog: i32) -> io::Resul
     )?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
+    // Inherited by accepted connections (see `plan::bind_tcp`).
+    socket.set_tcp_nodelay(true)?;
     if let (Some(only), SocketAddr::V6(_)) = (v6only, addr) {
         socket.set_only_v6(only)?;
     }

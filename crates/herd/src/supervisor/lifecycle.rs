@@ -85,8 +85,12 @@ impl Supervisor {
         }
     }
 
-    /// Asks a worker to stop (out of routing first): Node's `disconnect`, or SIGTERM; the
-    /// next signal after `--kill-timeout`.
+    /// Asks a worker to stop (out of routing first), all within `--kill-timeout`: a Node
+    /// worker gets the user message `{"herd":"stopping","reason":…}`, then `disconnect`, and
+    /// SIGTERM once its disconnect finished (its IPC channel closed: servers closed,
+    /// requests answered) or at half the timeout, whichever comes first, if it is still
+    /// there; any other worker (or a Node worker herd cannot write to) SIGTERM at once.
+    /// SIGKILL when the timeout is up.
     pub(super) fn stop_worker(&mut self, id: WorkerId, reason: DrainReason) {
         let kill_timeout = self.plan.spec.policy.kill_timeout;
         let Some(w) = self.workers.get_mut(&id) else {
@@ -97,19 +101,37 @@ impl Supervisor {
             return;
         };
         w.set_state(draining);
+        // Before `disconnect`, so that an app with long-lived connections (websockets) can
+        // close them itself (1001, going away) instead of waiting for SIGTERM. A user
+        // message: droppable like any other when the worker's queue is full.
+        let stopping = json!({"herd": "stopping", "reason": reason.as_str()});
+        if let Ok(line) = crate::node::channel::user_line(&stopping) {
+            w.send(&self.tx, |c| c.user(line));
+        }
         let asked = w.send(&self.tx, |c| c.cluster(&ClusterMessage::DISCONNECT));
-        let next = if asked {
-            rustix::process::Signal::TERM
+        if asked {
+            // Half the time for a graceful disconnect (servers closed, requests finished),
+            // then SIGTERM for an app that stops on it; an app without a SIGTERM handler dies
+            // of it, which is why it is not sent at once.
+            let half = kill_timeout / 2;
+            self.after(
+                half,
+                Event::KillDue {
+                    id,
+                    signal: rustix::process::Signal::TERM,
+                    after: format!("disconnect and {}", human(half)),
+                },
+            );
         } else {
+            w.termed = true;
             self.os
                 .signal_group(&w.leader, rustix::process::Signal::TERM);
-            rustix::process::Signal::KILL
-        };
+        }
         self.after(
             kill_timeout,
             Event::KillDue {
                 id,
-                signal: next,
+                signal: rustix::process::Signal::KILL,
                 after: format!("--kill-timeout {}", human(kill_timeout)),
             },
         );
@@ -118,9 +140,15 @@ impl Supervisor {
     /// A timer to escalate fired. The worker may have exited meanwhile: once herd has reaped
     /// it (its record is gone, or its [`crate::spawn::Leader`] says reaped) nothing is sent.
     pub(super) fn kill_due(&mut self, id: WorkerId, signal: rustix::process::Signal, after: &str) {
-        let Some(w) = self.workers.get(&id) else {
+        let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
+        if signal == rustix::process::Signal::TERM && w.state().is_draining() {
+            if w.termed {
+                return;
+            }
+            w.termed = true;
+        }
         let who = w.who();
         let sig = if signal == rustix::process::Signal::TERM {
             "SIGTERM"
@@ -136,7 +164,9 @@ impl Supervisor {
             &format!("still running after {after} — sending {sig}"),
             &[],
         );
-        if signal == rustix::process::Signal::TERM {
+        // A worker herd stopped has its SIGKILL due at its deadline already (`stop_worker`);
+        // one whose IPC channel closed by itself gets a short grace.
+        if signal == rustix::process::Signal::TERM && !w.state().is_draining() {
             self.after(
                 TERM_GRACE,
                 Event::KillDue {
@@ -272,7 +302,8 @@ impl Supervisor {
                     ),
                     fields,
                 );
-                self.logger.event(
+                // The exit's sentence said it: the text log gets it once.
+                self.logger.record(
                     EventName::Restarting,
                     Some(who),
                     &format!("restarting in {}", human(delay)),
@@ -351,6 +382,25 @@ impl Supervisor {
                     },
                 );
             }
+        }
+        // A worker herd is stopping finished its disconnect (Node closes the channel once its
+        // servers are closed and their connections answered). One that stays (a live thread,
+        // a timer) gets SIGTERM now, not at half `--kill-timeout`: after a moment, so that
+        // one exiting anyway is not told to.
+        if self
+            .workers
+            .get(&id)
+            .is_some_and(|w| w.state().is_draining() && !w.termed)
+        {
+            let grace = AFTER_DISCONNECT.min(self.plan.spec.policy.kill_timeout / 2);
+            self.after(
+                grace,
+                Event::KillDue {
+                    id,
+                    signal: rustix::process::Signal::TERM,
+                    after: format!("its disconnect finished and {}", human(grace)),
+                },
+            );
         }
         // EOF: the worker is leaving (disconnect, crash or exit). Route around it now; its
         // exit decides what happens to the slot. Node workers exit when their channel

@@ -70,8 +70,30 @@ use phase::AppPhase;
 use slot::SlotState;
 use state::DrainReason;
 
-/// How long a Node worker that ignored `disconnect` and then SIGTERM gets before SIGKILL.
+/// Why a worker may not have become ready, and what to do: for the `ready_timeout` event.
+fn not_ready_hint(ready: &crate::spec::Ready) -> String {
+    use crate::spec::Ready;
+    match ready {
+        Ready::Listening => "it has not listened on any port through herd. An app that forks its own \
+            cluster (`cluster.fork()`) serves nothing under herd: run its worker file instead; one \
+            that binds its own socket (not a cluster server) is not reachable through herd; a worker \
+            that serves nothing needs `--ready delay:D`. See docs/compat.md"
+            .into(),
+        Ready::Message => "it has not sent `process.send('ready')` (--ready message / --wait-ready)".into(),
+        Ready::Notify => "it has not sent READY=1 to NOTIFY_SOCKET (--ready notify); a server that \
+            never does needs `--ready delay:D`. See docs/compat.md"
+            .into(),
+        Ready::Delay(d) => format!("--ready delay:{} is longer than --listen-timeout", human(*d)),
+    }
+}
+
+/// How long a Node worker whose IPC channel closed on its own (not stopped by herd) gets
+/// between SIGTERM and SIGKILL.
 const TERM_GRACE: Duration = Duration::from_secs(2);
+
+/// How long a Node worker herd is stopping may stay after its disconnect finished (its IPC
+/// channel closed) before SIGTERM: long enough for one that is exiting anyway.
+const AFTER_DISCONNECT: Duration = Duration::from_millis(250);
 
 struct Slot {
     /// The worker that serves this slot.
@@ -335,16 +357,20 @@ impl Supervisor {
                         self.incoming_failed(id, instance, why);
                         return;
                     }
+                    // Not ready means not serving: it stays out of routing and out of the
+                    // ready count (`herd start` fails on it), and becomes ready if it ever
+                    // sends its signal.
+                    let hint = not_ready_hint(&self.plan.ready);
                     self.logger.event(
                         EventName::ReadyTimeout,
                         Some(who),
-                        &format!(
-                            "not ready after {} — counting it as started anyway",
-                            human(limit)
-                        ),
+                        &format!("not ready after --listen-timeout {}: {hint}", human(limit)),
                         &[],
                     );
-                    self.mark_ready(id, "timeout");
+                    if let Some(w) = self.workers.get_mut(&id) {
+                        w.late = true;
+                    }
+                    self.check_op();
                 }
             }
             Event::KillDue { id, signal, after } => self.kill_due(id, signal, &after),

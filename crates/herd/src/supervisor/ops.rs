@@ -427,10 +427,11 @@ impl Supervisor {
     pub(super) fn check_op(&mut self) {
         let Some(op) = self.phase.op() else { return };
         let workers = &self.workers;
+        // Ready, or given up on (not ready by --listen-timeout: the answer says so).
         let ready = |s: &Slot| {
             s.worker
                 .and_then(|id| workers.get(&id))
-                .is_some_and(|w| w.state().has_been_ready())
+                .is_some_and(|w| w.state().has_been_ready() || w.late)
         };
         let done = match op.kind {
             OpKind::Reload { .. } | OpKind::Replace { .. } => {
@@ -454,14 +455,23 @@ impl Supervisor {
             return;
         };
         let errored = self.slots.iter().filter(|s| s.state.is_errored()).count();
+        let late = self
+            .slots
+            .iter()
+            .filter_map(|s| s.worker.and_then(|id| self.workers.get(&id)))
+            .filter(|w| w.late && !w.state().has_been_ready())
+            .count();
         let took = human(op.started.elapsed());
         let (ok, message) = match op.kind {
             OpKind::Reload { .. } => (true, format!("reloaded {} workers in {took}", op.replaced)),
             OpKind::Restart => (
-                errored == 0,
+                errored == 0 && late == 0,
                 format!("restarted {} workers in {took}", self.slots.len() - errored),
             ),
-            OpKind::Scale { to } => (errored == 0, format!("scaled to {to} workers in {took}")),
+            OpKind::Scale { to } => (
+                errored == 0 && late == 0,
+                format!("scaled to {to} workers in {took}"),
+            ),
             OpKind::Replace { instance, reason } => (
                 true,
                 format!(
@@ -472,6 +482,11 @@ impl Supervisor {
         };
         let message = if errored > 0 {
             format!("{message}; {errored} slots errored (see herd logs)")
+        } else {
+            message
+        };
+        let message = if late > 0 {
+            format!("{message}; {late} workers not ready within --listen-timeout (see herd logs: ready_timeout)")
         } else {
             message
         };

@@ -84,6 +84,12 @@ pub struct Worker {
     pub probe_due: Option<Instant>,
     /// A health probe is in flight (beside the lifecycle, like `write_waiting`).
     pub probing: bool,
+    /// Stopping: herd has sent it SIGTERM (once its disconnect finished, or at half
+    /// `--kill-timeout`), so the other of the two does not send a second one.
+    pub termed: bool,
+    /// Not ready by `--listen-timeout` (and not since): `herd restart` and `herd scale` stop
+    /// waiting for it and answer with an error.
+    pub late: bool,
     pub probe_failures: u32,
     /// The last probe's outcome, for `herd status`.
     pub health: Option<String>,
@@ -304,6 +310,9 @@ pub struct Launcher {
     run_dir_fd: Result<OwnedFd, String>,
     /// The command line, with herd's keep-alive drain preloaded for Node workers.
     argv: Vec<OsString>,
+    /// Socket activation: the listening sockets (listener index, slot or `usize::MAX` for
+    /// the shared one) already made blocking, once, before the first worker got them.
+    made_blocking: std::cell::RefCell<std::collections::HashSet<(usize, usize)>>,
 }
 
 /// herd's keep-alive drain for Node workers (see the file's header).
@@ -387,6 +396,7 @@ impl Launcher {
             run_dir,
             run_dir_fd,
             argv,
+            made_blocking: Default::default(),
         }
     }
 
@@ -452,6 +462,8 @@ impl Launcher {
             ping: None,
             probe_due: None,
             probing: false,
+            termed: false,
+            late: false,
             probe_failures: 0,
             health: None,
             health_port: given.health_port,
@@ -535,12 +547,30 @@ impl Launcher {
                             .transpose()
                     })
                     .collect::<io::Result<_>>()?;
+                // Blocking, as systemd passes them: a plain `accept()` loop waits instead of
+                // dying on EAGAIN. The flag belongs to the socket every worker of the app
+                // shares, so it is set once, before the first worker gets the socket, and
+                // never again: an async server makes it non-blocking for itself and every
+                // other worker (as under systemd), and setting it back under a running one
+                // would let its accept() block its event loop. herd accepts from a
+                // socket-activation listener only while no worker can hold it
+                // (`refuse_loop`, which makes it non-blocking first).
+                for (i, l) in plan.listeners.iter().enumerate() {
+                    let (key, fd) = match given.slot_sockets.get(i) {
+                        Some(Some(own)) => ((i, instance), own.as_fd()),
+                        _ => ((i, usize::MAX), l.socket.as_fd()),
+                    };
+                    if self.made_blocking.borrow_mut().insert(key) {
+                        set_blocking(fd)?;
+                    }
+                }
                 let mut names: Vec<&str> = plan.listeners.iter().map(|l| l.name.as_str()).collect();
                 if plan.spec.health.check.is_some() {
                     let socket = crate::plan::bind_tcp(
                         std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
                         true,
                     )?;
+                    set_blocking(socket.as_fd())?;
                     given.health_port = socket.local_addr()?.as_socket().map(|a| a.port());
                     given.health = Some(socket.into());
                     names.push("health");
@@ -643,6 +673,15 @@ impl Launcher {
                 .collect(),
         }
     }
+}
+
+/// Clears `O_NONBLOCK` on a listening socket handed to a socket-activation worker.
+fn set_blocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let flags = rustix::fs::fcntl_getfl(fd)?;
+    if flags.contains(rustix::fs::OFlags::NONBLOCK) {
+        rustix::fs::fcntl_setfl(fd, flags - rustix::fs::OFlags::NONBLOCK)?;
+    }
+    Ok(())
 }
 
 /// Reads a worker's notify datagrams (`READY=1`, `STATUS=…`) until the socket is dropped.

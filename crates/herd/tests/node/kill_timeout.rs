@@ -1,6 +1,7 @@
 //! A Node worker that will not leave: it ignores herd's `disconnect` (a timer keeps it
-//! alive) and SIGTERM. After `--kill-timeout` herd sends SIGTERM, and after a further 2 s
-//! SIGKILL, on reload and on stop; the reload succeeds, herd exits, nothing is left.
+//! alive) and SIGTERM. Once its disconnect finished (its IPC channel closed) herd sends
+//! SIGTERM, and SIGKILL when `--kill-timeout` is up (one timeout in all, not two), on reload
+//! and on stop; the reload succeeds, herd exits, nothing is left.
 //! Fixture: `fixtures/tests15_app.js` with `STUBBORN=1`.
 
 use serde_json::Value;
@@ -9,12 +10,13 @@ use crate::util::{cli, home_of, start_named_node, ts_ms, Herd};
 
 /// `--kill-timeout 1s`.
 const KILL_TIMEOUT_MS: i64 = 1000;
-/// herd's grace between SIGTERM and SIGKILL for a Node worker (TERM_GRACE).
-const TERM_GRACE_MS: i64 = 2000;
+/// How late herd's SIGKILL may be, beyond `--kill-timeout`, on a loaded machine. (Before
+/// issue #11 item 5 was fixed it came 2 s after a SIGTERM sent at the timeout: 3 s in all.)
+const SLACK_MS: i64 = 1500;
 
 /// Checks how worker `id` was made to leave, from `asked` (herd's `ts` of the moment it
-/// asked the worker to disconnect) on: SIGTERM after the kill timeout, which it ignored,
-/// then SIGKILL after the grace, and its exit by SIGKILL.
+/// asked the worker to disconnect) on: SIGTERM before the kill timeout, which it ignored,
+/// then SIGKILL once the kill timeout is up, and its exit by SIGKILL.
 fn escalated(herd: &Herd, from: usize, id: u64, asked: i64) {
     let what = |e: &Value, text: &str| {
         e["event"] == "kill"
@@ -38,16 +40,16 @@ fn escalated(herd: &Herd, from: usize, id: u64, asked: i64) {
         from,
         |e| e["worker_id"] == id && e["line"] == "disconnected, staying",
     );
-    let (to_term, to_kill) = (ts_ms(&term) - asked, ts_ms(&kill) - ts_ms(&term));
-    eprintln!("worker {id}: SIGTERM {to_term} ms after disconnect, SIGKILL {to_kill} ms later");
+    let (to_term, to_kill) = (ts_ms(&term) - asked, ts_ms(&kill) - asked);
+    eprintln!("worker {id}: SIGTERM {to_term} ms, SIGKILL {to_kill} ms after disconnect");
     assert!(
-        to_term >= KILL_TIMEOUT_MS,
+        (0..KILL_TIMEOUT_MS).contains(&to_term),
         "worker {id} got SIGTERM {to_term} ms after it was asked to leave (--kill-timeout 1s)\n{}",
         herd.dump()
     );
     assert!(
-        to_kill >= TERM_GRACE_MS,
-        "worker {id} got SIGKILL {to_kill} ms after SIGTERM (grace 2s)\n{}",
+        (KILL_TIMEOUT_MS..KILL_TIMEOUT_MS + SLACK_MS).contains(&to_kill),
+        "worker {id} got SIGKILL {to_kill} ms after it was asked to leave (--kill-timeout 1s)\n{}",
         herd.dump()
     );
     assert_eq!(exited["signal"], libc::SIGKILL, "{exited}");

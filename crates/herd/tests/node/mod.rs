@@ -1,6 +1,7 @@
 //! Node apps, unmodified, through Node's cluster IPC protocol (`fixtures/app.js`, real node).
 
 mod balance;
+mod compat;
 mod kill_timeout;
 mod lifecycle;
 mod listen_host;

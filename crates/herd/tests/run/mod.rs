@@ -1,6 +1,7 @@
 //! `herd run` with socket-activation workers (`fixtures/inherit.py` and friends).
 
 mod addresses;
+mod compat;
 mod inherit;
 mod lifecycle;
 mod output;

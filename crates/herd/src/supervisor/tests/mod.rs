@@ -587,3 +587,44 @@ async fn a_program_that_cannot_be_started_errors_its_slot_without_retrying() {
     })
     .await;
 }
+
+/// Issue #11 item 3: a worker not ready by `--listen-timeout` is not counted as ready (it was
+/// "counted as started anyway"), and `herd restart` answers with an error at the timeout
+/// instead of waiting for it forever.
+#[tokio::test(start_paused = true)]
+async fn a_worker_not_ready_by_the_listen_timeout_stays_not_ready_and_fails_a_restart() {
+    local(async {
+        let mut s = spec(1);
+        s.policy.listen_timeout = ms(2000);
+        let mut rig = Rig::start(s);
+        rig.settle().await;
+        let first = rig.os.newest(0);
+        rig.advance(ms(2100)).await;
+        let status = rig.status().await;
+        assert_eq!(status.ready, 0, "{status:?}");
+        assert_eq!(rows(&status), [(0, first, "starting".into())]);
+        assert!(rig.os.sent(first).is_empty(), "left running");
+        // It may still become ready later.
+        rig.os.ready(first);
+        rig.settle().await;
+        assert_eq!(rig.status().await.ready, 1);
+
+        let mut restart = rig.control(Request::Restart).await;
+        rig.os.exit(first, 0);
+        rig.settle().await;
+        // Not answered before the new worker's --listen-timeout, answered just after.
+        rig.advance(ms(1990)).await;
+        assert!(answered(&mut restart).is_none());
+        rig.advance(ms(100)).await;
+        let response = answered(&mut restart).expect("answered at the timeout");
+        assert!(!response.ok, "{response:?}");
+        assert!(
+            response
+                .message
+                .contains("not ready within --listen-timeout"),
+            "{response:?}"
+        );
+        assert_eq!(rig.status().await.ready, 0);
+    })
+    .await;
+}
