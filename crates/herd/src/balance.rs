@@ -2,8 +2,9 @@
 //!
 //! An accept task per server takes connections off the listening socket (already
 //! non-blocking and close-on-exec, straight from `accept4`, never registered with the event
-//! loop: the fd only passes through herd) and sends each to the supervisor, which picks a
-//! worker and hands the fd over.
+//! loop: the fd only passes through herd) until the queue is empty, at most
+//! [`ACCEPT_BATCH`] per wake-up, and sends them in one event to the supervisor, which picks
+//! a worker for each and hands the fd over.
 //!
 //! - **round-robin**: the next *free* worker after the last one chosen, where free means
 //!   fewer than [`MAX_UNACKED`] hand-offs it has not answered. A worker whose event loop is
@@ -33,6 +34,8 @@ use crate::vocab::{Event, ServerId};
 pub const MAX_UNACKED: usize = 8;
 /// Connections herd queues per server before it stops accepting.
 pub const MAX_QUEUED: usize = 4096;
+/// Connections one wake-up of an accept loop takes before the supervisor routes them.
+pub const ACCEPT_BATCH: usize = 32;
 
 /// An accepted connection on its way to a worker.
 #[derive(Debug)]
@@ -92,36 +95,57 @@ pub async fn accept_loop(
             gate.resume.notified().await;
             continue;
         }
-        let accepted = listener
-            .async_io(Interest::READABLE, |fd| {
-                rustix::net::acceptfrom_with(
-                    fd.as_fd(),
-                    SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
-                )
-                .map_err(io::Error::from)
-            })
-            .await;
-        match accepted {
-            Ok((fd, addr)) => {
-                let peer = addr.as_ref().and_then(peer_ip);
-                if tx
-                    .send(Event::Conn {
-                        server,
-                        conn: Pending {
-                            fd,
-                            peer,
-                            attempts: 0,
-                            probe: false,
-                        },
-                    })
-                    .is_err()
-                {
-                    return;
+        let mut guard = match listener.readable().await {
+            Ok(guard) => guard,
+            Err(e) => {
+                let _ = tx.send(Event::AcceptFailed {
+                    server,
+                    error: e.to_string(),
+                });
+                return;
+            }
+        };
+        // Everything queued, up to a batch: one event for the supervisor, and tokio learns
+        // from the accept that found the queue empty that it must wait for the next edge.
+        let mut conns = Vec::new();
+        let mut failed = None;
+        let _ = guard.try_io(|fd| loop {
+            match rustix::net::acceptfrom_with(
+                fd.as_fd(),
+                SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+            ) {
+                Ok((fd, addr)) => {
+                    conns.push(Pending {
+                        fd,
+                        peer: addr.as_ref().and_then(peer_ip),
+                        attempts: 0,
+                        probe: false,
+                    });
+                    if conns.len() == ACCEPT_BATCH {
+                        return Ok(());
+                    }
+                }
+                Err(rustix::io::Errno::AGAIN) => return Err(io::ErrorKind::WouldBlock.into()),
+                Err(e) => {
+                    failed = Some(io::Error::from(e));
+                    return Ok(());
                 }
             }
+        });
+        let full = conns.len() == ACCEPT_BATCH;
+        if !conns.is_empty() && tx.send(Event::Conns { server, conns }).is_err() {
+            return;
+        }
+        match failed {
+            None if full => {
+                // A long backlog: let the supervisor route this batch (and pause the gate
+                // past MAX_QUEUED) before taking more.
+                tokio::task::yield_now().await;
+            }
+            None => {}
             // The client gave up before we took it, or a transient shortage: carry on
             // (Node's test-cluster-accept-fail).
-            Err(e) if is_transient(&e) => {
+            Some(e) if is_transient(&e) => {
                 if matches!(
                     e.raw_os_error(),
                     Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
@@ -129,7 +153,7 @@ pub async fn accept_loop(
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             }
-            Err(e) => {
+            Some(e) => {
                 let _ = tx.send(Event::AcceptFailed {
                     server,
                     error: e.to_string(),

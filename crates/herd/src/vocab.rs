@@ -47,9 +47,10 @@ pub enum Event {
         messages: Vec<Notify>,
         malformed: Vec<String>,
     },
-    Conn {
+    /// Connections an accept loop took in one wake-up (at most `balance::ACCEPT_BATCH`).
+    Conns {
         server: ServerId,
-        conn: Pending,
+        conns: Vec<Pending>,
     },
     AcceptFailed {
         server: ServerId,

@@ -651,9 +651,24 @@ async fn read_until_end(
         sock.readable().await.map_err(|e| e.to_string())?;
         let spare = lines.spare(8192);
         let spare_len = spare.len();
+        let mut drained = None;
         let got = sock.try_io(Interest::READABLE, || {
-            fdpass::recv(sock.as_fd(), spare, &mut received)
+            let n = fdpass::recv(sock.as_fd(), &mut *spare, &mut received)?;
+            if n > 0 && n < spare_len && received.is_empty() {
+                // A short read that brought no fd took everything queued (on a unix stream
+                // socket `recvmsg` stops early only after an fd, or at out-of-band data,
+                // which a worker can only use against its own channel): tell tokio the
+                // socket is drained, so the next read waits for the worker's next write
+                // (a new epoll edge) instead of costing a `recvmsg` that finds nothing.
+                drained = Some(n);
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
         });
+        let got = match (got, drained) {
+            (Err(e), Some(n)) if e.kind() == io::ErrorKind::WouldBlock => Ok(n),
+            (got, _) => got,
+        };
         let n = match got {
             Ok(n) => n,
             Err(e)

@@ -316,7 +316,11 @@ impl Supervisor {
                 messages,
                 malformed,
             } => self.on_notify(id, messages, malformed),
-            Event::Conn { server, conn } => self.route(server, conn),
+            Event::Conns { server, conns } => {
+                for conn in conns {
+                    self.route(server, conn);
+                }
+            }
             Event::UnixBound { key } => self.unix_bound(key),
             Event::AcceptFailed { server, error } => {
                 let name = self

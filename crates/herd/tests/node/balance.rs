@@ -86,3 +86,47 @@ fn a_node_worker_is_a_cluster_worker_whose_id_is_herd_worker_id() {
     }
     assert_eq!(seen.len(), 2, "{seen:?}");
 }
+
+#[test]
+fn round_robin_serves_a_burst_larger_than_one_accept_batch() {
+    use std::io::{Read, Write};
+    use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+    use std::time::Duration;
+
+    // Connections opened faster than herd takes them wait in the listener's backlog and are
+    // accepted in batches of at most 32; every one must reach a worker and be answered.
+    let herd = start_node(2, &[]);
+    herd.wait_ready();
+    let port = herd.port();
+    let dest = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let streams: Vec<TcpStream> = (0..150)
+        .map(|_| {
+            let s = TcpStream::connect_timeout(&dest, Duration::from_secs(5)).expect("connect");
+            s.set_read_timeout(Some(crate::util::WAIT))
+                .expect("timeout");
+            s
+        })
+        .collect();
+    let mut counts: BTreeMap<u32, usize> = BTreeMap::new();
+    for mut s in streams {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .expect("request");
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).expect("answer");
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "{answer}\n{}",
+            herd.dump()
+        );
+        let pid = answer
+            .split("\"pid\":")
+            .nth(1)
+            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        *counts.entry(pid).or_default() += 1;
+    }
+    eprintln!("round-robin, a burst of 150 connections: {counts:?}");
+    assert_eq!(counts.values().sum::<usize>(), 150);
+    assert_eq!(counts.len(), 2, "both workers took a share: {counts:?}");
+}
