@@ -279,6 +279,9 @@ impl Supervisor {
                     self.stop_worker(id, DrainReason::ScaleDown);
                 }
             }
+            // Slots with no worker (errored, waiting out a backoff) have nothing to wait for;
+            // the rest go as their workers exit.
+            self.trim_slots();
         }
         self.all_ready = false;
     }

@@ -628,3 +628,37 @@ async fn a_worker_not_ready_by_the_listen_timeout_stays_not_ready_and_fails_a_re
     })
     .await;
 }
+
+/// Scaling down over slots that have no worker (one errored, one waiting out its backoff)
+/// finishes at once: there is nothing to wait for, and an unfinished scale would refuse
+/// every later operation.
+#[tokio::test(start_paused = true)]
+async fn scaling_down_over_slots_without_a_worker_finishes() {
+    local(async {
+        let mut s = spec(3);
+        s.policy.autorestart = false;
+        let mut rig = Rig::start(s);
+        rig.settle().await;
+        rig.all_ready().await;
+        // Slot 2 dies for good (no autorestart): errored, no worker.
+        rig.os.exit(rig.os.newest(2), 1);
+        rig.settle().await;
+        assert_eq!(rig.status().await.workers[2].state.as_str(), "errored");
+
+        let mut down = rig.control(Request::Scale { to: "2".into() }).await;
+        rig.settle().await;
+        let response = answered(&mut down).expect("answered without waiting for anything");
+        assert!(
+            response.ok && response.message.contains("scaled to 2"),
+            "{response:?}"
+        );
+        assert_eq!(app_state(&rig.status().await), "running");
+        // And the app takes the next operation.
+        let mut up = rig.control(Request::Scale { to: "3".into() }).await;
+        rig.os.ready(rig.os.newest(2));
+        rig.settle().await;
+        let response = answered(&mut up).expect("the next scale is answered");
+        assert!(response.ok, "{response:?}");
+    })
+    .await;
+}
