@@ -23,9 +23,7 @@ use rig::*;
 #[tokio::test(start_paused = true)]
 async fn crash_restarts_back_off_by_half_and_reset_after_min_uptime() {
     local(async {
-        let mut rig = Rig::start(spec(1));
-        rig.settle().await;
-        rig.all_ready().await;
+        let mut rig = Rig::ready(spec(1)).await;
         // Four quick crashes: waits of 100, 150, 225 and 337.5ms before each next spawn.
         for expected in [100.0, 150.0, 225.0, 337.5] {
             let id = rig.os.newest(0);
@@ -67,9 +65,7 @@ async fn a_crash_loop_errors_its_slot_and_herd_exits_1_once_every_slot_is_errore
     local(async {
         let mut s = spec(2);
         s.policy.max_restarts = 2;
-        let mut rig = Rig::start(s);
-        rig.settle().await;
-        rig.all_ready().await;
+        let mut rig = Rig::ready(s).await;
         let crash_loop = |rig: &mut Rig, instance: usize| {
             let id = rig.os.newest(instance);
             rig.os.exit(id, 3);
@@ -116,9 +112,7 @@ async fn restart_revives_an_errored_slot_respawns_a_live_one_and_leaves_a_backof
     local(async {
         let mut s = spec(3);
         s.policy.max_restarts = 2;
-        let mut rig = Rig::start(s);
-        rig.settle().await;
-        rig.all_ready().await;
+        let mut rig = Rig::ready(s).await;
         // Slot 0 crash-loops until it is errored.
         for _ in 0..3 {
             rig.os.exit(rig.os.newest(0), 3);
@@ -168,9 +162,7 @@ async fn restart_revives_an_errored_slot_respawns_a_live_one_and_leaves_a_backof
 #[tokio::test(start_paused = true)]
 async fn reload_promotes_each_ready_replacement_and_then_stops_the_old_worker() {
     local(async {
-        let mut rig = Rig::start(spec(2));
-        rig.settle().await;
-        rig.all_ready().await;
+        let mut rig = Rig::ready(spec(2)).await;
         let old = [rig.os.newest(0), rig.os.newest(1)];
         let mut answer = rig.control(Request::Reload { parallel: 1 }).await;
 
@@ -232,9 +224,7 @@ async fn reload_promotes_each_ready_replacement_and_then_stops_the_old_worker() 
 #[tokio::test(start_paused = true)]
 async fn reload_keeps_the_old_worker_when_its_replacement_exits() {
     local(async {
-        let mut rig = Rig::start(spec(2));
-        rig.settle().await;
-        rig.all_ready().await;
+        let mut rig = Rig::ready(spec(2)).await;
         let old = [rig.os.newest(0), rig.os.newest(1)];
         let mut answer = rig.control(Request::Reload { parallel: 1 }).await;
         let new0 = rig.os.newest(0);
@@ -278,9 +268,7 @@ async fn reload_keeps_the_old_worker_when_its_replacement_misses_the_listen_time
     local(async {
         let mut s = spec(1);
         s.policy.listen_timeout = ms(2000);
-        let mut rig = Rig::start(s);
-        rig.settle().await;
-        rig.all_ready().await;
+        let mut rig = Rig::ready(s).await;
         let old = rig.os.newest(0);
         let mut answer = rig.control(Request::Reload { parallel: 1 }).await;
         let started = Instant::now();
@@ -316,9 +304,7 @@ async fn reload_keeps_the_old_worker_when_its_replacement_misses_the_listen_time
 #[tokio::test(start_paused = true)]
 async fn a_failed_reload_is_not_rolled_back_replaced_slots_keep_their_new_workers() {
     local(async {
-        let mut rig = Rig::start(spec(3));
-        rig.settle().await;
-        rig.all_ready().await;
+        let mut rig = Rig::ready(spec(3)).await;
         let old: Vec<_> = (0..3).map(|i| rig.os.newest(i)).collect();
         let mut answer = rig.control(Request::Reload { parallel: 1 }).await;
         let new0 = rig.os.newest(0);
@@ -363,9 +349,7 @@ async fn a_failed_reload_is_not_rolled_back_replaced_slots_keep_their_new_worker
 #[tokio::test(start_paused = true)]
 async fn scale_up_and_down_while_workers_serve() {
     local(async {
-        let mut rig = Rig::start(spec(2));
-        rig.settle().await;
-        rig.all_ready().await;
+        let mut rig = Rig::ready(spec(2)).await;
         let serving = [rig.os.newest(0), rig.os.newest(1)];
 
         let mut up = rig.control(Request::Scale { to: "4".into() }).await;
@@ -430,9 +414,7 @@ async fn workers_over_max_memory_are_replaced_one_at_a_time() {
     local(async {
         let mut s = spec(3);
         s.health.max_memory = Some(100 << 20);
-        let mut rig = Rig::start(s);
-        rig.settle().await;
-        rig.all_ready().await;
+        let mut rig = Rig::ready(s).await;
         let old: Vec<_> = (0..3).map(|i| rig.os.newest(i)).collect();
         rig.os.set_rss(old[0], 200 << 20);
         rig.os.set_rss(old[1], 300 << 20);
@@ -496,9 +478,7 @@ async fn a_worker_silent_past_the_watchdog_is_aborted_killed_and_replaced() {
     local(async {
         let mut s = spec(2);
         s.health.watchdog = Some(ms(1000));
-        let mut rig = Rig::start(s);
-        rig.settle().await;
-        rig.all_ready().await;
+        let mut rig = Rig::ready(s).await;
         let [quiet, alive] = [rig.os.newest(0), rig.os.newest(1)];
         let env = rig.os.spawned(quiet).env;
         assert!(
@@ -637,9 +617,7 @@ async fn scaling_down_over_slots_without_a_worker_finishes() {
     local(async {
         let mut s = spec(3);
         s.policy.autorestart = false;
-        let mut rig = Rig::start(s);
-        rig.settle().await;
-        rig.all_ready().await;
+        let mut rig = Rig::ready(s).await;
         // Slot 2 dies for good (no autorestart): errored, no worker.
         rig.os.exit(rig.os.newest(2), 1);
         rig.settle().await;

@@ -120,6 +120,14 @@ impl Rig {
         }
     }
 
+    /// [`Rig::start`], then every slot's first worker ready: where most tests begin.
+    pub async fn ready(spec: Spec) -> Rig {
+        let mut rig = Rig::start(spec);
+        rig.settle().await;
+        rig.all_ready().await;
+        rig
+    }
+
     /// Handles every event due now: lets the supervisor's tasks run, without moving time.
     pub async fn settle(&mut self) {
         loop {
