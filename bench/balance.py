@@ -448,29 +448,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    B.install_signal_handlers()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    args.out.mkdir(parents=True, exist_ok=True)
-    logdir = args.out / f"logs-{stamp}"
-    versions = B.versions(args.herd)
-    args.loadavg = os.getloadavg()[0]
-    try:
-        results = run_all(args, logdir)
-    except KeyboardInterrupt:
-        B.log("interrupted: tearing down")
-        return 130
-    finally:
-        B.cleanup_all()
-    md = render(results, args, versions, time.strftime("%Y-%m-%d %H:%M:%S"))
-    print(md)
-    (args.out / f"balance-{stamp}.md").write_text(md + "\n")
-    (args.out / f"balance-{stamp}.json").write_text(json.dumps(
-        {"args": {k: str(v) for k, v in vars(args).items()}, "versions": versions,
-         "results": results}, indent=1, default=str))
-    B.log(f"wrote {args.out}/balance-{stamp}.md and .json")
-    return 0
-
+    return B.run_bench("balance", parse_args(argv), run_all, render)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -822,3 +822,32 @@ def _pm2_version() -> str:
         return json.loads((BENCH / "node_modules" / "pm2" / "package.json").read_text())["version"]
     except (OSError, ValueError, KeyError):
         return "missing"
+
+
+def run_bench(name: str, args, measure, render) -> int:
+    """The `main` every comparison script shares: measure (with cleanup on every exit path,
+    Ctrl-C included), then print the markdown `render` makes and keep it with the raw results
+    under `args.out` as `NAME-STAMP.md` / `.json`. `measure(args, logdir)` returns a dict of
+    results; `render(results, args, versions, when)` returns markdown."""
+    install_signal_handlers()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    args.out.mkdir(parents=True, exist_ok=True)
+    logdir = args.out / f"logs-{name}-{stamp}"
+    logdir.mkdir(parents=True, exist_ok=True)
+    versions_seen = versions(args.herd)
+    args.loadavg = os.getloadavg()[0]
+    try:
+        results = measure(args, logdir)
+    except KeyboardInterrupt:
+        log("interrupted: tearing down")
+        return 130
+    finally:
+        cleanup_all()
+    md = render(results, args, versions_seen, time.strftime("%Y-%m-%d %H:%M:%S"))
+    print(md)
+    (args.out / f"{name}-{stamp}.md").write_text(md + "\n")
+    (args.out / f"{name}-{stamp}.json").write_text(json.dumps(
+        {"args": {k: str(v) for k, v in vars(args).items()}, "versions": versions_seen,
+         "results": results}, indent=1, default=str))
+    log(f"wrote {args.out}/{name}-{stamp}.md and .json")
+    return 0

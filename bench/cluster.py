@@ -59,8 +59,6 @@ Ctrl-C or error.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -367,30 +365,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    B.install_signal_handlers()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    args.out.mkdir(parents=True, exist_ok=True)
-    logdir = args.out / f"logs-{stamp}"
-    logdir.mkdir(parents=True, exist_ok=True)
-    versions = B.versions(args.herd)
-    args.loadavg = os.getloadavg()[0]
-    try:
-        results = run_all(args, logdir)
-    except KeyboardInterrupt:
-        B.log("interrupted: tearing down")
-        return 130
-    finally:
-        B.cleanup_all()
-    md = render(results, args, versions, time.strftime("%Y-%m-%d %H:%M:%S"))
-    print(md)
-    (args.out / f"cluster-{stamp}.md").write_text(md + "\n")
-    (args.out / f"cluster-{stamp}.json").write_text(json.dumps(
-        {"args": {k: str(v) for k, v in vars(args).items()}, "versions": versions, "results": results},
-        indent=1))
-    B.log(f"wrote {args.out}/cluster-{stamp}.md and .json")
-    return 0
-
+    return B.run_bench("cluster", parse_args(argv), run_all, render)
 
 if __name__ == "__main__":
     sys.exit(main())

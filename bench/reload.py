@@ -50,8 +50,6 @@ Every process started is torn down, also on Ctrl-C or error.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import subprocess
 import sys
 import time
@@ -426,30 +424,16 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    B.install_signal_handlers()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    logdir = args.out / f"logs-reload-{stamp}"
-    logdir.mkdir(parents=True, exist_ok=True)
-    versions = B.versions(args.herd)
-    args.loadavg = os.getloadavg()[0]
-    try:
-        reloads = [] if args.no_reload else run_reloads(args, logdir)
-        ls = [] if args.no_ls else run_ls(args, logdir)
-    except KeyboardInterrupt:
-        B.log("interrupted: tearing down")
-        return 130
-    finally:
-        B.cleanup_all()
-    md = render(reloads, ls, args, versions, time.strftime("%Y-%m-%d %H:%M:%S"))
-    print(md)
-    (args.out / f"reload-{stamp}.md").write_text(md + "\n")
-    (args.out / f"reload-{stamp}.json").write_text(json.dumps(
-        {"args": {k: str(v) for k, v in vars(args).items()}, "versions": versions,
-         "reloads": reloads, "ls": ls}, indent=1))
-    B.log(f"wrote {args.out}/reload-{stamp}.md and .json")
-    return 0
+    def measure(args, logdir):
+        return {
+            "reloads": [] if args.no_reload else run_reloads(args, logdir),
+            "ls": [] if args.no_ls else run_ls(args, logdir),
+        }
 
+    def render_both(results, args, versions, when):
+        return render(results["reloads"], results["ls"], args, versions, when)
+
+    return B.run_bench("reload", parse_args(argv), measure, render_both)
 
 if __name__ == "__main__":
     sys.exit(main())
