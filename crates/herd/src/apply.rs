@@ -111,37 +111,37 @@ fn step_for(app: &App, running: Option<&AppStatus>, file: &Path) -> anyhow::Resu
             None => "the command line".into(),
         }));
     }
-    let changed = keys::changed_keys(&status.args, &app.argv)
-        .map_err(|e| anyhow::anyhow!("{}: cannot compare with the running app: {}", app.name, config::clap_message(&e)))?;
-    let instances = || {
-        let raw = |argv: &[String]| {
-            keys::parse_run(argv)
-                .map(|r| match r.instances {
-                    crate::spec::Instances::Count(n) => n.to_string(),
-                    crate::spec::Instances::Max => "max".into(),
-                })
-                .unwrap_or_default()
-        };
-        (raw(&status.args), raw(&app.argv))
-    };
+    // Instances are compared with what runs, not with the argv: `herd scale` changes the
+    // count without changing the argv.
+    let changed: Vec<String> = keys::changed_keys(&status.args, &app.argv)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{}: cannot compare with the running app: {}",
+                app.name,
+                config::clap_message(&e)
+            )
+        })?
+        .into_iter()
+        .filter(|k| k != "instances")
+        .collect();
+    let want = app.run.instances.resolve();
+    let scale = (status.desired != want).then(|| (status.desired.to_string(), want.to_string()));
     let restart: Vec<String> = changed
         .iter()
         .filter(|k| RESTART_KEYS.contains(&k.as_str()))
         .cloned()
         .collect();
-    Ok(if changed.is_empty() {
-        Step::Unchanged
-    } else if !restart.is_empty() {
+    Ok(if !restart.is_empty() {
         Step::Restart { keys: restart }
-    } else if changed == ["instances"] {
-        let (from, to) = instances();
-        Step::Scale { from, to }
-    } else {
-        let scale = changed.iter().any(|k| k == "instances").then(instances);
+    } else if !changed.is_empty() {
         Step::Reload {
-            keys: changed.into_iter().filter(|k| k != "instances").collect(),
+            keys: changed,
             scale,
         }
+    } else if let Some((from, to)) = scale {
+        Step::Scale { from, to }
+    } else {
+        Step::Unchanged
     })
 }
 

@@ -154,16 +154,17 @@ fn config_args(args: cli::RunArgs) -> anyhow::Result<apply::FileArgs> {
         .try_get_matches_from(std::env::args_os())
         .map_err(|e| anyhow::anyhow!("{}", config::clap_message(&e)))?;
     if let Some((_, sub)) = matches.subcommand() {
-        for id in sub.ids() {
-            let id = id.as_str();
+        for arg in config::keys::run_command().get_arguments() {
+            let id = arg.get_id().as_str();
             if matches!(id, "config_app" | "app" | "args") {
                 continue;
             }
             if sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
+                let long = arg.get_long().unwrap_or(id);
                 anyhow::bail!(
-                    "--{} given with {}: with a herd.toml, options go in the file (key `{id}` of the app's table)",
-                    id.replace('_', "-"),
-                    args.app
+                    "--{long} given with {}: with a herd.toml, options go in the file (key `{}` of the app's table)",
+                    args.app,
+                    long.replace('-', "_")
                 );
             }
         }
