@@ -66,9 +66,17 @@ enum Step {
     Unchanged,
     Start,
     Stop,
-    Scale { from: String, to: String },
-    Reload { keys: Vec<String>, scale: Option<(String, String)> },
-    Restart { keys: Vec<String> },
+    Scale {
+        from: String,
+        to: String,
+    },
+    Reload {
+        keys: Vec<String>,
+        scale: Option<(String, String)>,
+    },
+    Restart {
+        keys: Vec<String>,
+    },
     /// An app of that name runs, but not from this file: never touched.
     Foreign(String),
 }
@@ -162,7 +170,10 @@ pub fn apply(home: &Home, file: &Path, dry_run: bool) -> anyhow::Result<u8> {
     for app in &config.apps {
         let name = AppName::new(&app.name).map_err(anyhow::Error::msg)?;
         let running = status_of(home, &name)?;
-        steps.push((app.name.clone(), step_for(app, running.as_ref(), &config.path)?));
+        steps.push((
+            app.name.clone(),
+            step_for(app, running.as_ref(), &config.path)?,
+        ));
     }
     for name in home.apps() {
         if config.apps.iter().any(|a| a.name == name.as_str()) {

@@ -152,8 +152,8 @@ pub fn ls(home: &Home, json: bool) -> anyhow::Result<u8> {
     let mut table = Table::new();
     table.load_preset(presets::UTF8_HORIZONTAL_ONLY);
     table.set_header([
-        "name", "state", "balance", "ready", "pid", "uptime", "restarts", "cpu", "memory", "listen",
-        "config",
+        "name", "state", "balance", "ready", "pid", "uptime", "restarts", "cpu", "memory",
+        "listen", "config",
     ]);
     for a in &apps {
         table.add_row(vec![

@@ -33,7 +33,12 @@ pub fn import(file: &Path, env: Option<&str>) -> anyhow::Result<u8> {
         .stderr(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
-        .map_err(|e| anyhow::anyhow!("cannot run node to read {} (it is JavaScript): {e}; install Node.js", file.display()))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot run node to read {} (it is JavaScript): {e}; install Node.js",
+                file.display()
+            )
+        })?;
     let mut child = output;
     let mut json = Vec::new();
     use std::io::Read;
@@ -70,7 +75,10 @@ fn quote(s: &str) -> String {
 
 /// A TOML key: bare when it can be.
 fn key(s: &str) -> String {
-    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
         s.to_string()
     } else {
         quote(s)
@@ -96,8 +104,13 @@ fn scalar(v: &Value) -> Option<String> {
 /// PM2 milliseconds (a number, or a string with or without a unit) as a herd duration.
 fn millis(v: &Value) -> Option<String> {
     match v {
-        Value::Number(n) => n.as_f64().filter(|n| *n >= 0.0).map(|n| format!("{}ms", n.round() as u64)),
-        Value::String(s) if s.trim().chars().all(|c| c.is_ascii_digit()) && !s.trim().is_empty() => {
+        Value::Number(n) => n
+            .as_f64()
+            .filter(|n| *n >= 0.0)
+            .map(|n| format!("{}ms", n.round() as u64)),
+        Value::String(s)
+            if s.trim().chars().all(|c| c.is_ascii_digit()) && !s.trim().is_empty() =>
+        {
             Some(format!("{}ms", s.trim()))
         }
         Value::String(s) if crate::spec::parse_duration(s).is_ok() => Some(s.trim().to_string()),
@@ -151,8 +164,13 @@ fn array(items: &[String]) -> String {
 fn instances(v: &Value, cores: usize) -> Result<(String, Option<String>), String> {
     let n = match v {
         Value::String(s) if s == "max" => return Ok(("\"max\"".into(), None)),
-        Value::String(s) => s.trim().parse::<i64>().map_err(|_| format!("instances = {s:?} is not a count"))?,
-        Value::Number(n) => n.as_i64().ok_or_else(|| format!("instances = {n} is not a count"))?,
+        Value::String(s) => s
+            .trim()
+            .parse::<i64>()
+            .map_err(|_| format!("instances = {s:?} is not a count"))?,
+        Value::Number(n) => n
+            .as_i64()
+            .ok_or_else(|| format!("instances = {n} is not a count"))?,
         other => return Err(format!("instances = {other} is not a count")),
     };
     Ok(match n {
@@ -202,7 +220,11 @@ pub fn to_toml(apps: &[Value], env: Option<&str>, source: &str, cores: usize) ->
                         .unwrap_or(""),
                 )
             });
-        let mut name = if name.is_empty() { format!("app{index}") } else { name };
+        let mut name = if name.is_empty() {
+            format!("app{index}")
+        } else {
+            name
+        };
         while names.contains(&name) {
             name.push_str("_2");
         }
@@ -260,7 +282,9 @@ pub fn to_toml(apps: &[Value], env: Option<&str>, source: &str, cores: usize) ->
                 "name" | "script" | "args" | "node_args" | "interpreter_args" | "interpreter"
                 | "instances" | "env" => true,
                 _ if k.starts_with("env_") => env.is_some_and(|e| k == format!("env_{e}")),
-                "cwd" => scalar(v).map(|c| lines.push(format!("cwd = {}", quote(&c)))).is_some(),
+                "cwd" => scalar(v)
+                    .map(|c| lines.push(format!("cwd = {}", quote(&c))))
+                    .is_some(),
                 "exec_mode" => {
                     if scalar(v).is_some_and(|m| m.starts_with("fork")) {
                         notes.push("exec_mode = \"fork\": herd runs every app as a cluster of workers on shared sockets".into());
@@ -313,7 +337,9 @@ pub fn to_toml(apps: &[Value], env: Option<&str>, source: &str, cores: usize) ->
                     .is_some(),
                 "error_file" | "merge_logs" | "combine_logs" if has("log_file") => {
                     if k == "error_file" {
-                        notes.push("error_file: herd writes stdout and stderr to one log_file".into());
+                        notes.push(
+                            "error_file: herd writes stdout and stderr to one log_file".into(),
+                        );
                     }
                     true
                 }
@@ -362,10 +388,18 @@ pub fn to_toml(apps: &[Value], env: Option<&str>, source: &str, cores: usize) ->
 fn clean_name(s: &str) -> String {
     let clean: String = s
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
         .take(64)
         .collect();
-    let mut clean = clean.trim_start_matches(|c: char| !c.is_ascii_alphanumeric()).to_string();
+    let mut clean = clean
+        .trim_start_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_string();
     while clean.contains("..") {
         clean = clean.replace("..", "._");
     }
@@ -392,15 +426,27 @@ mod tests {
         .expect("json");
         let text = to_toml(&apps, Some("production"), "ecosystem.config.js", 4);
         assert!(text.contains("[apps.api]\n"), "{text}");
-        assert!(text.contains("args = [\"--port\", \"3000\", \"a b\"]"), "{text}");
+        assert!(
+            text.contains("args = [\"--port\", \"3000\", \"a b\"]"),
+            "{text}"
+        );
         assert!(text.contains("instances = 3\n"), "{text}");
         assert!(text.contains("max_memory = \"300M\""), "{text}");
         assert!(text.contains("kill_timeout = \"3000ms\""), "{text}");
         assert!(text.contains("listen_timeout = \"8000ms\""), "{text}");
         assert!(text.contains("wait_ready = true"), "{text}");
-        assert!(text.contains("# not mapped (no herd equivalent): watch = true"), "{text}");
-        assert!(text.contains("# not mapped (no herd equivalent): cron_restart"), "{text}");
-        assert!(text.contains("NODE_ENV = \"production\"\n") && text.contains("N = \"1\"\n"), "{text}");
+        assert!(
+            text.contains("# not mapped (no herd equivalent): watch = true"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# not mapped (no herd equivalent): cron_restart"),
+            "{text}"
+        );
+        assert!(
+            text.contains("NODE_ENV = \"production\"\n") && text.contains("N = \"1\"\n"),
+            "{text}"
+        );
         assert!(text.contains("instances = \"max\""), "{text}");
         assert!(text.contains("restart_delay = \"100ms\""), "{text}");
         assert!(text.contains("no_autorestart = true"), "{text}");

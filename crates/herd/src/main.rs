@@ -198,9 +198,8 @@ fn run_config(args: cli::RunArgs) -> anyhow::Result<u8> {
     // HERD_HOME is found before the directory changes, so a relative one still works.
     let home = paths::herd_home().map_err(anyhow::Error::msg)?;
     let home = std::path::absolute(&home)?;
-    std::env::set_current_dir(file.dir()).map_err(|e| {
-        anyhow::anyhow!("cannot enter {}: {e}", file.dir().display())
-    })?;
+    std::env::set_current_dir(file.dir())
+        .map_err(|e| anyhow::anyhow!("cannot enter {}: {e}", file.dir().display()))?;
     std::env::set_var("HERD_HOME", &home);
     run(
         app.run,

@@ -174,7 +174,10 @@ mod tests {
     fn changes_are_named_by_key() {
         let v = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
         let old = v("-i 2 --env A=1 --name web -- node app.js");
-        assert_eq!(changed_keys(&old, &old).expect("parses"), Vec::<String>::new());
+        assert_eq!(
+            changed_keys(&old, &old).expect("parses"),
+            Vec::<String>::new()
+        );
         let new = v("-i 4 --env A=2 --name web -- node app.js x");
         assert_eq!(
             changed_keys(&old, &new).expect("parses"),

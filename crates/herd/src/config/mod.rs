@@ -113,7 +113,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 pub fn parse(text: &str, shown: &str) -> Result<Vec<App>, ConfigError> {
     let at = |span: Range<usize>| position(text, shown, span.start);
     let doc = DeTable::parse(text).map_err(|e| {
-        let pos = e.span().map(|s| at(s)).unwrap_or_else(|| shown.to_string());
+        let pos = e.span().map(&at).unwrap_or_else(|| shown.to_string());
         ConfigError {
             message: format!("{pos}: {}", e.message().trim_end()),
         }
@@ -166,11 +166,7 @@ pub fn parse(text: &str, shown: &str) -> Result<Vec<App>, ConfigError> {
     Ok(apps)
 }
 
-fn unknown<'a>(
-    key: &str,
-    pos: String,
-    known: impl IntoIterator<Item = &'a str>,
-) -> ConfigError {
+fn unknown<'a>(key: &str, pos: String, known: impl IntoIterator<Item = &'a str>) -> ConfigError {
     let hint = match keys::nearest(key, known) {
         Some(near) => format!(" — did you mean \"{near}\"?"),
         None => " — see docs/config.md for the keys".to_string(),
@@ -185,11 +181,7 @@ fn position(text: &str, shown: &str, offset: usize) -> String {
     let offset = offset.min(text.len());
     let before = text.get(..offset).unwrap_or(text);
     let line = before.matches('\n').count() + 1;
-    let column = before
-        .rsplit('\n')
-        .next()
-        .map_or(0, |l| l.chars().count())
-        + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
     format!("{shown}:{line}:{column}")
 }
 
@@ -446,7 +438,11 @@ fn clap_error(
                 .map(|(_, s)| s.clone())
                 .unwrap_or_else(|| o.key_span.clone());
             ConfigError {
-                message: format!("{}: {}: {problem}", position(text, shown, span.start), o.key),
+                message: format!(
+                    "{}: {}: {problem}",
+                    position(text, shown, span.start),
+                    o.key
+                ),
             }
         }
         None => ConfigError {
@@ -518,19 +514,34 @@ instances = 2
             "unknown key \"instaces\" at herd.toml:3:1 — did you mean \"instances\"?"
         );
         let e = err("[apps.web]\ncommand = [\"x\"]\n\ninstances =   0\n");
-        assert!(e.starts_with("herd.toml:4:15: instances: must be at least 1"), "{e}");
+        assert!(
+            e.starts_with("herd.toml:4:15: instances: must be at least 1"),
+            "{e}"
+        );
         let e = err("[apps.web]\ncommand = [\"x\"]\nlisten = [\"127.0.0.1:1\", \"nope:x\"]\n");
         assert!(e.starts_with("herd.toml:3:26: listen: "), "{e}");
         let e = err("[apps.web]\ncommand = [\"x\"]\nkill_timeout = { a = 1 }\n");
-        assert!(e.starts_with("herd.toml:3:16: kill_timeout: expected a string or a number, found"), "{e}");
+        assert!(
+            e.starts_with("herd.toml:3:16: kill_timeout: expected a string or a number, found"),
+            "{e}"
+        );
         let e = err("[apps.web]\ncommand = [\"x\"]\nno_autorestart = \"yes\"\n");
-        assert!(e.starts_with("herd.toml:3:18: no_autorestart: expected true or false"), "{e}");
+        assert!(
+            e.starts_with("herd.toml:3:18: no_autorestart: expected true or false"),
+            "{e}"
+        );
         let e = err("verison = 1\n[apps.web]\ncommand = [\"x\"]\n");
-        assert!(e.starts_with("unknown key \"verison\" at herd.toml:1:1"), "{e}");
+        assert!(
+            e.starts_with("unknown key \"verison\" at herd.toml:1:1"),
+            "{e}"
+        );
         let e = err("[apps.web]\ninstances = 2\n");
         assert!(e.contains("no program"), "{e}");
         let e = err("[apps.web]\ncommand = \"python3 x.py\"\n");
-        assert!(e.starts_with("herd.toml:2:11: command: expected an array"), "{e}");
+        assert!(
+            e.starts_with("herd.toml:2:11: command: expected an array"),
+            "{e}"
+        );
         let e = err("[apps.web\ncommand = 1\n");
         assert!(e.starts_with("herd.toml:1:"), "{e}");
         let e = err("[apps.\"../x\"]\ncommand = [\"x\"]\n");

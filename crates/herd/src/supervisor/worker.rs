@@ -765,40 +765,40 @@ fn command_for(
     logger: &Logger,
     run_dir: &std::path::Path,
 ) -> (Vec<(OsString, OsString)>, Vec<OsString>) {
-        let mut base_env: Vec<(OsString, OsString)> = std::env::vars_os()
-            .filter(|(k, _)| !NOT_INHERITED.iter().any(|n| k == n))
-            .filter(|(k, _)| !(k == "PORT" && plan.first_port().is_some()))
-            .collect();
-        if let Some(user) = &plan.user {
-            for (key, value) in [("USER", &user.name), ("LOGNAME", &user.name)] {
-                base_env.retain(|(k, _)| k != key);
-                base_env.push((key.into(), value.into()));
-            }
-            base_env.retain(|(k, _)| k != "HOME");
-            base_env.push(("HOME".into(), user.home.clone().into()));
-        }
-        for (key, value) in &plan.spec.env {
-            base_env.retain(|(k, _)| k != key.as_str());
+    let mut base_env: Vec<(OsString, OsString)> = std::env::vars_os()
+        .filter(|(k, _)| !NOT_INHERITED.iter().any(|n| k == n))
+        .filter(|(k, _)| !(k == "PORT" && plan.first_port().is_some()))
+        .collect();
+    if let Some(user) = &plan.user {
+        for (key, value) in [("USER", &user.name), ("LOGNAME", &user.name)] {
+            base_env.retain(|(k, _)| k != key);
             base_env.push((key.into(), value.into()));
         }
-        let mut argv = plan.argv.clone();
-        if plan.kind == WorkerKind::Node && plan.spec.keepalive_drain {
-            let path = run_dir.join("herd-drain.js");
-            match std::fs::write(&path, DRAIN_JS) {
-                Ok(()) => {
-                    argv.splice(1..1, [OsString::from("--require"), path.into_os_string()]);
-                    let grace =
-                        (plan.spec.policy.kill_timeout / 2).min(std::time::Duration::from_secs(1));
-                    base_env.push(("HERD_DRAIN_MS".into(), grace.as_millis().to_string().into()));
-                }
-                Err(e) => logger.event(
-                    EventName::Warning,
-                    None,
-                    &format!("keep-alive drain not loaded: {e}"),
-                    &[],
-                ),
+        base_env.retain(|(k, _)| k != "HOME");
+        base_env.push(("HOME".into(), user.home.clone().into()));
+    }
+    for (key, value) in &plan.spec.env {
+        base_env.retain(|(k, _)| k != key.as_str());
+        base_env.push((key.into(), value.into()));
+    }
+    let mut argv = plan.argv.clone();
+    if plan.kind == WorkerKind::Node && plan.spec.keepalive_drain {
+        let path = run_dir.join("herd-drain.js");
+        match std::fs::write(&path, DRAIN_JS) {
+            Ok(()) => {
+                argv.splice(1..1, [OsString::from("--require"), path.into_os_string()]);
+                let grace =
+                    (plan.spec.policy.kill_timeout / 2).min(std::time::Duration::from_secs(1));
+                base_env.push(("HERD_DRAIN_MS".into(), grace.as_millis().to_string().into()));
             }
+            Err(e) => logger.event(
+                EventName::Warning,
+                None,
+                &format!("keep-alive drain not loaded: {e}"),
+                &[],
+            ),
         }
+    }
     (base_env, argv)
 }
 

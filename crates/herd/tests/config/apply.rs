@@ -40,7 +40,10 @@ fn apply(site: &Site, dry_run: bool) -> crate::util::CliOutput {
 
 fn settled(site: &Site, n: usize) -> serde_json::Value {
     wait_status(&site.home(), "web", "web settled", |s| {
-        s["state"] == "running" && s["ready"] == n && ready_pids(s).len() == n && all_pids(s).len() == n
+        s["state"] == "running"
+            && s["ready"] == n
+            && ready_pids(s).len() == n
+            && all_pids(s).len() == n
     })
 }
 
@@ -78,15 +81,26 @@ fn apply_plans_and_does_each_kind_of_change() {
     out.assert_ok();
     assert!(out.stdout.contains("web: reload (env changed)"), "{out}");
     let (ok, failed, errors) = load.finish(20);
-    assert_eq!(failed, 0, "{failed} of {} requests failed: {errors:?}", ok + failed);
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed: {errors:?}",
+        ok + failed
+    );
     let s = settled(&site, 2);
     let pids1 = ready_pids(&s);
-    assert!(pids1.is_disjoint(&pids0), "every worker replaced: {pids0:?} → {pids1:?}");
+    assert!(
+        pids1.is_disjoint(&pids0),
+        "every worker replaced: {pids0:?} → {pids1:?}"
+    );
     assert_eq!(s["pid"].as_u64(), sup0, "same supervisor");
     for _ in 0..4 {
         assert_eq!(hello(port)["greeting"], "bonjour");
     }
-    eprintln!("measured: reload (env): 2 of 2 pids replaced, {failed} of {} requests failed under load", ok + failed);
+    eprintln!(
+        "measured: reload (env): 2 of 2 pids replaced, {failed} of {} requests failed under load",
+        ok + failed
+    );
 
     // Only instances: a scale; the workers stay.
     site.write(&web("bonjour", 3, "127.0.0.1:0", ""));
@@ -100,19 +114,34 @@ fn apply_plans_and_does_each_kind_of_change() {
 
     // A new spec that never becomes ready: the reload rolls back, old workers and old
     // spec stay, and apply fails.
-    site.write(&web("broken", 3, "127.0.0.1:0", "")
-        .replace("GREETING = \"broken\"", "GREETING = \"broken\"\nFAIL_START = \"1\""));
+    site.write(&web("broken", 3, "127.0.0.1:0", "").replace(
+        "GREETING = \"broken\"",
+        "GREETING = \"broken\"\nFAIL_START = \"1\"",
+    ));
     let load = Load::start(port);
     load.wait_for(10);
     let out = apply(&site, false);
     assert_ne!(out.code, Some(0), "{out}");
     assert!(out.stderr.contains("failed to become ready"), "{out}");
     let (ok, failed, errors) = load.finish(10);
-    assert_eq!(failed, 0, "{failed} of {} requests failed: {errors:?}", ok + failed);
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed: {errors:?}",
+        ok + failed
+    );
     let s = settled(&site, 3);
     assert_eq!(ready_pids(&s), pids2, "the old workers stay");
-    let args: Vec<&str> = s["args"].as_array().expect("args").iter().filter_map(|a| a.as_str()).collect();
-    assert!(args.contains(&"--env=GREETING=bonjour"), "the old spec stays: {args:?}");
+    let args: Vec<&str> = s["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    assert!(
+        args.contains(&"--env=GREETING=bonjour"),
+        "the old spec stays: {args:?}"
+    );
     assert_eq!(hello(port)["greeting"], "bonjour");
     // A crash restart after the rollback starts the old version, not the broken one.
     let victim = *pids2.iter().next().expect("a pid");
@@ -131,8 +160,14 @@ fn apply_plans_and_does_each_kind_of_change() {
     file.push_str(API);
     site.write(&file);
     let out = apply(&site, true);
-    assert!(out.stdout.contains("web: unchanged") && out.stdout.contains("api: start"), "{out}");
-    assert!(cli(&site.home(), &["status", "api"]).code != Some(0), "dry run started nothing");
+    assert!(
+        out.stdout.contains("web: unchanged") && out.stdout.contains("api: start"),
+        "{out}"
+    );
+    assert!(
+        cli(&site.home(), &["status", "api"]).code != Some(0),
+        "dry run started nothing"
+    );
     apply(&site, false).assert_ok();
     let api = site.status("api");
     assert_eq!(api["ready"], 1, "{api:#}");
@@ -145,12 +180,18 @@ fn apply_plans_and_does_each_kind_of_change() {
     let out = apply(&site, false);
     out.assert_ok();
     assert!(
-        out.stdout.contains("web: restart (listen changed: drops in-flight connections)"),
+        out.stdout
+            .contains("web: restart (listen changed: drops in-flight connections)"),
         "{out}"
     );
     let s = settled(&site, 3);
     assert_ne!(s["pid"].as_u64(), sup0, "a new supervisor");
-    assert!(s["listen"][0].as_str().is_some_and(|l| l.starts_with("127.0.0.2:")), "{s:#}");
+    assert!(
+        s["listen"][0]
+            .as_str()
+            .is_some_and(|l| l.starts_with("127.0.0.2:")),
+        "{s:#}"
+    );
     assert!(ready_pids(&s).is_disjoint(&pids2));
     eprintln!("measured: restart (listen): 3 of 3 pids and the supervisor replaced");
 
@@ -158,14 +199,36 @@ fn apply_plans_and_does_each_kind_of_change() {
     site.write(&web("bonjour", 3, "127.0.0.2:0", ""));
     let other = fixture("control_server.py");
     site.track("other");
-    cli(&site.home(), &["start", "-i", "1", "--listen", "127.0.0.1:0", "--ready", "notify", "--name", "other", "python3", &other])
-        .assert_ok();
+    cli(
+        &site.home(),
+        &[
+            "start",
+            "-i",
+            "1",
+            "--listen",
+            "127.0.0.1:0",
+            "--ready",
+            "notify",
+            "--name",
+            "other",
+            "python3",
+            &other,
+        ],
+    )
+    .assert_ok();
     let out = apply(&site, false);
     out.assert_ok();
     assert!(out.stdout.contains("api: stop"), "{out}");
     assert!(!out.stdout.contains("other"), "{out}");
-    assert!(cli(&site.home(), &["status", "api"]).code != Some(0), "api stopped");
-    assert_eq!(site.status("other")["ready"], 1, "the command-line app still runs");
+    assert!(
+        cli(&site.home(), &["status", "api"]).code != Some(0),
+        "api stopped"
+    );
+    assert_eq!(
+        site.status("other")["ready"],
+        1,
+        "the command-line app still runs"
+    );
 
     // An app of the file whose name a command-line app holds: reported, untouched, failure.
     let mut file = web("bonjour", 3, "127.0.0.2:0", "");
@@ -174,6 +237,10 @@ fn apply_plans_and_does_each_kind_of_change() {
     let before: BTreeSet<u32> = ready_pids(&site.status("other"));
     let out = apply(&site, false);
     assert_ne!(out.code, Some(0), "{out}");
-    assert!(out.stdout.contains("other: skipped: an app of this name runs from the command line"), "{out}");
+    assert!(
+        out.stdout
+            .contains("other: skipped: an app of this name runs from the command line"),
+        "{out}"
+    );
     assert_eq!(ready_pids(&site.status("other")), before);
 }

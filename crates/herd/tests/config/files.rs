@@ -46,7 +46,11 @@ fn config_errors_name_file_line_column_and_the_nearest_key() {
 
     site.write("versoin = 2\n[apps.web]\ncommand = [\"python3\", \"x.py\"]\n");
     let out = site.herd(&["start", &file]);
-    assert!(out.stderr.contains(&format!("unknown key \"versoin\" at {file}:1:1")), "{out}");
+    assert!(
+        out.stderr
+            .contains(&format!("unknown key \"versoin\" at {file}:1:1")),
+        "{out}"
+    );
 
     // Options belong in the file.
     site.write("[apps.web]\ncommand = [\"python3\", \"x.py\"]\n");
@@ -98,7 +102,10 @@ fn herd_run_file_app_runs_one_app_in_the_foreground() {
     let out = site.herd(&["run", &file]);
     assert_ne!(out.code, Some(0), "{out}");
     assert!(out.stderr.contains("pick one with --app NAME"), "{out}");
-    assert!(out.stderr.contains("web") && out.stderr.contains("api"), "{out}");
+    assert!(
+        out.stderr.contains("web") && out.stderr.contains("api"),
+        "{out}"
+    );
 
     site.track("web");
     let run = spawn_cli(&site.home(), &["run", &file, "--app", "web"]);

@@ -192,4 +192,3 @@ pub fn hello(port: u16) -> Value {
         .unwrap_or_else(|e| panic!("GET / on {port}: {e}"))
         .json()
 }
-
