@@ -33,6 +33,13 @@ pub enum Request {
         data: serde_json::Value,
         instance: Option<usize>,
     },
+    /// A rolling reload onto a new `herd run` argv (`herd apply`): the supervisor parses
+    /// `args` as `herd run` would, refuses what a reload cannot change (listen addresses,
+    /// balance mode, name, user), and keeps its old spec if the reload rolls back.
+    Reconfigure {
+        parallel: usize,
+        args: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -88,6 +95,12 @@ pub struct AppStatus {
     pub supervisor_memory_bytes: u64,
     pub listen: Vec<String>,
     pub workers: Vec<WorkerStatus>,
+    /// The herd.toml the app was started from (absolute path); none for the command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
+    /// The `herd run` arguments the running workers were started with (after `run`).
+    #[serde(default)]
+    pub args: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -89,6 +89,24 @@ pub enum Command {
         #[arg(long, allow_negative_numbers = true, value_parser = spec::parse_count_usize)]
         instance: Option<usize>,
     },
+    /// Make the running apps match a herd.toml: start, stop, scale, reload or restart each.
+    Apply {
+        /// The herd.toml.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// Print the plan, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Print a herd.toml made from a PM2 ecosystem file (evaluated with node).
+    Import {
+        /// The ecosystem.config.js (or .cjs, .mjs, .json).
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// Merge each app's env_NAME over its env (PM2's --env NAME).
+        #[arg(long, value_name = "NAME")]
+        env: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Args)]
@@ -215,7 +233,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", default_value = "0s", allow_hyphen_values = true, value_parser = spec::parse_duration)]
     pub max_age_jitter: Duration,
 
-    /// The program or script to run (a .js file runs as a Node cluster worker).
+    /// With a herd.toml as APP: the app of the file to run (`herd start`: all by default).
+    #[arg(long = "app", id = "config_app", value_name = "NAME", value_parser = clap::value_parser!(AppName))]
+    pub config_app: Option<AppName>,
+
+    /// The program or script to run (a .js file runs as a Node cluster worker), or a
+    /// herd.toml (a path ending in .toml) whose apps to run.
     #[arg(value_name = "APP")]
     pub app: String,
 

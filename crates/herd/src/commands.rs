@@ -152,7 +152,8 @@ pub fn ls(home: &Home, json: bool) -> anyhow::Result<u8> {
     let mut table = Table::new();
     table.load_preset(presets::UTF8_HORIZONTAL_ONLY);
     table.set_header([
-        "name", "state", "balance", "ready", "pid", "uptime", "restarts", "cpu", "memory", "listen",
+        "name", "state", "balance", "ready", "pid", "uptime", "restarts", "cpu", "memory",
+        "listen", "config",
     ]);
     for a in &apps {
         table.add_row(vec![
@@ -167,6 +168,8 @@ pub fn ls(home: &Home, json: bool) -> anyhow::Result<u8> {
             Cell::new(format!("{:.1}%", a.cpu_percent)).set_alignment(CellAlignment::Right),
             Cell::new(bytes(a.memory_bytes)).set_alignment(CellAlignment::Right),
             Cell::new(sanitize(&a.listen.join(" "))),
+            // The herd.toml it came from; `-` for the command line.
+            Cell::new(sanitize(a.config.as_deref().unwrap_or("-"))),
         ]);
     }
     outln!("{table}")?;

@@ -5,12 +5,15 @@
 //! tokio runtime. Every error a user can cause ends here as one `error: …` line and a
 //! non-zero exit.
 
+mod apply;
 mod balance;
 mod cli;
 mod commands;
+mod config;
 mod control;
 mod fmt;
 mod health;
+mod import;
 mod logs;
 mod mix;
 mod node;
@@ -65,12 +68,21 @@ fn main() -> ExitCode {
 
 fn dispatch(command: Command) -> anyhow::Result<u8> {
     if let Command::Run(args) = command {
-        return run(args);
+        if config::is_config(&args.app) {
+            return run_config(args);
+        }
+        return run(args, None, command_line_args());
+    }
+    if let Command::Import { file, env } = &command {
+        return import::import(file, env.as_deref());
     }
     let home = paths::herd_home().map_err(anyhow::Error::msg)?;
     let home = paths::Home::open(&home)?;
     match command {
         Command::Run(_) => unreachable!("handled above"),
+        Command::Start(args) if config::is_config(&args.app) => {
+            apply::start_all(&home, &config_args(args)?)
+        }
         Command::Start(args) => {
             let listen_timeout = args.listen_timeout;
             let name = match args.name.clone() {
@@ -110,7 +122,90 @@ fn dispatch(command: Command) -> anyhow::Result<u8> {
             json,
             instance,
         } => commands::send(&home, &name, &json, instance),
+        Command::Apply { file, dry_run } => apply::apply(&home, &file, dry_run),
+        Command::Import { .. } => unreachable!("handled above"),
     }
+}
+
+/// `herd run ARGS`: ARGS as given, for `herd status --json` (`args`).
+fn command_line_args() -> Vec<String> {
+    std::env::args()
+        .skip_while(|a| a != "run")
+        .skip(1)
+        .collect()
+}
+
+/// `herd run|start herd.toml [--app NAME]`: the file and the app asked for. Other options
+/// belong in the file and are refused here, so that what runs is what the file says.
+fn config_args(args: cli::RunArgs) -> anyhow::Result<apply::FileArgs> {
+    let mut app = args.config_app.map(paths::AppName::into_string);
+    let mut rest = args.args.as_slice();
+    // `herd run herd.toml --app web`: after APP, clap hands everything to ARGS.
+    if let [flag, name, tail @ ..] = rest {
+        if flag == "--app" && app.is_none() {
+            app = Some(name.clone());
+            rest = tail;
+        }
+    }
+    if let Some(flag) = rest.first() {
+        anyhow::bail!("unexpected `{flag}` after {}: with a herd.toml, options go in the file; only --app NAME may follow it", args.app);
+    }
+    let matches = <Cli as clap::CommandFactory>::command()
+        .try_get_matches_from(std::env::args_os())
+        .map_err(|e| anyhow::anyhow!("{}", config::clap_message(&e)))?;
+    if let Some((_, sub)) = matches.subcommand() {
+        for arg in config::keys::run_command().get_arguments() {
+            let id = arg.get_id().as_str();
+            if matches!(id, "config_app" | "app" | "args") {
+                continue;
+            }
+            if sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
+                let long = arg.get_long().unwrap_or(id);
+                anyhow::bail!(
+                    "--{long} given with {}: with a herd.toml, options go in the file (key `{}` of the app's table)",
+                    args.app,
+                    long.replace('-', "_")
+                );
+            }
+        }
+    }
+    let file = config::load(std::path::Path::new(&args.app))?;
+    if let Some(name) = &app {
+        file.app(name)?;
+    }
+    Ok(apply::FileArgs { file, app })
+}
+
+/// `herd run herd.toml [--app NAME]`: one app of the file in the foreground, in the file's
+/// directory (relative paths in the file are relative to it).
+fn run_config(args: cli::RunArgs) -> anyhow::Result<u8> {
+    let apply::FileArgs { file, app } = config_args(args)?;
+    let app = match app {
+        Some(name) => file.app(&name)?.clone(),
+        None => match file.apps.as_slice() {
+            [only] => only.clone(),
+            apps => {
+                let names: Vec<&str> = apps.iter().map(|a| a.name.as_str()).collect();
+                anyhow::bail!(
+                    "{} has {} apps ({}): pick one with --app NAME",
+                    file.path.display(),
+                    apps.len(),
+                    names.join(", ")
+                );
+            }
+        },
+    };
+    // HERD_HOME is found before the directory changes, so a relative one still works.
+    let home = paths::herd_home().map_err(anyhow::Error::msg)?;
+    let home = std::path::absolute(&home)?;
+    std::env::set_current_dir(file.dir())
+        .map_err(|e| anyhow::anyhow!("cannot enter {}: {e}", file.dir().display()))?;
+    std::env::set_var("HERD_HOME", &home);
+    run(
+        app.run,
+        Some(file.path.to_string_lossy().into_owned()),
+        app.argv,
+    )
 }
 
 /// `herd start ARGS` runs `herd run ARGS` detached, with the name made explicit.
@@ -169,7 +264,7 @@ fn one_line(kind: clap::error::ErrorKind, text: &str) -> String {
     line
 }
 
-fn run(args: cli::RunArgs) -> anyhow::Result<u8> {
+fn run(args: cli::RunArgs, config: Option<String>, argv: Vec<String>) -> anyhow::Result<u8> {
     let spec = args.into_spec();
     let log_format = spec.log_format;
     let name = spec.name.clone();
@@ -215,6 +310,7 @@ fn run(args: cli::RunArgs) -> anyhow::Result<u8> {
     let code = local.block_on(&runtime, async move {
         let (mut sup, rx) = Supervisor::new(plan, logger, run_dir);
         sup.set_control_path(control_path.clone());
+        sup.set_origin(config, argv);
         let tx = sup.sender();
         forward_signals(tx.clone())?;
         let control = tokio::net::UnixListener::from_std(control)?;

@@ -86,7 +86,8 @@ pub struct Plan {
     pub instances: usize,
     pub balance: Balance,
     pub ready: Ready,
-    pub listeners: Vec<Listener>,
+    /// Shared with the plan of a reload onto a new spec (`herd apply`), which keeps them.
+    pub listeners: Rc<Vec<Listener>>,
     pub cwd: Option<PathBuf>,
     /// `--user`: who the workers run as.
     pub user: Option<User>,
@@ -171,6 +172,17 @@ fn interpreter_for(spec: &Spec) -> (Option<String>, bool) {
 /// Resolves `spec` against this machine: the working directory, the program and its kind,
 /// the defaults that depend on the kind, the `--user`, and the sockets bound.
 pub fn plan(spec: Spec) -> Result<Plan, PlanError> {
+    resolve(spec, None)
+}
+
+/// Resolves a new `spec` for a running app (a reload onto a new spec): everything as
+/// [`plan`] does except the sockets, which stay `current`'s, as do the worker count (a
+/// scale changes it) and, unless the spec sets them, the balance and ready modes.
+pub fn replan(spec: Spec, current: &Plan) -> Result<Plan, PlanError> {
+    resolve(spec, Some(current))
+}
+
+fn resolve(spec: Spec, current: Option<&Plan>) -> Result<Plan, PlanError> {
     let cwd = resolve_cwd(&spec)?;
     let (program, argv, kind) = resolve_command(&spec, cwd.as_deref())?;
     spec::validate(&spec, kind)?;
@@ -187,8 +199,14 @@ pub fn plan(spec: Spec) -> Result<Plan, PlanError> {
         Some(name) => Some(resolve_user(name)?),
         None => None,
     };
-    let instances = spec.instances.resolve();
-    let listeners = bind_all(&spec.listen, kernel_policy(balance), instances)?;
+    let (instances, listeners) = match current {
+        Some(current) => (current.instances, Rc::clone(&current.listeners)),
+        None => {
+            let instances = spec.instances.resolve();
+            let listeners = bind_all(&spec.listen, kernel_policy(balance), instances)?;
+            (instances, Rc::new(listeners))
+        }
+    };
     Ok(Plan {
         instances,
         spec,

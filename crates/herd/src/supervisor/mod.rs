@@ -36,6 +36,7 @@ mod kernel;
 mod lifecycle;
 pub mod ops;
 mod phase;
+mod reconfigure;
 pub mod restart;
 mod routing;
 mod slot;
@@ -159,6 +160,8 @@ pub struct Supervisor {
     /// Socket activation, hash and sticky: (listener, slot) sockets of slots that will not
     /// have a worker again, whose queued connections herd closes.
     closers: BTreeMap<(usize, usize), tokio::task::JoinHandle<()>>,
+    /// Where the app came from, for `herd ls` and `herd apply` (see [`reconfigure`]).
+    origin: reconfigure::Origin,
 }
 
 impl Supervisor {
@@ -207,6 +210,7 @@ impl Supervisor {
             was_ready: BTreeSet::new(),
             held: BTreeMap::new(),
             closers: BTreeMap::new(),
+            origin: reconfigure::Origin::default(),
         };
         (sup, rx)
     }
@@ -226,7 +230,7 @@ impl Supervisor {
 
     /// Starts every slot's first worker.
     pub fn start(&mut self) {
-        for l in &self.plan.listeners {
+        for l in self.plan.listeners.iter() {
             self.logger.event(
                 EventName::Bound,
                 None,
@@ -400,6 +404,7 @@ impl Supervisor {
                 },
                 Some(reply),
             ),
+            Request::Reconfigure { parallel, args } => self.reconfigure(parallel, args, reply),
             Request::Restart => self.begin(ops::OpKind::Restart, Some(reply)),
             Request::Scale { to } => match ops::scale_target(&to, self.live_slots()) {
                 Ok(to) => self.begin(ops::OpKind::Scale { to }, Some(reply)),

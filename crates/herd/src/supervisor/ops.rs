@@ -366,6 +366,7 @@ impl Supervisor {
         let Some(mut op) = self.finish_op() else {
             return;
         };
+        self.settle_reconfigure(false);
         for instance in std::mem::take(&mut op.active) {
             if let Some(id) = self.slots.get_mut(instance).and_then(|s| s.incoming.take()) {
                 self.stop_worker(id, DrainReason::Abandoned);
@@ -457,6 +458,7 @@ impl Supervisor {
         let Some(mut op) = self.finish_op() else {
             return;
         };
+        self.settle_reconfigure(true);
         let errored = self.slots.iter().filter(|s| s.state.is_errored()).count();
         let late = self
             .slots

@@ -55,6 +55,8 @@ impl Supervisor {
             supervisor_memory_bytes: self.os.rss_bytes(me).unwrap_or(0),
             listen: self.listen_addresses(),
             workers,
+            config: self.origin().config.clone(),
+            args: self.origin().args.clone(),
         }
     }
 

@@ -345,22 +345,6 @@ impl Launcher {
         run_dir: PathBuf,
         os: Rc<dyn Os>,
     ) -> Self {
-        let mut base_env: Vec<(OsString, OsString)> = std::env::vars_os()
-            .filter(|(k, _)| !NOT_INHERITED.iter().any(|n| k == n))
-            .filter(|(k, _)| !(k == "PORT" && plan.first_port().is_some()))
-            .collect();
-        if let Some(user) = &plan.user {
-            for (key, value) in [("USER", &user.name), ("LOGNAME", &user.name)] {
-                base_env.retain(|(k, _)| k != key);
-                base_env.push((key.into(), value.into()));
-            }
-            base_env.retain(|(k, _)| k != "HOME");
-            base_env.push(("HOME".into(), user.home.clone().into()));
-        }
-        for (key, value) in &plan.spec.env {
-            base_env.retain(|(k, _)| k != key.as_str());
-            base_env.push((key.into(), value.into()));
-        }
         let run_dir_fd = crate::rundir::open(&run_dir)
             .and_then(|fd| {
                 if let Some(user) = &plan.user {
@@ -369,24 +353,7 @@ impl Launcher {
                 Ok(fd)
             })
             .map_err(|e| format!("run directory {}: {e}", run_dir.display()));
-        let mut argv = plan.argv.clone();
-        if plan.kind == WorkerKind::Node && plan.spec.keepalive_drain {
-            let path = run_dir.join("herd-drain.js");
-            match std::fs::write(&path, DRAIN_JS) {
-                Ok(()) => {
-                    argv.splice(1..1, [OsString::from("--require"), path.into_os_string()]);
-                    let grace =
-                        (plan.spec.policy.kill_timeout / 2).min(std::time::Duration::from_secs(1));
-                    base_env.push(("HERD_DRAIN_MS".into(), grace.as_millis().to_string().into()));
-                }
-                Err(e) => logger.event(
-                    EventName::Warning,
-                    None,
-                    &format!("keep-alive drain not loaded: {e}"),
-                    &[],
-                ),
-            }
-        }
+        let (base_env, argv) = command_for(&plan, &logger, &run_dir);
         Launcher {
             plan,
             logger,
@@ -788,5 +755,60 @@ fn in_group(sender: Option<u32>, leader: u32) -> bool {
         Some(pid) => rustix::process::getpgid(Some(pid))
             .is_ok_and(|group| group.as_raw_nonzero().get() as u32 == leader),
         None => false,
+    }
+}
+
+/// herd's environment for `plan`'s workers and their command line (with the keep-alive
+/// drain preloaded for Node workers).
+fn command_for(
+    plan: &Plan,
+    logger: &Logger,
+    run_dir: &std::path::Path,
+) -> (Vec<(OsString, OsString)>, Vec<OsString>) {
+    let mut base_env: Vec<(OsString, OsString)> = std::env::vars_os()
+        .filter(|(k, _)| !NOT_INHERITED.iter().any(|n| k == n))
+        .filter(|(k, _)| !(k == "PORT" && plan.first_port().is_some()))
+        .collect();
+    if let Some(user) = &plan.user {
+        for (key, value) in [("USER", &user.name), ("LOGNAME", &user.name)] {
+            base_env.retain(|(k, _)| k != key);
+            base_env.push((key.into(), value.into()));
+        }
+        base_env.retain(|(k, _)| k != "HOME");
+        base_env.push(("HOME".into(), user.home.clone().into()));
+    }
+    for (key, value) in &plan.spec.env {
+        base_env.retain(|(k, _)| k != key.as_str());
+        base_env.push((key.into(), value.into()));
+    }
+    let mut argv = plan.argv.clone();
+    if plan.kind == WorkerKind::Node && plan.spec.keepalive_drain {
+        let path = run_dir.join("herd-drain.js");
+        match std::fs::write(&path, DRAIN_JS) {
+            Ok(()) => {
+                argv.splice(1..1, [OsString::from("--require"), path.into_os_string()]);
+                let grace =
+                    (plan.spec.policy.kill_timeout / 2).min(std::time::Duration::from_secs(1));
+                base_env.push(("HERD_DRAIN_MS".into(), grace.as_millis().to_string().into()));
+            }
+            Err(e) => logger.event(
+                EventName::Warning,
+                None,
+                &format!("keep-alive drain not loaded: {e}"),
+                &[],
+            ),
+        }
+    }
+    (base_env, argv)
+}
+
+impl Launcher {
+    /// Workers started from now on run `plan` (a reload onto a new spec); the sockets and
+    /// the run directory stay.
+    pub fn set_plan(&mut self, plan: Rc<Plan>) {
+        let (base_env, argv) = command_for(&plan, &self.logger, &self.run_dir);
+        self.base_env = base_env;
+        self.argv = argv;
+        self.plan = plan;
     }
 }

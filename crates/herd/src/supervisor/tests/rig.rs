@@ -102,7 +102,7 @@ impl Rig {
             instances,
             balance: Balance::Shared,
             ready: Ready::Notify,
-            listeners: Vec::new(),
+            listeners: Default::default(),
             cwd: None,
             user: None,
         };
