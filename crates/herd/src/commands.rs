@@ -183,7 +183,7 @@ pub fn logs(
     let mut client = match Client::connect(home, name) {
         Ok(client) => client,
         // Stopped, crashed or killed: what it wrote is in its log file.
-        Err(e @ (ClientError::NotRunning(_) | ClientError::Connect { .. })) => {
+        Err(e @ ClientError::NotRunning(_)) => {
             return logs_from_file(home, name, lines, follow, instance, e)
         }
         Err(e) => return Err(e.into()),

@@ -94,6 +94,7 @@ impl LogFile {
             )
         })?;
         let file = open_in(&dir, &name).map_err(|e| format!("--log-file {shown}: {e}"))?;
+        remove_leftovers(&dir, &name);
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
         let dir = Arc::new(dir);
         let rotations = Arc::new(Mutex::new(0));
@@ -312,6 +313,22 @@ impl<'a> Names<'a> {
     }
 }
 
+/// Removes the compressor's unfinished `NAME.gz-SEQ` files that a herd which exited while
+/// compressing left behind (an unlink never follows a link).
+fn remove_leftovers(dir: &OwnedFd, name: &OsString) {
+    let Ok(entries) = rustix::fs::Dir::read_from(dir) else {
+        return;
+    };
+    let mut prefix = name.as_encoded_bytes().to_vec();
+    prefix.extend_from_slice(b".gz-");
+    for entry in entries.filter_map(Result::ok) {
+        let file = entry.file_name().to_bytes();
+        if file.starts_with(&prefix) && file[prefix.len()..].iter().all(u8::is_ascii_digit) {
+            let _ = rustix::fs::unlinkat(dir, entry.file_name(), AtFlags::empty());
+        }
+    }
+}
+
 fn remove(dir: &OwnedFd, name: &OsString) -> io::Result<()> {
     match rustix::fs::unlinkat(dir, name.as_os_str(), AtFlags::empty()) {
         Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
@@ -332,7 +349,8 @@ pub fn open_in(dir: &OwnedFd, name: &OsString) -> Result<File, String> {
     let fd = rustix::fs::openat(
         dir,
         name.as_os_str(),
-        OFlags::WRONLY
+        // Read too: the compressor reads a rotated file through this descriptor.
+        OFlags::RDWR
             | OFlags::APPEND
             | OFlags::CREATE
             | OFlags::NOFOLLOW
@@ -446,6 +464,34 @@ mod tests {
         }
         let last = std::fs::read_to_string(d.join("a.log")).expect("read");
         assert!(last.ends_with("line 0199 ................\n"));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn rotated_files_are_gzipped_in_place() {
+        let d = dir("gz");
+        let mut log = LogFile::open(LogFileSpec {
+            path: d.join("a.log"),
+            max_size: 1024,
+            keep: 3,
+            compress: true,
+        })
+        .expect("open");
+        for i in 0..60 {
+            log.write(format!("line {i:04} ................\n").as_bytes())
+                .expect("write");
+        }
+        let gz = d.join("a.log.1.gz");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !gz.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let raw = std::fs::read(&gz).expect("a.log.1.gz");
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&raw[..]), &mut text)
+            .expect("gunzip");
+        assert!(text.starts_with("line 00") && text.ends_with("................\n"), "{text}");
+        assert!(!d.join("a.log.1").exists());
         let _ = std::fs::remove_dir_all(&d);
     }
 
