@@ -342,6 +342,20 @@ fn file_stem(path: &str) -> String {
         .unwrap_or_default()
 }
 
+/// `--log-max-size`: a size of at least 1K, or 0 for no rotation.
+fn parse_log_size(s: &str) -> Result<u64, String> {
+    if s.trim() == "0" {
+        return Ok(0);
+    }
+    let size = spec::parse_size(s)?;
+    if size < crate::logs::file::MIN_MAX_SIZE {
+        return Err(format!(
+            "`{s}` is too small for a log file; write at least 1K, or 0 to never rotate"
+        ));
+    }
+    Ok(size)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -419,18 +433,4 @@ mod tests {
             "{err}"
         );
     }
-}
-
-/// `--log-max-size`: a size of at least 1K, or 0 for no rotation.
-fn parse_log_size(s: &str) -> Result<u64, String> {
-    if s.trim() == "0" {
-        return Ok(0);
-    }
-    let size = spec::parse_size(s)?;
-    if size < crate::logs::file::MIN_MAX_SIZE {
-        return Err(format!(
-            "`{s}` is too small for a log file; write at least 1K, or 0 to never rotate"
-        ));
-    }
-    Ok(size)
 }

@@ -246,9 +246,8 @@ fn logs_from_file(
             use std::io::Read;
             let mut raw = Vec::new();
             f.take(4096).read_to_end(&mut raw).ok()?;
-            (!raw.is_empty()).then(|| {
-                std::path::PathBuf::from(std::ffi::OsStr::from_bytes(&raw).to_os_string())
-            })
+            (!raw.is_empty())
+                .then(|| std::path::PathBuf::from(std::ffi::OsStr::from_bytes(&raw).to_os_string()))
         });
     let path = recorded.unwrap_or_else(|| home.display(&name.file("log")));
     let filter = crate::logs::read::Filter {
@@ -261,7 +260,10 @@ fn logs_from_file(
             "{not_running}, and it has no log file at {}",
             path.display()
         )),
-        Err(e) => Err(anyhow::anyhow!("{name} is not running; its log file {}: {e}", path.display())),
+        Err(e) => Err(anyhow::anyhow!(
+            "{name} is not running; its log file {}: {e}",
+            path.display()
+        )),
     }
 }
 

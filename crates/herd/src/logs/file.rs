@@ -76,7 +76,9 @@ impl LogFile {
             .path
             .file_name()
             .filter(|n| !n.is_empty() && *n != ".." && *n != ".")
-            .ok_or_else(|| format!("--log-file {shown}: not a file name; pass a path like /var/log/web.log"))?
+            .ok_or_else(|| {
+                format!("--log-file {shown}: not a file name; pass a path like /var/log/web.log")
+            })?
             .to_os_string();
         let parent = match spec.path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -216,7 +218,7 @@ impl LogFile {
             if keep == 0 {
                 remove(&self.dir, &self.name)?;
             } else {
-                rustix::fs::renameat(&*self.dir, &*self.name, &*self.dir, &names.rotated(1, ""))?;
+                rustix::fs::renameat(&*self.dir, &*self.name, &*self.dir, names.rotated(1, ""))?;
             }
             *rotations += 1;
             *rotations
@@ -285,8 +287,7 @@ impl Ctx {
             let _ = remove(&self.dir, &tmp);
             return;
         }
-        if rustix::fs::renameat(&*self.dir, &tmp, &*self.dir, &names.rotated(index, ".gz")).is_ok()
-        {
+        if rustix::fs::renameat(&*self.dir, &tmp, &*self.dir, names.rotated(index, ".gz")).is_ok() {
             let _ = remove(&self.dir, &names.rotated(index, ""));
         } else {
             let _ = remove(&self.dir, &tmp);
@@ -374,7 +375,8 @@ pub fn open_in(dir: &OwnedFd, name: &OsString) -> Result<File, String> {
     // Back to blocking writes (O_NONBLOCK only kept a fifo from stalling the open; a fifo
     // is refused above).
     let flags = rustix::fs::fcntl_getfl(&fd).map_err(|e| format!("cannot open: {e}"))?;
-    rustix::fs::fcntl_setfl(&fd, flags - OFlags::NONBLOCK).map_err(|e| format!("cannot open: {e}"))?;
+    rustix::fs::fcntl_setfl(&fd, flags - OFlags::NONBLOCK)
+        .map_err(|e| format!("cannot open: {e}"))?;
     Ok(File::from(fd))
 }
 
@@ -490,7 +492,10 @@ mod tests {
         let mut text = String::new();
         std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&raw[..]), &mut text)
             .expect("gunzip");
-        assert!(text.starts_with("line 00") && text.ends_with("................\n"), "{text}");
+        assert!(
+            text.starts_with("line 00") && text.ends_with("................\n"),
+            "{text}"
+        );
         assert!(!d.join("a.log.1").exists());
         let _ = std::fs::remove_dir_all(&d);
     }

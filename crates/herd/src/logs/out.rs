@@ -334,7 +334,10 @@ fn write_loop(shared: &Shared, mut sink: Sink) {
                 if reopen {
                     let line = match file.reopen() {
                         Ok(()) => format!("reopened {} (SIGUSR1)", file.path().display()),
-                        Err(e) => format!("cannot reopen {}: {e}; still writing the old file", file.path().display()),
+                        Err(e) => format!(
+                            "cannot reopen {}: {e}; still writing the old file",
+                            file.path().display()
+                        ),
                     };
                     let mut line = shared.event_line("log_reopened", &line);
                     line.extend_from_slice(&buf);

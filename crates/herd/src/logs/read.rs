@@ -45,7 +45,10 @@ impl Filter {
                 == Some(instance as u64);
         }
         let tag = format!("{}[{instance}] ", self.app);
-        line.starts_with(&tag) || line.strip_prefix("herd: ").is_some_and(|l| l.starts_with(&tag))
+        line.starts_with(&tag)
+            || line
+                .strip_prefix("herd: ")
+                .is_some_and(|l| l.starts_with(&tag))
     }
 }
 

@@ -91,7 +91,12 @@ impl App {
     fn worker_pids(&self) -> Vec<(u64, u64)> {
         workers(&self.status())
             .iter()
-            .map(|w| (w["instance"].as_u64().expect("i"), w["pid"].as_u64().expect("pid")))
+            .map(|w| {
+                (
+                    w["instance"].as_u64().expect("i"),
+                    w["pid"].as_u64().expect("pid"),
+                )
+            })
             .collect()
     }
 
@@ -136,7 +141,8 @@ fn wait_file(path: &Path, what: &str, done: impl Fn(&str) -> bool) -> String {
 
 #[test]
 fn two_instances_write_one_file_with_instance_and_pid() {
-    let app = App::start("lf-two", 2, &[]);
+    // herd writes HERD_HOME/NAME.log itself (not its stdout sent there), so it rotates.
+    let app = App::start("lf-two", 2, &["-e", "TICK_MS=20", "--log-max-size", "1K"]);
     let file = app.home().join("lf-two.log");
     let pids = app.worker_pids();
     for (instance, pid) in &pids {
@@ -144,7 +150,12 @@ fn two_instances_write_one_file_with_instance_and_pid() {
         wait_file(&file, &line, |t| t.lines().any(|l| l == line));
     }
     let text = read(&file);
-    assert!(text.contains("herd: lf-two "), "herd's own events go to the file too:\n{text}");
+    assert!(
+        text.contains("herd: lf-two "),
+        "herd's own events go to the file too:\n{text}"
+    );
+    let rotated = app.home().join("lf-two.log.1");
+    poll_until("HERD_HOME/lf-two.log.1", || rotated.exists().then_some(()));
     app.stop();
     let text = read(&file);
     assert!(text.trim_end().ends_with("herd: lf-two stopped"), "{text}");
@@ -244,7 +255,11 @@ fn rotation_keeps_n_gzipped_files_of_at_most_the_size() {
             read(&home.join(name))
         };
         assert!(text.len() <= 2048, "{name} is {} bytes", text.len());
-        assert!(text.len() > 1024, "{name} was cut early: {} bytes", text.len());
+        assert!(
+            text.len() > 1024,
+            "{name} was cut early: {} bytes",
+            text.len()
+        );
         for line in text.lines() {
             assert!(
                 line.starts_with("lf-rot[") || line.starts_with("herd: lf-rot"),
@@ -277,7 +292,11 @@ fn sigusr1_reopens_the_file_after_logrotate_renamed_it() {
     let before = read(&old).len();
     let count = text.lines().count();
     wait_file(&file, "more ticks", |t| t.lines().count() >= count + 5);
-    assert_eq!(read(&old).len(), before, "lines still went to the renamed file");
+    assert_eq!(
+        read(&old).len(),
+        before,
+        "lines still went to the renamed file"
+    );
     assert!(app.status()["state"] == "running");
 }
 
@@ -309,7 +328,15 @@ fn a_full_disk_drops_lines_with_a_count_and_never_stops_routing() {
         .arg("sh")
         .arg(&disk)
         .arg(crate::util::herd_bin())
-        .args(["start", "-i", "2", "--listen", "127.0.0.1:0", "--name", "lf-full"])
+        .args([
+            "start",
+            "-i",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+            "--name",
+            "lf-full",
+        ])
         .args(["-e", "FLOOD=1", "--log-max-size", "0", "--log-file"])
         .arg(&log)
         .args(["python3", &script])
@@ -345,7 +372,10 @@ fn a_full_disk_drops_lines_with_a_count_and_never_stops_routing() {
         started.elapsed()
     );
     assert_eq!(app.status()["state"], "running");
-    assert!(!log.exists(), "the tmpfs is herd's own: this test does not see it");
+    assert!(
+        !log.exists(),
+        "the tmpfs is herd's own: this test does not see it"
+    );
 }
 
 #[test]
@@ -368,7 +398,8 @@ fn herd_logs_reads_the_file_after_stop_and_after_kill_9() {
     let sup = app.supervisor();
     let mark = read(&file).len();
     wait_file(&file, "ticks of the second run", |t| {
-        t.get(mark..).is_some_and(|new| new.matches("| tick ").count() >= 3)
+        t.get(mark..)
+            .is_some_and(|new| new.matches("| tick ").count() >= 3)
     });
     kill(sup, libc::SIGKILL);
     assert!(wait_dead(sup, WAIT), "the supervisor survived SIGKILL");
@@ -388,17 +419,29 @@ fn herd_logs_follows_the_file_across_rotations() {
     let out_dir = TempDir::new();
     let out_path = out_dir.join("follow.out");
     let out = std::fs::File::create(&out_path).expect("create");
-    let mut follower = crate::util::cli_command(&app.home(), &["logs", "lf-follow", "-n", "1", "-f"])
-        .stdout(out)
-        .spawn()
-        .expect("herd logs -f");
-    wait_file(&out_path, "the last line of the first run", |t| t.contains("stopped"));
+    let mut follower =
+        crate::util::cli_command(&app.home(), &["logs", "lf-follow", "-n", "1", "-f"])
+            .stdout(out)
+            .spawn()
+            .expect("herd logs -f");
+    wait_file(&out_path, "the last line of the first run", |t| {
+        t.contains("stopped")
+    });
     let app = app.start_again(
         1,
-        &["-e", "TICK_MS=20", "--log-max-size", "2K", "--log-keep", "10"],
+        &[
+            "-e",
+            "TICK_MS=20",
+            "--log-max-size",
+            "2K",
+            "--log-keep",
+            "10",
+        ],
     );
     let home = app.home();
-    poll_until("three rotations", || home.join("lf-follow.log.3").exists().then_some(()));
+    poll_until("three rotations", || {
+        home.join("lf-follow.log.3").exists().then_some(())
+    });
     app.stop();
     let text = wait_file(&out_path, "the second run's stop", |t| {
         t.matches("herd: lf-follow stopped").count() >= 2
@@ -412,6 +455,10 @@ fn herd_logs_follows_the_file_across_rotations() {
         .collect();
     assert!(ticks.len() > 100, "{} ticks followed:\n{text}", ticks.len());
     for pair in ticks.windows(2) {
-        assert_eq!(pair[1], pair[0] + 1, "a tick was lost following the file:\n{text}");
+        assert_eq!(
+            pair[1],
+            pair[0] + 1,
+            "a tick was lost following the file:\n{text}"
+        );
     }
 }
