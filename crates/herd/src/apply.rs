@@ -27,7 +27,18 @@ use crate::paths::{AppName, Home};
 use crate::print::{errln, outln};
 
 /// Keys a rolling reload cannot change (see `supervisor::reconfigure`).
-const RESTART_KEYS: [&str; 5] = ["listen", "balance", "name", "user", "log_format"];
+const RESTART_KEYS: &[&str] = &[
+    "listen",
+    "balance",
+    "name",
+    "user",
+    "log_format",
+    // The log file is the supervisor's own (opened before it binds), not a worker's.
+    "log_file",
+    "log_max_size",
+    "log_keep",
+    "log_compress",
+];
 
 /// A herd.toml and, optionally, the one app of it asked for.
 pub struct FileArgs {
@@ -51,13 +62,24 @@ pub fn start_all(home: &Home, args: &FileArgs) -> anyhow::Result<u8> {
 
 fn start_one(home: &Home, file: &Config, app: &App) -> anyhow::Result<u8> {
     let name = AppName::new(&app.name).map_err(anyhow::Error::msg)?;
-    let argv = vec![
-        "run".into(),
+    let mut argv: Vec<std::ffi::OsString> = vec!["run".into()];
+    // The supervisor writes (and rotates) its log itself: the app's `log_file`, else
+    // HERD_HOME/NAME.log, as for `herd start` without a file.
+    let log_path = match &app.run.log_file {
+        Some(path) => file.dir().join(path),
+        None => {
+            let path = home.display(&name.file("log"));
+            argv.push("--log-file".into());
+            argv.push(path.clone().into_os_string());
+            path
+        }
+    };
+    argv.extend([
         file.path.clone().into_os_string(),
         "--app".into(),
         app.name.clone().into(),
-    ];
-    commands::start(home, &name, argv, app.run.listen_timeout)
+    ]);
+    commands::start(home, &name, argv, app.run.listen_timeout, &log_path)
 }
 
 /// What `apply` does to one app.

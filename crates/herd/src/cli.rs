@@ -233,6 +233,24 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", default_value = "0s", allow_hyphen_values = true, value_parser = spec::parse_duration)]
     pub max_age_jitter: Duration,
 
+    /// Write the log (every worker line and herd event, one file for all instances) to this
+    /// file instead of stdout [`herd start`: HERD_HOME/NAME.log].
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
+
+    /// Rotate the log file before it passes SIZE (10M, 1G); 0: never (an external logrotate
+    /// renames it and sends SIGUSR1).
+    #[arg(long, value_name = "SIZE", default_value = "10M", value_parser = parse_log_size)]
+    pub log_max_size: u64,
+
+    /// Rotated log files kept: NAME.1 (newest) … NAME.N; older ones are removed.
+    #[arg(long, value_name = "N", default_value_t = crate::logs::file::DEFAULT_KEEP, allow_negative_numbers = true, value_parser = spec::parse_count_usize)]
+    pub log_keep: usize,
+
+    /// gzip rotated log files (NAME.1.gz …), on a thread of their own.
+    #[arg(long)]
+    pub log_compress: bool,
+
     /// With a herd.toml as APP: the app of the file to run (`herd start`: all by default).
     #[arg(long = "app", id = "config_app", value_name = "NAME", value_parser = clap::value_parser!(AppName))]
     pub config_app: Option<AppName>,
@@ -345,6 +363,20 @@ fn file_stem(path: &str) -> String {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default()
+}
+
+/// `--log-max-size`: a size of at least 1K, or 0 for no rotation.
+fn parse_log_size(s: &str) -> Result<u64, String> {
+    if s.trim() == "0" {
+        return Ok(0);
+    }
+    let size = spec::parse_size(s)?;
+    if size < crate::logs::file::MIN_MAX_SIZE {
+        return Err(format!(
+            "`{s}` is too small for a log file; write at least 1K, or 0 to never rotate"
+        ));
+    }
+    Ok(size)
 }
 
 #[cfg(test)]

@@ -183,7 +183,14 @@ pub fn logs(
     follow: bool,
     instance: Option<usize>,
 ) -> anyhow::Result<u8> {
-    let mut client = Client::connect(home, name)?;
+    let mut client = match Client::connect(home, name) {
+        Ok(client) => client,
+        // Stopped, crashed or killed: what it wrote is in its log file.
+        Err(e @ ClientError::NotRunning(_)) => {
+            return logs_from_file(home, name, lines, follow, instance, e)
+        }
+        Err(e) => return Err(e.into()),
+    };
     let response = client.request(
         &Request::Logs {
             lines,
@@ -225,6 +232,44 @@ pub fn logs(
     Ok(0)
 }
 
+/// The log file of an app whose supervisor is gone: the path it recorded in
+/// `HERD_HOME/NAME.logpath`, else `HERD_HOME/NAME.log`.
+fn logs_from_file(
+    home: &Home,
+    name: &AppName,
+    lines: usize,
+    follow: bool,
+    instance: Option<usize>,
+    not_running: ClientError,
+) -> anyhow::Result<u8> {
+    use std::os::unix::ffi::OsStrExt;
+    let recorded = crate::logs::file::open_for_reading(&home.display(&name.file("logpath")))
+        .ok()
+        .and_then(|f| {
+            use std::io::Read;
+            let mut raw = Vec::new();
+            f.take(4096).read_to_end(&mut raw).ok()?;
+            (!raw.is_empty())
+                .then(|| std::path::PathBuf::from(std::ffi::OsStr::from_bytes(&raw).to_os_string()))
+        });
+    let path = recorded.unwrap_or_else(|| home.display(&name.file("log")));
+    let filter = crate::logs::read::Filter {
+        app: name.to_string(),
+        instance,
+    };
+    match crate::logs::read::print(&path, lines, follow, &filter) {
+        Ok(()) => Ok(0),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(anyhow::anyhow!(
+            "{not_running}, and it has no log file at {}",
+            path.display()
+        )),
+        Err(e) => Err(anyhow::anyhow!(
+            "{name} is not running; its log file {}: {e}",
+            path.display()
+        )),
+    }
+}
+
 pub fn send(
     home: &Home,
     name: &AppName,
@@ -253,6 +298,7 @@ pub fn start(
     name: &AppName,
     run_args: Vec<std::ffi::OsString>,
     listen_timeout: Duration,
+    log_path: &std::path::Path,
 ) -> anyhow::Result<u8> {
     let wait = listen_timeout + Duration::from_secs(10);
     use std::os::unix::process::CommandExt;
@@ -263,20 +309,29 @@ pub fn start(
             anyhow::bail!("an app named `{name}` is already running; stop it with `herd stop {name}` or pass another --name");
         }
     }
-    // Opened through HERD_HOME's descriptor: a link or a fifo planted there is refused.
-    let log_file = name.file("log");
-    let log_path = home.display(&log_file);
-    let log = home.open_private_file(
-        &log_file,
-        rustix::fs::OFlags::RDWR | rustix::fs::OFlags::APPEND,
+    // What the supervisor prints outside its log (an error before the log file is open, a
+    // panic) goes to HERD_HOME/NAME.stderr, emptied at each start. Opened through HERD_HOME's
+    // descriptor: a link or a fifo planted there is refused.
+    let stderr_file = name.file("stderr");
+    let early = home.open_private_file(
+        &stderr_file,
+        rustix::fs::OFlags::RDWR | rustix::fs::OFlags::TRUNC,
     )?;
-    let start_offset = log.metadata().map(|m| m.len()).unwrap_or(0);
+    // The log of this start begins where the file ends now.
+    let start_offset = std::fs::symlink_metadata(log_path)
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let log_tail = |lines: usize, bytes: u64| {
+        crate::logs::file::open_for_reading(log_path)
+            .and_then(|log| file_tail(&log, start_offset, lines, bytes))
+            .unwrap_or_default()
+    };
     let exe = std::env::current_exe()?;
     let mut cmd = std::process::Command::new(exe);
     cmd.args(run_args)
         .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log.try_clone()?);
+        .stdout(early.try_clone()?)
+        .stderr(early.try_clone()?);
     // SAFETY: setsid is async-signal-safe; the detached supervisor leaves our session so a
     // terminal hangup does not reach it.
     unsafe {
@@ -292,9 +347,9 @@ pub fn start(
     let deadline = Instant::now() + wait;
     loop {
         if let Some(status) = child.try_wait()? {
-            // The file is appended to by every start of this app and never rotated: read
-            // only its end.
-            let tail = file_tail(&log, start_offset, 15, 64 * 1024).unwrap_or_default();
+            // The log is appended to by every start of this app: read only its end.
+            let mut tail = log_tail(15, 64 * 1024);
+            tail.extend(file_tail(&early, 0, 15, 64 * 1024).unwrap_or_default());
             errln!(
                 "error: {name} did not start ({}):",
                 crate::fmt::describe_status(&status)
@@ -345,7 +400,7 @@ pub fn start(
                     w.instance,
                     listen_timeout.as_secs_f64()
                 );
-                let tail = file_tail(&log, start_offset, 200, 256 * 1024).unwrap_or_default();
+                let tail = log_tail(200, 256 * 1024);
                 if let Some(line) = tail.iter().rev().find(|l| l.contains("not ready after")) {
                     errln!("  {}", sanitize(line));
                 }

@@ -9,13 +9,16 @@
 //! Every line, worker line or event, is made in [`line`]: capped at
 //! [`line::MAX_OUTPUT_LINE`] bytes and with control characters escaped, so a worker can
 //! neither write a huge line through an event nor reach the terminal with an escape
-//! sequence. Lines then go to [`out::Output`], a bounded queue in front of stdout drained by
-//! a thread of its own: a stdout that blocks never blocks the supervisor.
+//! sequence. Lines then go to [`out::Output`], a bounded queue in front of stdout (or the
+//! `--log-file`, [`file`]) drained by a thread of its own: a stdout or a disk that blocks
+//! never blocks the supervisor. `herd logs` without a supervisor reads the file ([`read`]).
 //!
 //! Colour (one per instance) only on a terminal, and never with `NO_COLOR` set.
 
+pub mod file;
 pub mod line;
 pub mod out;
+pub mod read;
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -30,7 +33,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::broadcast;
 
 use self::line::{json_line, text_line};
-use self::out::Output;
+use self::out::{Output, Sink};
 use crate::spec::LogFormat;
 
 /// Longest worker line herd writes whole (16 KiB); the rest of a longer line is dropped.
@@ -88,9 +91,10 @@ struct LoggerInner {
 const COLORS: [&str; 6] = ["36", "33", "35", "32", "34", "31"];
 
 impl Logger {
-    /// A logger for `app`, with the thread that writes its stdout.
-    pub fn new(app: &str, format: LogFormat) -> std::io::Result<Self> {
+    /// A logger for `app`, with the thread that writes its stdout or log file.
+    pub fn new(app: &str, format: LogFormat, sink: Sink) -> std::io::Result<Self> {
         let color = format == LogFormat::Text
+            && matches!(sink, Sink::Stdout)
             && std::io::stdout().is_terminal()
             && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
         let (follow, _) = broadcast::channel(256);
@@ -99,7 +103,7 @@ impl Logger {
                 app: app.to_string(),
                 format,
                 color,
-                out: Output::start(app, format)?,
+                out: Output::start(app, format, sink)?,
                 ring: RefCell::new((VecDeque::with_capacity(256), 0)),
                 follow,
             }),
@@ -150,7 +154,21 @@ impl Logger {
 
     /// Keeps a line (already escaped and capped) for `herd logs`.
     fn remember(&self, instance: Option<usize>, text: String) {
-        let line = LogLine { instance, text };
+        // The log file's writer lost lines: say so where `herd logs` readers look.
+        if let Some((n, error)) = self.inner.out.take_dropped() {
+            let text = text_line(&format!(
+                "herd: {} {n} lines dropped: {error} (writing the log file)",
+                self.inner.app
+            ));
+            self.keep(LogLine {
+                instance: None,
+                text,
+            });
+        }
+        self.keep(LogLine { instance, text });
+    }
+
+    fn keep(&self, line: LogLine) {
         if self.inner.follow.receiver_count() > 0 {
             let _ = self.inner.follow.send(line.clone());
         }

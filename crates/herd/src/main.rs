@@ -90,11 +90,22 @@ fn dispatch(command: Command) -> anyhow::Result<u8> {
                 None => paths::AppName::new(&args.clone().into_spec().name)
                     .map_err(anyhow::Error::msg)?,
             };
+            // The supervisor writes (and rotates) its log itself: HERD_HOME/NAME.log
+            // unless --log-file says otherwise.
+            let default_log = args
+                .log_file
+                .is_none()
+                .then(|| home.display(&name.file("log")));
+            let log_path = match &args.log_file {
+                Some(path) => std::path::absolute(path).unwrap_or_else(|_| path.clone()),
+                None => home.display(&name.file("log")),
+            };
             commands::start(
                 &home,
                 &name,
-                start_args(args.name.is_none(), name.as_str()),
+                start_args(args.name.is_none(), name.as_str(), default_log),
                 listen_timeout,
+                &log_path,
             )
         }
         Command::Ls { json } => commands::ls(&home, json),
@@ -156,7 +167,9 @@ fn config_args(args: cli::RunArgs) -> anyhow::Result<apply::FileArgs> {
     if let Some((_, sub)) = matches.subcommand() {
         for arg in config::keys::run_command().get_arguments() {
             let id = arg.get_id().as_str();
-            if matches!(id, "config_app" | "app" | "args") {
+            // `log_file`: `herd start FILE` names HERD_HOME/NAME.log for an app whose table
+            // has none (see apply::start_one).
+            if matches!(id, "config_app" | "app" | "args" | "log_file") {
                 continue;
             }
             if sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
@@ -179,8 +192,9 @@ fn config_args(args: cli::RunArgs) -> anyhow::Result<apply::FileArgs> {
 /// `herd run herd.toml [--app NAME]`: one app of the file in the foreground, in the file's
 /// directory (relative paths in the file are relative to it).
 fn run_config(args: cli::RunArgs) -> anyhow::Result<u8> {
+    let log_file = args.log_file.clone();
     let apply::FileArgs { file, app } = config_args(args)?;
-    let app = match app {
+    let mut app = match app {
         Some(name) => file.app(&name)?.clone(),
         None => match file.apps.as_slice() {
             [only] => only.clone(),
@@ -195,6 +209,9 @@ fn run_config(args: cli::RunArgs) -> anyhow::Result<u8> {
             }
         },
     };
+    if app.run.log_file.is_none() {
+        app.run.log_file = log_file.map(|p| std::path::absolute(&p).unwrap_or(p));
+    }
     // HERD_HOME is found before the directory changes, so a relative one still works.
     let home = paths::herd_home().map_err(anyhow::Error::msg)?;
     let home = std::path::absolute(&home)?;
@@ -209,10 +226,18 @@ fn run_config(args: cli::RunArgs) -> anyhow::Result<u8> {
 }
 
 /// `herd start ARGS` runs `herd run ARGS` detached, with the name made explicit.
-fn start_args(add_name: bool, name: &str) -> Vec<std::ffi::OsString> {
+fn start_args(
+    add_name: bool,
+    name: &str,
+    log_file: Option<std::path::PathBuf>,
+) -> Vec<std::ffi::OsString> {
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     if let Some(i) = args.iter().position(|a| a == "start") {
         args[i] = "run".into();
+        if let Some(path) = log_file {
+            args.insert(i + 1, "--log-file".into());
+            args.insert(i + 2, path.into());
+        }
         if add_name {
             args.insert(i + 1, "--name".into());
             args.insert(i + 2, name.into());
@@ -265,6 +290,19 @@ fn one_line(kind: clap::error::ErrorKind, text: &str) -> String {
 }
 
 fn run(args: cli::RunArgs, config: Option<String>, argv: Vec<String>) -> anyhow::Result<u8> {
+    // Opened first: a path herd may not write is an error before anything is bound.
+    let log_file = match &args.log_file {
+        Some(path) => Some(
+            logs::file::LogFile::open(logs::file::LogFileSpec {
+                path: std::path::absolute(path).unwrap_or_else(|_| path.clone()),
+                max_size: args.log_max_size,
+                keep: args.log_keep,
+                compress: args.log_compress,
+            })
+            .map_err(anyhow::Error::msg)?,
+        ),
+        None => None,
+    };
     let spec = args.into_spec();
     let log_format = spec.log_format;
     let name = spec.name.clone();
@@ -292,6 +330,8 @@ fn run(args: cli::RunArgs, config: Option<String>, argv: Vec<String>) -> anyhow:
             return Err(e);
         }
     };
+    // Where `herd logs` finds this app's file once the supervisor is gone.
+    record_log_path(&home_dir, &app, log_file.as_ref().map(|f| f.path()));
     let plan = match plan::plan(spec) {
         Ok(plan) => plan,
         Err(e) => {
@@ -304,7 +344,11 @@ fn run(args: cli::RunArgs, config: Option<String>, argv: Vec<String>) -> anyhow:
         .enable_all()
         .build()?;
     let local = tokio::task::LocalSet::new();
-    let logger = logs::Logger::new(&name, log_format)
+    let sink = match log_file {
+        Some(file) => logs::out::Sink::File(file),
+        None => logs::out::Sink::Stdout,
+    };
+    let logger = logs::Logger::new(&name, log_format, sink)
         .map_err(|e| anyhow::anyhow!("cannot start the thread that writes herd's output: {e}"))?;
     let output = logger.output();
     let code = local.block_on(&runtime, async move {
@@ -313,6 +357,7 @@ fn run(args: cli::RunArgs, config: Option<String>, argv: Vec<String>) -> anyhow:
         sup.set_origin(config, argv);
         let tx = sup.sender();
         forward_signals(tx.clone())?;
+        reopen_on_sigusr1(sup.logger().output())?;
         let control = tokio::net::UnixListener::from_std(control)?;
         let serving = tokio::task::spawn_local(control::serve(control, tx, sup.logger()));
         let code = sup.run(rx).await;
@@ -350,4 +395,36 @@ fn forward_signals(tx: tokio::sync::mpsc::UnboundedSender<vocab::Event>) -> anyh
         });
     }
     Ok(())
+}
+
+/// SIGUSR1 opens the log file again by its name (after logrotate renamed it). The writer
+/// thread does it; this task only asks. Without `--log-file` the signal does nothing.
+fn reopen_on_sigusr1(output: logs::out::Output) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind as Kind};
+    let mut stream = signal(Kind::user_defined1())?;
+    tokio::task::spawn_local(async move {
+        while stream.recv().await.is_some() {
+            output.reopen();
+        }
+    });
+    Ok(())
+}
+
+/// Writes the log file's path to `HERD_HOME/NAME.logpath` (or removes a stale one), so
+/// `herd logs NAME` can read the file after the supervisor is gone. Best effort: without
+/// it `herd logs` reads `HERD_HOME/NAME.log`.
+fn record_log_path(home: &paths::Home, app: &paths::AppName, path: Option<&std::path::Path>) {
+    use std::io::Write;
+    use std::os::unix::ffi::OsStrExt;
+    let file = app.file("logpath");
+    let Some(path) = path else {
+        let _ = home.unlink(&file);
+        return;
+    };
+    if let Ok(mut f) = home.open_private_file(
+        &file,
+        rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::TRUNC,
+    ) {
+        let _ = f.write_all(path.as_os_str().as_bytes());
+    }
 }

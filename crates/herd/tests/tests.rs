@@ -7,6 +7,7 @@ mod control;
 mod errors;
 mod hardening;
 mod health;
+mod logfiles;
 mod node;
 mod run;
 mod util;

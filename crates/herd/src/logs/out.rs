@@ -17,6 +17,13 @@
 //! Each run of dropped lines leaves one marker in the queue; when the writer reaches it, it
 //! writes `herd: APP N log lines dropped (stdout was blocked)` (event `log_dropped` in JSON)
 //! in their place. At exit [`Output::finish`] flushes for a bounded time, then gives up.
+//!
+//! With `--log-file` the same queue and thread write a [`LogFile`] instead of stdout. A
+//! failed write (a full disk, an I/O error) loses that batch only: its lines are counted,
+//! and `herd: APP N lines dropped: ERROR` goes into the file ahead of the next batch that
+//! can be written, and into `herd logs` at once ([`Output::take_dropped`]). Routing never
+//! waits on the file: a write that fails returns at once, and one that hangs stalls only
+//! this thread (worker lines are then dropped as for a stalled stdout).
 
 use std::collections::VecDeque;
 use std::os::fd::AsFd;
@@ -27,6 +34,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value};
 use tokio::sync::Notify;
 
+use super::file::LogFile;
 use super::line::{json_line, text_line};
 use crate::spec::LogFormat;
 
@@ -60,6 +68,16 @@ struct Queue {
     closed: bool,
     /// stdout failed (closed pipe): lines are thrown away from now on.
     broken: bool,
+    /// SIGUSR1 asked for the log file to be opened again.
+    reopen: bool,
+    /// Lines the log file lost, and the last error, not yet told to `herd logs`.
+    dropped: Option<(u64, String)>,
+}
+
+/// Where the writer thread writes.
+pub enum Sink {
+    Stdout,
+    File(LogFile),
 }
 
 struct Shared {
@@ -86,6 +104,28 @@ impl Shared {
 
     fn progressed(&self) {
         self.progress_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// One of herd's own lines, written by this thread (text or JSON `event`).
+    fn event_line(&self, event: &str, message: &str) -> Vec<u8> {
+        let mut line = match self.format {
+            LogFormat::Text => text_line(&format!("herd: {} {message}", self.app)).into_bytes(),
+            LogFormat::Json => {
+                let mut obj = Map::new();
+                obj.insert("ts".into(), Value::String(super::timestamp()));
+                obj.insert("app".into(), Value::String(self.app.clone()));
+                obj.insert("event".into(), event.into());
+                obj.insert("message".into(), Value::String(message.to_string()));
+                json_line(obj)
+            }
+        };
+        line.push(b'\n');
+        line
+    }
+
+    /// What stands in the log file for `n` lines a failed write lost.
+    fn file_notice(&self, n: u64, error: &str) -> Vec<u8> {
+        self.event_line("log_dropped", &format!("{n} lines dropped: {error}"))
     }
 
     /// What stands for `n` dropped lines in the output.
@@ -116,7 +156,7 @@ pub struct Output {
 
 impl Output {
     /// Starts the writer thread.
-    pub fn start(app: &str, format: LogFormat) -> std::io::Result<Self> {
+    pub fn start(app: &str, format: LogFormat, sink: Sink) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             queue: Mutex::default(),
             changed: Condvar::new(),
@@ -129,7 +169,7 @@ impl Output {
         let writer = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("herd-stdout".into())
-            .spawn(move || write_loop(&writer))?;
+            .spawn(move || write_loop(&writer, sink))?;
         Ok(Output { shared })
     }
 
@@ -218,6 +258,17 @@ impl Output {
         }
     }
 
+    /// Asks the writer to open the log file again by its name (SIGUSR1). Never waits.
+    pub fn reopen(&self) {
+        self.shared.lock().reopen = true;
+        self.shared.changed.notify_all();
+    }
+
+    /// Lines the log file lost since the last call, with the last error.
+    pub fn take_dropped(&self) -> Option<(u64, String)> {
+        self.shared.lock().dropped.take()
+    }
+
     /// Lets the writer finish what is queued, waiting at most `bound`, and not at all for a
     /// stdout that has already stalled: a blocked stdout must not keep herd from exiting.
     pub fn finish(&self, bound: Duration) {
@@ -240,21 +291,29 @@ impl Output {
     }
 }
 
-fn write_loop(shared: &Shared) {
+fn write_loop(shared: &Shared, mut sink: Sink) {
     let mut buf: Vec<u8> = Vec::with_capacity(BATCH);
+    // Lines the file lost that it has not been told about yet, and why.
+    let mut lost: Option<(u64, String)> = None;
     loop {
         let mut taken = 0;
+        let mut lines = 0u64;
+        let reopen;
         {
             let mut q = shared.lock();
-            while q.items.is_empty() {
+            while q.items.is_empty() && !q.reopen {
                 if q.closed {
                     return;
                 }
                 q = shared.changed.wait(q).unwrap_or_else(|e| e.into_inner());
             }
+            reopen = std::mem::take(&mut q.reopen);
             // Taking a batch counts as progress: the stall clock starts at this write.
             shared.progressed();
             buf.clear();
+            if let (Sink::File(_), Some((n, error))) = (&sink, &lost) {
+                buf.extend_from_slice(&shared.file_notice(*n, error));
+            }
             while let Some(item) = q.items.pop_front() {
                 match item {
                     Item::Line(line) => {
@@ -263,12 +322,42 @@ fn write_loop(shared: &Shared) {
                     }
                     Item::Dropped(n) => buf.extend_from_slice(&shared.notice(n)),
                 }
+                lines += 1;
                 if buf.len() >= BATCH {
                     break;
                 }
             }
         }
-        let ok = write_all(shared, &buf);
+        let ok = match &mut sink {
+            Sink::Stdout => write_all(shared, &buf),
+            Sink::File(file) => {
+                if reopen {
+                    let line = match file.reopen() {
+                        Ok(()) => format!("reopened {} (SIGUSR1)", file.path().display()),
+                        Err(e) => format!(
+                            "cannot reopen {}: {e}; still writing the old file",
+                            file.path().display()
+                        ),
+                    };
+                    let mut line = shared.event_line("log_reopened", &line);
+                    line.extend_from_slice(&buf);
+                    buf = line;
+                }
+                match file.write(&buf) {
+                    Ok(()) => lost = None,
+                    Err(e) => {
+                        let error = e.to_string();
+                        let n = lost.as_ref().map_or(0, |l| l.0) + lines;
+                        lost = Some((n, error.clone()));
+                        let mut q = shared.lock();
+                        let told = q.dropped.as_ref().map_or(0, |d| d.0);
+                        q.dropped = Some((told + lines, error));
+                    }
+                }
+                shared.progressed();
+                true
+            }
+        };
         let mut q = shared.lock();
         q.bytes -= taken;
         if !ok {
