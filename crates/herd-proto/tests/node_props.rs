@@ -112,7 +112,9 @@ proptest! {
     fn a_message_node_takes_for_its_own_is_never_a_user_message(
         cmd in "NODE_[A-Z_]{1,12}",
         seq in any::<u64>(),
-        extra in "[a-z]{0,6}",
+        // A second `cmd` would win in Node's JSON.parse too (the last key wins), and a `cmd`
+        // that is not a string makes the message a user one there as here.
+        extra in "[a-z]{0,6}".prop_filter("a key other than cmd", |k| k != "cmd"),
     ) {
         let line = format!(r#"{{"cmd":"{cmd}","seq":{seq},"{extra}":[1]}}"#);
         let user = matches!(parse(line.as_bytes()), Ok(Message::User(_)));
