@@ -215,6 +215,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", default_value = "0s", allow_hyphen_values = true, value_parser = spec::parse_duration)]
     pub max_age_jitter: Duration,
 
+    /// Run the workers with this primary group (name or number) instead of --user's; the
+    /// supplementary groups are --user's groups (as initgroups). herd must run as root.
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+
     /// The program or script to run (a .js file runs as a Node cluster worker).
     #[arg(value_name = "APP")]
     pub app: String,
@@ -249,6 +254,7 @@ impl RunArgs {
             env: self.env,
             cwd: self.cwd,
             user: self.user,
+            group: self.group,
             balance: self.balance,
             ready,
             policy: Policy {

@@ -9,8 +9,10 @@ mod balance;
 mod cli;
 mod commands;
 mod control;
+mod cpus;
 mod fmt;
 mod health;
+mod inherit;
 mod logs;
 mod mix;
 mod node;
@@ -19,6 +21,7 @@ mod paths;
 mod plan;
 mod print;
 mod procfs;
+mod reaper;
 mod reuseport;
 mod rundir;
 mod sdnotify;
@@ -170,6 +173,13 @@ fn one_line(kind: clap::error::ErrorKind, text: &str) -> String {
 }
 
 fn run(args: cli::RunArgs) -> anyhow::Result<u8> {
+    // First, while herd has one thread: it also clears LISTEN_* from herd's environment.
+    let inherited = inherit::take().map_err(anyhow::Error::msg)?;
+    // Orphaned descendants of workers (`npm start` → sh → node) come to herd to be reaped,
+    // not to PID 1 of the host (or nobody, when herd is PID 1 in a container).
+    if let Err(e) = reaper::become_subreaper() {
+        print::errln!("warning: herd cannot become a child subreaper ({e}); orphans of workers go to PID 1");
+    }
     let spec = args.into_spec();
     let log_format = spec.log_format;
     let name = spec.name.clone();
@@ -197,7 +207,7 @@ fn run(args: cli::RunArgs) -> anyhow::Result<u8> {
             return Err(e);
         }
     };
-    let plan = match plan::plan(spec) {
+    let plan = match plan::plan_inheriting(spec, inherited) {
         Ok(plan) => plan,
         Err(e) => {
             let _ = std::fs::remove_dir(&run_dir);
@@ -217,6 +227,8 @@ fn run(args: cli::RunArgs) -> anyhow::Result<u8> {
         sup.set_control_path(control_path.clone());
         let tx = sup.sender();
         forward_signals(tx.clone())?;
+        reaper::watch()?;
+        sdnotify::watchdog();
         let control = tokio::net::UnixListener::from_std(control)?;
         let serving = tokio::task::spawn_local(control::serve(control, tx, sup.logger()));
         let code = sup.run(rx).await;
@@ -226,6 +238,7 @@ fn run(args: cli::RunArgs) -> anyhow::Result<u8> {
     // Whatever stdout has not taken within the bound is lost: a blocked stdout must not keep
     // herd running after its workers are gone.
     output.finish(logs::out::EXIT_FLUSH);
+    reaper::reap_orphans();
     // The supervisor removed its control socket before answering `herd stop`, under the
     // name's lock; a new supervisor of the name waits for the lock.
     let code = code?;
