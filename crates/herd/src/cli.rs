@@ -89,6 +89,19 @@ pub enum Command {
         #[arg(long, allow_negative_numbers = true, value_parser = spec::parse_count_usize)]
         instance: Option<usize>,
     },
+    /// Print (or --install) a service unit that runs herd at boot.
+    Startup {
+        #[command(subcommand)]
+        manager: StartupManager,
+    },
+}
+
+/// The service managers `herd startup` writes units for.
+#[derive(Debug, Subcommand)]
+pub enum StartupManager {
+    /// A systemd unit (Type=notify) running `herd run ARGS`, or a herd@.service template
+    /// for a herd.toml.
+    Systemd(crate::startup::SystemdArgs),
 }
 
 #[derive(Debug, Clone, Args)]

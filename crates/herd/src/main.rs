@@ -27,6 +27,7 @@ mod rundir;
 mod sdnotify;
 mod spawn;
 mod spec;
+mod startup;
 mod supervisor;
 mod vocab;
 
@@ -70,10 +71,16 @@ fn dispatch(command: Command) -> anyhow::Result<u8> {
     if let Command::Run(args) = command {
         return run(args);
     }
+    if let Command::Startup {
+        manager: cli::StartupManager::Systemd(args),
+    } = &command
+    {
+        return startup::systemd(args);
+    }
     let home = paths::herd_home().map_err(anyhow::Error::msg)?;
     let home = paths::Home::open(&home)?;
     match command {
-        Command::Run(_) => unreachable!("handled above"),
+        Command::Run(_) | Command::Startup { .. } => unreachable!("handled above"),
         Command::Start(args) => {
             let listen_timeout = args.listen_timeout;
             let name = match args.name.clone() {
