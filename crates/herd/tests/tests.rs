@@ -8,4 +8,5 @@ mod hardening;
 mod health;
 mod node;
 mod run;
+mod system;
 mod util;
