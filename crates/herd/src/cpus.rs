@@ -31,7 +31,9 @@ fn affinity() -> Option<usize> {
         if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
             return None;
         }
-        usize::try_from(libc::CPU_COUNT(&set)).ok().filter(|&n| n > 0)
+        usize::try_from(libc::CPU_COUNT(&set))
+            .ok()
+            .filter(|&n| n > 0)
     }
 }
 
@@ -69,7 +71,10 @@ fn cgroup2_mount(mountinfo: &str) -> Option<(PathBuf, PathBuf)> {
         let mut fields = left.split_whitespace();
         let root = fields.nth(3)?;
         let mount = fields.next()?;
-        Some((PathBuf::from(unescape(root)), PathBuf::from(unescape(mount))))
+        Some((
+            PathBuf::from(unescape(root)),
+            PathBuf::from(unescape(mount)),
+        ))
     })
 }
 
@@ -79,8 +84,13 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            let v = (b[i + 1] - b'0') as u32 * 64 + (b[i + 2] - b'0') as u32 * 8 + (b[i + 3] - b'0') as u32;
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') as u32 * 64
+                + (b[i + 2] - b'0') as u32 * 8
+                + (b[i + 3] - b'0') as u32;
             out.push(v as u8);
             i += 4;
         } else {
@@ -137,7 +147,10 @@ mod tests {
         let read = fake(&[
             ("/proc/self/cgroup", "0::/system.slice/web.service\n"),
             ("/proc/self/mountinfo", MOUNTINFO),
-            ("/sys/fs/cgroup/system.slice/web.service/cpu.max", "max 100000\n"),
+            (
+                "/sys/fs/cgroup/system.slice/web.service/cpu.max",
+                "max 100000\n",
+            ),
             ("/sys/fs/cgroup/system.slice/cpu.max", "250000 100000\n"),
         ]);
         assert_eq!(quota(&read), Some(3));
@@ -154,7 +167,10 @@ mod tests {
     fn no_cgroup2_or_no_limit_is_no_quota() {
         let read = fake(&[
             ("/proc/self/cgroup", "0::/a\n"),
-            ("/proc/self/mountinfo", "25 30 0:23 / /proc rw - proc proc rw\n"),
+            (
+                "/proc/self/mountinfo",
+                "25 30 0:23 / /proc rw - proc proc rw\n",
+            ),
         ]);
         assert_eq!(quota(&read), None);
         let read = fake(&[
@@ -163,7 +179,10 @@ mod tests {
             ("/sys/fs/cgroup/cpu.max", "max 100000\n"),
         ]);
         assert_eq!(quota(&read), None);
-        let read = fake(&[("/proc/self/cgroup", "4:memory:/x\n"), ("/proc/self/mountinfo", MOUNTINFO)]);
+        let read = fake(&[
+            ("/proc/self/cgroup", "4:memory:/x\n"),
+            ("/proc/self/mountinfo", MOUNTINFO),
+        ]);
         assert_eq!(quota(&read), None);
     }
 
@@ -181,7 +200,10 @@ mod tests {
         assert_eq!(quota(&read), Some(2));
         let read = fake(&[
             ("/proc/self/cgroup", "0::/x y/z\n"),
-            ("/proc/self/mountinfo", "24 30 0:22 / /mnt/c\\040g rw - cgroup2 cgroup2 rw\n"),
+            (
+                "/proc/self/mountinfo",
+                "24 30 0:22 / /mnt/c\\040g rw - cgroup2 cgroup2 rw\n",
+            ),
             ("/mnt/c g/x y/cpu.max", "100000 100000\n"),
         ]);
         assert_eq!(quota(&read), Some(1));

@@ -86,7 +86,12 @@ pub fn take() -> Result<Vec<Inherited>, String> {
         let socket = unsafe { OwnedFd::from_raw_fd(number) };
         let name = names.get(i).filter(|n| !n.is_empty()).cloned();
         let addr = listening_addr(&socket).map_err(|problem| {
-            format!("inherited fd {number}{}: {problem}", name.as_ref().map(|n| format!(" ({n:?})")).unwrap_or_default())
+            format!(
+                "inherited fd {number}{}: {problem}",
+                name.as_ref()
+                    .map(|n| format!(" ({n:?})"))
+                    .unwrap_or_default()
+            )
         })?;
         taken.push(Inherited {
             number,

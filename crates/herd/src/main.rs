@@ -185,7 +185,9 @@ fn run(args: cli::RunArgs) -> anyhow::Result<u8> {
     // Orphaned descendants of workers (`npm start` → sh → node) come to herd to be reaped,
     // not to PID 1 of the host (or nobody, when herd is PID 1 in a container).
     if let Err(e) = reaper::become_subreaper() {
-        print::errln!("warning: herd cannot become a child subreaper ({e}); orphans of workers go to PID 1");
+        print::errln!(
+            "warning: herd cannot become a child subreaper ({e}); orphans of workers go to PID 1"
+        );
     }
     let spec = args.into_spec();
     let log_format = spec.log_format;

@@ -25,7 +25,9 @@ use std::sync::{Mutex, MutexGuard};
 static CLAIMED: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
 
 fn claimed() -> MutexGuard<'static, BTreeSet<u32>> {
-    CLAIMED.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    CLAIMED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Makes herd the reaper of its orphaned descendants.
@@ -99,7 +101,10 @@ fn children() -> Vec<u32> {
         for task in tasks.flatten() {
             if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
                 found = true;
-                pids.extend(text.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+                pids.extend(
+                    text.split_whitespace()
+                        .filter_map(|p| p.parse::<u32>().ok()),
+                );
             }
         }
     }
@@ -111,7 +116,11 @@ fn children() -> Vec<u32> {
         return pids;
     };
     for entry in procs.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         let parent = std::fs::read_to_string(entry.path().join("stat"))
@@ -148,11 +157,8 @@ mod tests {
 
     #[test]
     fn claimed_children_are_left_to_their_owner() {
-        let mut mine = spawn_claimed(
-            || Command::new("true").spawn(),
-            |c| Some(c.id()),
-        )
-        .expect("spawn");
+        let mut mine =
+            spawn_claimed(|| Command::new("true").spawn(), |c| Some(c.id())).expect("spawn");
         let stray = Command::new("true").spawn().expect("spawn");
         let stray_pid = stray.id();
         drop(stray);

@@ -8,16 +8,16 @@
 //!
 //! 1. parent-death signal: the worker gets SIGKILL if herd dies, so nothing is orphaned;
 //! 2. the signal mask herd inherited (tokio blocks nothing, but a parent may) is cleared;
-//! 2b. `--user`/`--group`: `setgroups` (the list resolved in the parent, like initgroups),
+//! 3. `--user`/`--group`: `setgroups` (the list resolved in the parent, like initgroups),
 //!    `setgid`, `setuid`, in that order (each later one needs the rights the earlier ones
 //!    still have), then `chdir` with the worker's own rights;
-//! 3. each fd to pass is first duplicated above the target range (`F_DUPFD_CLOEXEC`), then
+//! 4. each fd to pass is first duplicated above the target range (`F_DUPFD_CLOEXEC`), then
 //!    `dup2`'d to 3, 4, … — two phases, so a source that sits on a target number is never
 //!    overwritten before it is copied, and `dup2` clears close-on-exec on the result;
-//! 4. every fd above the targets is marked close-on-exec (`close_range(CLOEXEC)`, not
+//! 5. every fd above the targets is marked close-on-exec (`close_range(CLOEXEC)`, not
 //!    closed: std's error pipe must survive until `execve` so a failed exec is reported);
-//! 5. the pid is written as digits into the pre-allocated `LISTEN_PID=` slot of envp;
-//! 6. `execve` with the program path resolved in the parent.
+//! 6. the pid is written as digits into the pre-allocated `LISTEN_PID=` slot of envp;
+//! 7. `execve` with the program path resolved in the parent.
 //!
 //! std has already put stdin/stdout/stderr in place and moved the child into its own
 //! process group when the hook runs. (std's own `uid`/`gid` cannot set supplementary
@@ -276,9 +276,11 @@ impl ExecImage {
                 uid: req.uid,
             }),
             cwd: match req.cwd {
-                Some(dir) => Some(CString::new(dir.as_os_str().as_bytes()).map_err(|_| {
-                    io::Error::new(io::ErrorKind::InvalidInput, "--cwd has a NUL")
-                })?),
+                Some(dir) => {
+                    Some(CString::new(dir.as_os_str().as_bytes()).map_err(|_| {
+                        io::Error::new(io::ErrorKind::InvalidInput, "--cwd has a NUL")
+                    })?)
+                }
                 None => None,
             },
         })

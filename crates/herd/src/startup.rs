@@ -97,7 +97,11 @@ pub fn generate(herd: &Path, cwd: &Path, args: &SystemdArgs) -> anyhow::Result<U
         service.name.clone().into(),
     ])?;
     let mut t = String::new();
-    let how = if args.user { "systemctl --user" } else { "systemctl" };
+    let how = if args.user {
+        "systemctl --user"
+    } else {
+        "systemctl"
+    };
     let dir = if args.user {
         "~/.config/systemd/user"
     } else {
@@ -121,7 +125,11 @@ pub fn generate(herd: &Path, cwd: &Path, args: &SystemdArgs) -> anyhow::Result<U
     t += "[Unit]\n";
     t += &format!(
         "Description=herd: {}\n",
-        if service.template { "app %i" } else { &service.name }
+        if service.template {
+            "app %i"
+        } else {
+            &service.name
+        }
     );
     if !args.user {
         t += "After=network-online.target\nWants=network-online.target\n";
@@ -175,9 +183,9 @@ fn service(cwd: &Path, args: &[OsString]) -> anyhow::Result<Service> {
         let app = match &args[1..] {
             [] => None,
             [flag, name] if flag == "--app" => Some(name.to_string_lossy().into_owned()),
-            _ => bail!(
-                "after a herd.toml only `--app NAME` may follow (the rest lives in the file)"
-            ),
+            _ => {
+                bail!("after a herd.toml only `--app NAME` may follow (the rest lives in the file)")
+            }
         };
         if let Some(app) = &app {
             crate::paths::AppName::new(app).map_err(anyhow::Error::msg)?;
@@ -188,11 +196,7 @@ fn service(cwd: &Path, args: &[OsString]) -> anyhow::Result<Service> {
                 Some(app) => format!("herd-{app}.service"),
                 None => "herd@.service".into(),
             },
-            run: vec![
-                file.into_os_string(),
-                "--app".into(),
-                name.clone().into(),
-            ],
+            run: vec![file.into_os_string(), "--app".into(), name.clone().into()],
             name,
             stop_timeout: TEMPLATE_STOP,
             unix_paths: Vec::new(),
@@ -208,7 +212,11 @@ fn service(cwd: &Path, args: &[OsString]) -> anyhow::Result<Service> {
         Ok(_) => bail!("not the arguments of `herd run`"),
         Err(e) => bail!(
             "these are not arguments `herd run` accepts: {}",
-            e.to_string().lines().next().unwrap_or("").trim_start_matches("error: ")
+            e.to_string()
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim_start_matches("error: ")
         ),
     };
     let spec = run.into_spec();
@@ -302,7 +310,11 @@ fn install(unit: &Unit, user: bool) -> anyhow::Result<u8> {
         bail!("cannot write {}: {e}", path.display());
     }
     crate::print::errln!("wrote {}", path.display());
-    let how = if user { "systemctl --user" } else { "systemctl" };
+    let how = if user {
+        "systemctl --user"
+    } else {
+        "systemctl"
+    };
     let next = match &unit.enable {
         Some(name) => format!("{how} daemon-reload && {how} enable --now {name}"),
         None => format!("{how} daemon-reload && {how} enable --now herd@APP"),
@@ -364,7 +376,9 @@ fn unit_dir(user: bool) -> anyhow::Result<PathBuf> {
         Some(dir) => PathBuf::from(dir),
         None => match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
             Some(home) => PathBuf::from(home).join(".config"),
-            None => bail!("neither XDG_CONFIG_HOME nor HOME is set: cannot find the user's unit directory"),
+            None => bail!(
+                "neither XDG_CONFIG_HOME nor HOME is set: cannot find the user's unit directory"
+            ),
         },
     };
     Ok(config.join("systemd/user"))
@@ -402,7 +416,15 @@ mod tests {
         let unit = generate(
             Path::new("/usr/local/bin/herd"),
             Path::new("/srv/api"),
-            &args(&["-i", "max", "-l", "127.0.0.1:3000", "--kill-timeout", "20s", "app.js"]),
+            &args(&[
+                "-i",
+                "max",
+                "-l",
+                "127.0.0.1:3000",
+                "--kill-timeout",
+                "20s",
+                "app.js",
+            ]),
         )
         .expect("unit");
         assert_eq!(unit.file, "herd-app.service");
@@ -432,13 +454,19 @@ mod tests {
         .expect("unit");
         assert!(!unit.text.contains("PrivateTmp=yes"), "{}", unit.text);
         assert_eq!(unit.file, "herd-web.service");
-        assert!(unit.text.contains("ExecStart=/usr/bin/herd run -l unix:/tmp/app.sock -n web server.py\n"));
+        assert!(unit
+            .text
+            .contains("ExecStart=/usr/bin/herd run -l unix:/tmp/app.sock -n web server.py\n"));
     }
 
     #[test]
     fn a_toml_makes_a_template() {
-        let unit = generate(Path::new("/usr/bin/herd"), Path::new("/srv"), &args(&["herd.toml"]))
-            .expect("unit");
+        let unit = generate(
+            Path::new("/usr/bin/herd"),
+            Path::new("/srv"),
+            &args(&["herd.toml"]),
+        )
+        .expect("unit");
         assert_eq!(unit.file, "herd@.service");
         assert!(unit.enable.is_none());
         assert!(unit

@@ -62,6 +62,9 @@ fn systemd_socket_activate_hands_herd_its_port() {
     herd.wait_ready();
 }
 
+/// When herd was stopped, and when the next one was ready (None: not yet).
+type Gap = (Instant, Option<Instant>);
+
 #[test]
 fn a_held_socket_queues_connections_across_a_herd_restart() {
     let holder = TcpListener::bind("127.0.0.1:0").expect("bind the holder's socket");
@@ -75,7 +78,7 @@ fn a_held_socket_queues_connections_across_a_herd_restart() {
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicUsize::new(0));
     let failures = Arc::new(Mutex::new(Vec::<String>::new()));
-    let gap: Arc<Mutex<Option<(Instant, Option<Instant>)>>> = Arc::new(Mutex::new(None));
+    let gap: Arc<Mutex<Option<Gap>>> = Arc::new(Mutex::new(None));
     let in_gap = Arc::new(AtomicUsize::new(0));
     let mut gen1 = start_held(&holder, &args);
     gen1.wait_ready();
@@ -104,16 +107,18 @@ fn a_held_socket_queues_connections_across_a_herd_restart() {
                                 in_gap.fetch_add(1, Ordering::SeqCst);
                             }
                         }
-                        Ok(r) => failures.lock().expect("f").push(format!("status {}", r.status)),
+                        Ok(r) => failures
+                            .lock()
+                            .expect("f")
+                            .push(format!("status {}", r.status)),
                         Err(e) => failures.lock().expect("f").push(e.to_string()),
                     }
                 }
             })
         })
         .collect();
-    let wait_ok = |n: usize| {
-        crate::util::wait_requests("the clients", n, WAIT, || ok.load(Ordering::SeqCst))
-    };
+    let wait_ok =
+        |n: usize| crate::util::wait_requests("the clients", n, WAIT, || ok.load(Ordering::SeqCst));
     wait_ok(ok.load(Ordering::SeqCst) + 20);
 
     // Stop herd entirely; the holder keeps the socket. Connections made now wait.
@@ -153,16 +158,29 @@ fn an_inherited_socket_no_listen_names_is_refused_by_name() {
     let app = fixture("inherit.py");
     let mut herd = start_held(
         &holder,
-        &["-i", "1", "--name", "sys-unmatched", "--listen", "127.0.0.1:0", &app],
+        &[
+            "-i",
+            "1",
+            "--name",
+            "sys-unmatched",
+            "--listen",
+            "127.0.0.1:0",
+            &app,
+        ],
     );
     let status = herd.expect_exit();
     assert_eq!(status.code(), Some(1), "{}", herd.dump());
     let err = herd.stderr();
     assert!(
-        err.contains("fd 3") && err.contains(&format!("127.0.0.1:{port}")) && err.contains("no --listen"),
+        err.contains("fd 3")
+            && err.contains(&format!("127.0.0.1:{port}"))
+            && err.contains("no --listen"),
         "{err}"
     );
-    assert!(err.contains("\"web\""), "names the socket from LISTEN_FDNAMES: {err}");
+    assert!(
+        err.contains("\"web\""),
+        "names the socket from LISTEN_FDNAMES: {err}"
+    );
 }
 
 #[test]
@@ -174,7 +192,9 @@ fn node_servers_on_an_inherited_port_use_it() {
     let app = fixture("app.js");
     let herd = start_held(
         &holder,
-        &["-i", "2", "--name", "sys-node", "--listen", &addr, "-e", &port_env, &app],
+        &[
+            "-i", "2", "--name", "sys-node", "--listen", &addr, "-e", &port_env, &app,
+        ],
     );
     herd.wait_ready();
     let answer = get(port, "/").expect("a Node worker answers on the held port");

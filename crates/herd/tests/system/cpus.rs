@@ -4,11 +4,23 @@ use crate::util::system::{is_root, which};
 use crate::util::{prerequisite_missing, Herd};
 
 fn spawned(herd: &Herd) -> usize {
-    herd.events().iter().filter(|e| e["event"] == "spawned").count()
+    herd.events()
+        .iter()
+        .filter(|e| e["event"] == "spawned")
+        .count()
 }
 
 fn max_args(name: &str) -> Vec<&str> {
-    vec!["-i", "max", "--name", name, "--ready", "delay:20ms", "sleep", "600"]
+    vec![
+        "-i",
+        "max",
+        "--name",
+        name,
+        "--ready",
+        "delay:20ms",
+        "sleep",
+        "600",
+    ]
 }
 
 #[test]
@@ -55,7 +67,10 @@ fn max_honours_a_cgroup_v2_cpu_quota() {
     let _ = std::fs::write(mount.join("cgroup.subtree_control"), "+cpu");
     let group = mount.join(format!("herd-test-{}", std::process::id()));
     if let Err(e) = std::fs::create_dir(&group) {
-        return skip(&format!("cannot create {}: {e} (read-only cgroup fs?)", group.display()));
+        return skip(&format!(
+            "cannot create {}: {e} (read-only cgroup fs?)",
+            group.display()
+        ));
     }
     struct Remove(std::path::PathBuf);
     impl Drop for Remove {
@@ -76,6 +91,11 @@ fn max_honours_a_cgroup_v2_cpu_quota() {
         None,
     );
     herd.wait_ready();
-    assert_eq!(spawned(&herd), 1, "a 1-CPU quota runs one worker\n{}", herd.dump());
+    assert_eq!(
+        spawned(&herd),
+        1,
+        "a 1-CPU quota runs one worker\n{}",
+        herd.dump()
+    );
     assert_eq!(herd.stop().code(), Some(0));
 }

@@ -74,14 +74,26 @@ fn group_and_supplementary_groups_reach_the_worker() {
                 assert!(groups.contains(&gid), "{user}'s group {gid} in {groups:?}");
             }
         }
-        None => eprintln!("SKIPPED the member part: no user on this machine is listed in /etc/group"),
+        None => {
+            eprintln!("SKIPPED the member part: no user on this machine is listed in /etc/group")
+        }
     }
 }
 
 #[test]
 fn an_unknown_group_is_named() {
-    let (out, _home) = run_to_end(&["--group", "no-such-group-herd", "--name", "sys-nogroup", "sleep", "1"]);
+    let (out, _home) = run_to_end(&[
+        "--group",
+        "no-such-group-herd",
+        "--name",
+        "sys-nogroup",
+        "sleep",
+        "1",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--group") && err.contains("no-such-group-herd"), "{err}");
+    assert!(
+        err.contains("--group") && err.contains("no-such-group-herd"),
+        "{err}"
+    );
 }

@@ -35,7 +35,15 @@ fn a_workers_orphan_comes_to_herd_and_is_reaped() {
     let release_env = format!("RELEASE={}", release.display());
     let app = fixture("system_orphan.py");
     let mut herd = Herd::start(&[
-        "-i", "1", "--name", "sys-orphan", "--ready", "delay:50ms", "-e", &release_env, &app,
+        "-i",
+        "1",
+        "--name",
+        "sys-orphan",
+        "--ready",
+        "delay:50ms",
+        "-e",
+        &release_env,
+        &app,
     ]);
     herd.wait_ready();
     let orphan = orphan_pid(&herd);
@@ -78,7 +86,15 @@ fn herd_as_pid1_reaps_orphans_and_stops_cleanly_on_term() {
     let release_env = format!("RELEASE={}", release.display());
     let app = fixture("system_orphan.py");
     let Some((mut herd, pid1)) = start_as_pid1(&[
-        "-i", "2", "--name", "sys-pid1", "--ready", "delay:50ms", "-e", &release_env, &app,
+        "-i",
+        "2",
+        "--name",
+        "sys-pid1",
+        "--ready",
+        "delay:50ms",
+        "-e",
+        &release_env,
+        &app,
     ]) else {
         return;
     };
@@ -104,7 +120,12 @@ fn herd_as_pid1_reaps_orphans_and_stops_cleanly_on_term() {
     // SAFETY: kill(2) on herd, which this test started (through unshare).
     unsafe { libc::kill(pid1 as i32, libc::SIGTERM) };
     let status = herd.expect_exit();
-    assert_eq!(status.code(), Some(0), "clean stop exits 0\n{}", herd.dump());
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "clean stop exits 0\n{}",
+        herd.dump()
+    );
     let events = herd.events();
     assert!(
         events.iter().any(|e| e["event"] == "stopping"),
@@ -136,5 +157,10 @@ fn herd_as_pid1_exits_nonzero_when_every_worker_errored() {
         return;
     };
     let status = herd.expect_exit();
-    assert_eq!(status.code(), Some(1), "errored workers exit 1\n{}", herd.dump());
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "errored workers exit 1\n{}",
+        herd.dump()
+    );
 }

@@ -9,7 +9,10 @@ use crate::util::{herd_bin, prerequisite_missing, TempDir};
 
 fn startup(dir: &Path, args: &[&str], env: &[(&str, &Path)]) -> std::process::Output {
     let mut cmd = Command::new(herd_bin());
-    cmd.current_dir(dir).arg("startup").arg("systemd").args(args);
+    cmd.current_dir(dir)
+        .arg("startup")
+        .arg("systemd")
+        .args(args);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -40,10 +43,22 @@ fn startup_systemd_prints_a_unit_systemd_accepts() {
     let dir = TempDir::new();
     let out = startup(
         dir.path(),
-        &["-i", "max", "-l", "127.0.0.1:3000", "--kill-timeout", "7s", "app.js"],
+        &[
+            "-i",
+            "max",
+            "-l",
+            "127.0.0.1:3000",
+            "--kill-timeout",
+            "7s",
+            "app.js",
+        ],
         &[],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).expect("utf-8");
     let exec = format!(
         "ExecStart={} run --name app -i max -l 127.0.0.1:3000 --kill-timeout 7s app.js",
@@ -64,13 +79,20 @@ fn startup_systemd_prints_a_unit_systemd_accepts() {
     verify(&unit);
 
     let out = startup(dir.path(), &["herd.toml"], &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).expect("utf-8");
-    assert!(text.contains(&format!(
-        "ExecStart={} run {}/herd.toml --app %i\n",
-        herd_bin(),
-        dir.path().display()
-    )), "{text}");
+    assert!(
+        text.contains(&format!(
+            "ExecStart={} run {}/herd.toml --app %i\n",
+            herd_bin(),
+            dir.path().display()
+        )),
+        "{text}"
+    );
     // A template is checked as one of its instances.
     let unit = dir.join("herd@web.service");
     std::fs::write(&unit, &text).expect("write");
@@ -90,7 +112,9 @@ fn startup_systemd_refuses_what_herd_run_would() {
 fn install_without_systemd_writes_the_unit_and_says_so() {
     if Path::new("/run/systemd/system").is_dir() {
         // systemd runs here: --install would really enable a unit on this machine.
-        eprintln!("SKIPPED install_without_systemd_writes_the_unit_and_says_so: systemd is running");
+        eprintln!(
+            "SKIPPED install_without_systemd_writes_the_unit_and_says_so: systemd is running"
+        );
         return;
     }
     let dir = TempDir::new();
@@ -102,7 +126,10 @@ fn install_without_systemd_writes_the_unit_and_says_so() {
     );
     assert_eq!(out.status.code(), Some(1), "exits non-zero after writing");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("systemd is not the service manager here"), "{err}");
+    assert!(
+        err.contains("systemd is not the service manager here"),
+        "{err}"
+    );
     let unit = std::fs::read_to_string(config.join("systemd/user/herd-app.service"))
         .expect("the unit was written");
     assert!(unit.contains("WantedBy=default.target"), "{unit}");

@@ -11,11 +11,7 @@ use super::{herd_bin, read_stderr, read_stdout, Herd, Shared, State, TempDir, SC
 impl Herd {
     /// `WRAPPER… herd run --log-format json ARGS…`, with `HERD_HOME` in a fresh temp dir.
     /// `fd3`: a socket placed at fd 3 of the wrapper (a holder's listening socket).
-    pub fn start_wrapped(
-        wrapper: &[&str],
-        args: &[&str],
-        fd3: Option<std::os::fd::RawFd>,
-    ) -> Herd {
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str], fd3: Option<std::os::fd::RawFd>) -> Herd {
         let home = TempDir::new();
         let mut cmd = Command::new(wrapper[0]);
         cmd.args(&wrapper[1..])
@@ -74,7 +70,10 @@ pub fn children_of(pid: u32) -> Vec<u32> {
     if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
         for t in tasks.flatten() {
             if let Ok(text) = std::fs::read_to_string(t.path().join("children")) {
-                out.extend(text.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+                out.extend(
+                    text.split_whitespace()
+                        .filter_map(|p| p.parse::<u32>().ok()),
+                );
             }
         }
     }
