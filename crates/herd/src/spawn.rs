@@ -6,11 +6,12 @@
 //! hook here finishes the job itself with buffers allocated in the parent and raw,
 //! async-signal-safe syscalls (specs/socket-activation.md, "the trap"):
 //!
-//! 1. parent-death signal: the worker gets SIGKILL if herd dies, so nothing is orphaned;
-//! 2. the signal mask herd inherited (tokio blocks nothing, but a parent may) is cleared;
-//! 3. `--user`/`--group`: `setgroups` (the list resolved in the parent, like initgroups),
+//! 1. `--user`/`--group`: `setgroups` (the list resolved in the parent, like initgroups),
 //!    `setgid`, `setuid`, in that order (each later one needs the rights the earlier ones
-//!    still have), then `chdir` with the worker's own rights;
+//!    still have), then `chdir` with the worker's own rights — first, because a change of
+//!    credentials clears the parent-death signal;
+//! 2. parent-death signal: the worker gets SIGKILL if herd dies, so nothing is orphaned;
+//! 3. the signal mask herd inherited (tokio blocks nothing, but a parent may) is cleared;
 //! 4. each fd to pass is first duplicated above the target range (`F_DUPFD_CLOEXEC`), then
 //!    `dup2`'d to 3, 4, … — two phases, so a source that sits on a target number is never
 //!    overwritten before it is copied, and `dup2` clears close-on-exec on the result;
@@ -291,17 +292,7 @@ impl ExecImage {
         // SAFETY: every call below is async-signal-safe and touches only memory this image
         // owns (allocated before fork) or the process's own fd table.
         unsafe {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if libc::getppid() != self.parent {
-                // herd died between fork and prctl: the signal will never come.
-                libc::_exit(1);
-            }
-            let mut empty: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut empty);
-            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-
+            // First: a change of credentials clears the parent-death signal set below.
             if let Some(ids) = &self.ids {
                 // Not root (herd running as `--user` itself): the groups are already that
                 // user's, and only root may change them.
@@ -326,6 +317,16 @@ impl ExecImage {
                     return Err(io::Error::last_os_error());
                 }
             }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::getppid() != self.parent {
+                // herd died between fork and prctl: the signal will never come.
+                libc::_exit(1);
+            }
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
 
             let above = FIRST_FD + self.fds.len() as RawFd;
             for fd in self.fds.iter_mut() {
