@@ -134,3 +134,54 @@ fn install_without_systemd_writes_the_unit_and_says_so() {
         .expect("the unit was written");
     assert!(unit.contains("WantedBy=default.target"), "{unit}");
 }
+
+/// herd under `Type=notify` with `WatchdogSec=`: `READY=1` once the workers are ready, then
+/// `WATCHDOG=1` every half period, then `STOPPING=1`.
+#[test]
+fn herd_tells_its_manager_ready_watchdog_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = TempDir::new();
+    let path = dir.join("notify");
+    let manager = UnixDatagram::bind(&path).expect("bind the manager's socket");
+    manager
+        .set_read_timeout(Some(crate::util::WAIT))
+        .expect("timeout");
+    let notify = format!("NOTIFY_SOCKET={}", path.display());
+    let mut herd = crate::util::Herd::start_wrapped(
+        &["env", &notify, "WATCHDOG_USEC=200000"],
+        &[
+            "-i",
+            "1",
+            "--name",
+            "sys-notify",
+            "--ready",
+            "delay:20ms",
+            "sleep",
+            "600",
+        ],
+        None,
+    );
+    let mut buf = [0u8; 512];
+    let mut next = || {
+        let n = manager.recv(&mut buf).expect("a datagram from herd");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let mut seen = Vec::new();
+    while !(seen.iter().any(|m: &String| m.contains("READY=1"))
+        && seen.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 2)
+    {
+        assert!(
+            seen.len() < 200,
+            "no READY=1 and two WATCHDOG=1 in {seen:?}"
+        );
+        seen.push(next());
+    }
+    assert_eq!(herd.stop().code(), Some(0));
+    loop {
+        let m = next();
+        if m.contains("STOPPING=1") {
+            break;
+        }
+        assert!(m.contains("WATCHDOG=1"), "unexpected {m:?}");
+    }
+}
