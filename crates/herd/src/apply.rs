@@ -32,6 +32,7 @@ const RESTART_KEYS: &[&str] = &[
     "balance",
     "name",
     "user",
+    "group",
     "log_format",
     // The log file is the supervisor's own (opened before it binds), not a worker's.
     "log_file",

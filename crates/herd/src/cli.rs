@@ -107,6 +107,19 @@ pub enum Command {
         #[arg(long, value_name = "NAME")]
         env: Option<String>,
     },
+    /// Print (or --install) a service unit that runs herd at boot.
+    Startup {
+        #[command(subcommand)]
+        manager: StartupManager,
+    },
+}
+
+/// The service managers `herd startup` writes units for.
+#[derive(Debug, Subcommand)]
+pub enum StartupManager {
+    /// A systemd unit (Type=notify) running `herd run ARGS`, or a herd@.service template
+    /// for a herd.toml.
+    Systemd(crate::startup::SystemdArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -251,6 +264,11 @@ pub struct RunArgs {
     #[arg(long)]
     pub log_compress: bool,
 
+    /// Run the workers with this primary group (name or number) instead of --user's; the
+    /// supplementary groups are --user's groups (as initgroups). herd must run as root.
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+
     /// With a herd.toml as APP: the app of the file to run (`herd start`: all by default).
     #[arg(long = "app", id = "config_app", value_name = "NAME", value_parser = clap::value_parser!(AppName))]
     pub config_app: Option<AppName>,
@@ -290,6 +308,7 @@ impl RunArgs {
             env: self.env,
             cwd: self.cwd,
             user: self.user,
+            group: self.group,
             balance: self.balance,
             ready,
             policy: Policy {

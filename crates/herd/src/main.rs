@@ -11,9 +11,11 @@ mod cli;
 mod commands;
 mod config;
 mod control;
+mod cpus;
 mod fmt;
 mod health;
 mod import;
+mod inherit;
 mod logs;
 mod mix;
 mod node;
@@ -22,11 +24,13 @@ mod paths;
 mod plan;
 mod print;
 mod procfs;
+mod reaper;
 mod reuseport;
 mod rundir;
 mod sdnotify;
 mod spawn;
 mod spec;
+mod startup;
 mod supervisor;
 mod vocab;
 
@@ -76,10 +80,16 @@ fn dispatch(command: Command) -> anyhow::Result<u8> {
     if let Command::Import { file, env } = &command {
         return import::import(file, env.as_deref());
     }
+    if let Command::Startup {
+        manager: cli::StartupManager::Systemd(args),
+    } = &command
+    {
+        return startup::systemd(args);
+    }
     let home = paths::herd_home().map_err(anyhow::Error::msg)?;
     let home = paths::Home::open(&home)?;
     match command {
-        Command::Run(_) => unreachable!("handled above"),
+        Command::Run(_) | Command::Startup { .. } => unreachable!("handled above"),
         Command::Start(args) if config::is_config(&args.app) => {
             apply::start_all(&home, &config_args(args)?)
         }
@@ -290,6 +300,15 @@ fn one_line(kind: clap::error::ErrorKind, text: &str) -> String {
 }
 
 fn run(args: cli::RunArgs, config: Option<String>, argv: Vec<String>) -> anyhow::Result<u8> {
+    // First, while herd has one thread: it also clears LISTEN_* from herd's environment.
+    let inherited = inherit::take().map_err(anyhow::Error::msg)?;
+    // Orphaned descendants of workers (`npm start` → sh → node) come to herd to be reaped,
+    // not to PID 1 of the host (or nobody, when herd is PID 1 in a container).
+    if let Err(e) = reaper::become_subreaper() {
+        print::errln!(
+            "warning: herd cannot become a child subreaper ({e}); orphans of workers go to PID 1"
+        );
+    }
     // Opened first: a path herd may not write is an error before anything is bound.
     let log_file = match &args.log_file {
         Some(path) => Some(
@@ -332,7 +351,7 @@ fn run(args: cli::RunArgs, config: Option<String>, argv: Vec<String>) -> anyhow:
     };
     // Where `herd logs` finds this app's file once the supervisor is gone.
     record_log_path(&home_dir, &app, log_file.as_ref().map(|f| f.path()));
-    let plan = match plan::plan(spec) {
+    let plan = match plan::plan_inheriting(spec, inherited) {
         Ok(plan) => plan,
         Err(e) => {
             let _ = std::fs::remove_dir(&run_dir);
@@ -358,6 +377,8 @@ fn run(args: cli::RunArgs, config: Option<String>, argv: Vec<String>) -> anyhow:
         let tx = sup.sender();
         forward_signals(tx.clone())?;
         reopen_on_sigusr1(sup.logger().output())?;
+        reaper::watch()?;
+        sdnotify::watchdog();
         let control = tokio::net::UnixListener::from_std(control)?;
         let serving = tokio::task::spawn_local(control::serve(control, tx, sup.logger()));
         let code = sup.run(rx).await;
@@ -367,6 +388,7 @@ fn run(args: cli::RunArgs, config: Option<String>, argv: Vec<String>) -> anyhow:
     // Whatever stdout has not taken within the bound is lost: a blocked stdout must not keep
     // herd running after its workers are gone.
     output.finish(logs::out::EXIT_FLUSH);
+    reaper::reap_orphans();
     // The supervisor removed its control socket before answering `herd stop`, under the
     // name's lock; a new supervisor of the name waits for the lock.
     let code = code?;

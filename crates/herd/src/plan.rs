@@ -12,6 +12,7 @@ use std::rc::Rc;
 
 use socket2::{Domain, Socket, Type};
 
+use crate::inherit::Inherited;
 use crate::node::sockfile::{self, SocketFile};
 use crate::reuseport::{self, Group, GroupError};
 use crate::spawn::resolve_program;
@@ -30,6 +31,8 @@ pub enum PlanError {
     Listen { addr: String, problem: String },
     #[error("--cwd {}: {problem}", dir.display())]
     Cwd { dir: PathBuf, problem: String },
+    #[error("{0}")]
+    Inherited(String),
 }
 
 /// One socket herd bound for the workers.
@@ -98,8 +101,11 @@ pub struct Plan {
 pub struct User {
     pub name: String,
     pub uid: u32,
+    /// The primary group: `--group`'s, else the user's.
     pub gid: u32,
     pub home: PathBuf,
+    /// Supplementary groups, as `initgroups(name, gid)` would set them.
+    pub groups: Vec<u32>,
 }
 
 /// Looks a user up in the password database (however long its entry: the buffer grows).
@@ -113,6 +119,7 @@ pub fn lookup_user(name: &str) -> Result<User, String> {
             uid: user.uid.as_raw(),
             gid: user.gid.as_raw(),
             home: user.dir,
+            groups: Vec::new(),
         }),
         Ok(None) => Err(format!("no user named `{name}` on this machine")),
         Err(e) => Err(format!("cannot look up user `{name}`: {e}")),
@@ -171,18 +178,29 @@ fn interpreter_for(spec: &Spec) -> (Option<String>, bool) {
 
 /// Resolves `spec` against this machine: the working directory, the program and its kind,
 /// the defaults that depend on the kind, the `--user`, and the sockets bound.
+#[allow(dead_code)] // the entry point for callers without inherited sockets
 pub fn plan(spec: Spec) -> Result<Plan, PlanError> {
-    resolve(spec, None)
+    plan_inheriting(spec, Vec::new())
+}
+
+/// [`plan`], using the sockets herd inherited (inherit.rs) for the `--listen` addresses
+/// they are bound to instead of binding those.
+pub fn plan_inheriting(spec: Spec, inherited: Vec<Inherited>) -> Result<Plan, PlanError> {
+    resolve(spec, None, inherited)
 }
 
 /// Resolves a new `spec` for a running app (a reload onto a new spec): everything as
 /// [`plan`] does except the sockets, which stay `current`'s, as do the worker count (a
 /// scale changes it) and, unless the spec sets them, the balance and ready modes.
 pub fn replan(spec: Spec, current: &Plan) -> Result<Plan, PlanError> {
-    resolve(spec, Some(current))
+    resolve(spec, Some(current), Vec::new())
 }
 
-fn resolve(spec: Spec, current: Option<&Plan>) -> Result<Plan, PlanError> {
+fn resolve(
+    spec: Spec,
+    current: Option<&Plan>,
+    inherited: Vec<Inherited>,
+) -> Result<Plan, PlanError> {
     let cwd = resolve_cwd(&spec)?;
     let (program, argv, kind) = resolve_command(&spec, cwd.as_deref())?;
     spec::validate(&spec, kind)?;
@@ -195,15 +213,14 @@ fn resolve(spec: Spec, current: Option<&Plan>) -> Result<Plan, PlanError> {
         WorkerKind::SocketActivation => Ready::Delay(std::time::Duration::from_secs(1)),
     });
     check_health(&spec, balance)?;
-    let user = match &spec.user {
-        Some(name) => Some(resolve_user(name)?),
-        None => None,
-    };
+    let user = resolve_user(spec.user.as_deref(), spec.group.as_deref())?;
     let (instances, listeners) = match current {
         Some(current) => (current.instances, Rc::clone(&current.listeners)),
         None => {
             let instances = spec.instances.resolve();
-            let listeners = bind_all(&spec.listen, kernel_policy(balance), instances)?;
+            let inherited = match_inherited(&spec.listen, inherited, kernel_policy(balance))?;
+            let listeners =
+                bind_all(&spec.listen, kernel_policy(balance), instances, inherited)?;
             (instances, Rc::new(listeners))
         }
     };
@@ -305,13 +322,73 @@ fn check_health(spec: &Spec, balance: Balance) -> Result<(), PlanError> {
     Ok(())
 }
 
-/// `--user NAME`: the user, whom herd can only become as root (or as that user already).
-fn resolve_user(name: &str) -> Result<User, PlanError> {
-    let user = lookup_user(name).map_err(|problem| SpecError::Invalid {
+/// Looks a group up by name or number.
+pub fn lookup_group(name: &str) -> Result<u32, String> {
+    if name.contains('\0') {
+        return Err(format!("`{}` is not a group name", name.escape_debug()));
+    }
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(group)) => Ok(group.gid.as_raw()),
+        Ok(None) => Err(format!(
+            "no group named `{name}` on this machine (see `getent group`)"
+        )),
+        Err(e) => Err(format!("cannot look up group `{name}`: {e}")),
+    }
+}
+
+/// The supplementary groups `initgroups(name, gid)` would give: `gid` and every group that
+/// lists `name` as a member. Resolved here, before any fork (the lookup allocates and may
+/// read files or ask NSS).
+fn group_list(name: &str, gid: u32) -> Result<Vec<u32>, String> {
+    let cname = std::ffi::CString::new(name).map_err(|_| format!("`{name}` has a NUL"))?;
+    nix::unistd::getgrouplist(&cname, nix::unistd::Gid::from_raw(gid))
+        .map(|gids| gids.into_iter().map(|g| g.as_raw()).collect())
+        .map_err(|e| format!("cannot list the groups of `{name}`: {e}"))
+}
+
+/// `--user NAME` and `--group GROUP`: whom herd can only become as root (or, for a user
+/// alone, as that user already). `--group` without `--user` keeps herd's user and sets
+/// only the group (and no supplementary groups).
+fn resolve_user(name: Option<&str>, group: Option<&str>) -> Result<Option<User>, PlanError> {
+    let me = rustix::process::geteuid().as_raw();
+    let gid = match group {
+        Some(group) => {
+            let gid = lookup_group(group).map_err(|problem| SpecError::Invalid {
+                flag: "--group",
+                problem,
+            })?;
+            if me != 0 {
+                return Err(SpecError::Invalid {
+                    flag: "--group",
+                    problem: format!(
+                        "running workers with group `{group}` needs herd to run as root"
+                    ),
+                }
+                .into());
+            }
+            Some(gid)
+        }
+        None => None,
+    };
+    let Some(name) = name else {
+        return Ok(gid.map(|gid| {
+            let me = lookup_user_by_uid(me);
+            User {
+                name: me.0,
+                uid: rustix::process::geteuid().as_raw(),
+                gid,
+                home: me.1,
+                groups: vec![gid],
+            }
+        }));
+    };
+    let mut user = lookup_user(name).map_err(|problem| SpecError::Invalid {
         flag: "--user",
         problem,
     })?;
-    let me = rustix::process::geteuid().as_raw();
     if me != 0 && me != user.uid {
         return Err(SpecError::Invalid {
             flag: "--user",
@@ -319,7 +396,22 @@ fn resolve_user(name: &str) -> Result<User, PlanError> {
         }
         .into());
     }
-    Ok(user)
+    if let Some(gid) = gid {
+        user.gid = gid;
+    }
+    user.groups = group_list(name, user.gid).map_err(|problem| SpecError::Invalid {
+        flag: "--user",
+        problem,
+    })?;
+    Ok(Some(user))
+}
+
+/// herd's own user name and home, for `--group` alone.
+fn lookup_user_by_uid(uid: u32) -> (String, PathBuf) {
+    match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+        Ok(Some(u)) => (u.name, u.dir),
+        _ => (uid.to_string(), PathBuf::from("/")),
+    }
 }
 
 /// Binds every `--listen` address, named `http`, `http1`, …; on a failure the socket files
@@ -329,6 +421,7 @@ fn bind_all(
     addrs: &[ListenAddr],
     policy: Option<reuseport::Policy>,
     slots: usize,
+    mut inherited: Vec<Option<Inherited>>,
 ) -> Result<Vec<Listener>, PlanError> {
     let mut listeners = Vec::with_capacity(addrs.len());
     for (i, addr) in addrs.iter().enumerate() {
@@ -337,6 +430,17 @@ fn bind_all(
         } else {
             format!("http{i}")
         };
+        if let Some(given) = inherited.get_mut(i).and_then(Option::take) {
+            // The manager's socket: herd neither binds nor, for a path, removes it.
+            listeners.push(Listener {
+                addr: given.addr,
+                name,
+                socket: given.socket,
+                file: None,
+                group: None,
+            });
+            continue;
+        }
         let bound = match (addr, policy) {
             (ListenAddr::Tcp(sa), Some(policy)) => bind_group(policy, *sa, None, slots)
                 .and_then(|group| {
@@ -372,6 +476,50 @@ fn bind_all(
         }
     }
     Ok(listeners)
+}
+
+/// Pairs each inherited socket with the `--listen` address it is bound to (the result is
+/// indexed like `addrs`). An inherited socket that no `--listen` names is an error, as is
+/// one for `--balance hash|sticky`, whose socket per worker herd must bind itself.
+fn match_inherited(
+    addrs: &[ListenAddr],
+    inherited: Vec<Inherited>,
+    policy: Option<reuseport::Policy>,
+) -> Result<Vec<Option<Inherited>>, PlanError> {
+    let mut slots: Vec<Option<Inherited>> = addrs.iter().map(|_| None).collect();
+    let mut unmatched = Vec::new();
+    for given in inherited {
+        match (0..addrs.len())
+            .find(|&i| slots[i].is_none() && crate::inherit::matches(&addrs[i], &given.addr))
+        {
+            Some(i) => {
+                if policy.is_some() && matches!(given.addr, ListenAddr::Tcp(_)) {
+                    return Err(PlanError::Inherited(format!(
+                        "herd was passed {} but --balance hash|sticky needs a socket per worker, which herd binds itself — use --balance round-robin or shared with socket activation",
+                        given.describe()
+                    )));
+                }
+                slots[i] = Some(given);
+            }
+            None => unmatched.push(given),
+        }
+    }
+    if !unmatched.is_empty() {
+        let names: Vec<String> = unmatched.iter().map(Inherited::describe).collect();
+        let flags: Vec<String> = unmatched
+            .iter()
+            .map(|u| match &u.addr {
+                ListenAddr::Unix(p) => format!("--listen unix:{}", p.display()),
+                ListenAddr::Tcp(a) => format!("--listen {a}"),
+            })
+            .collect();
+        return Err(PlanError::Inherited(format!(
+            "herd was passed {} by its service manager (LISTEN_FDS), which no --listen names — add {} or remove the socket from the .socket unit",
+            names.join(", "),
+            flags.join(" ")
+        )));
+    }
+    Ok(slots)
 }
 
 /// Binds and listens, non-blocking and close-on-exec, with the backlog set explicitly.

@@ -6,18 +6,26 @@
 //! hook here finishes the job itself with buffers allocated in the parent and raw,
 //! async-signal-safe syscalls (specs/socket-activation.md, "the trap"):
 //!
-//! 1. parent-death signal: the worker gets SIGKILL if herd dies, so nothing is orphaned;
-//! 2. the signal mask herd inherited (tokio blocks nothing, but a parent may) is cleared;
-//! 3. each fd to pass is first duplicated above the target range (`F_DUPFD_CLOEXEC`), then
+//! 1. `--user`/`--group`: `setgroups` (the list resolved in the parent, like initgroups),
+//!    `setgid`, `setuid`, in that order (each later one needs the rights the earlier ones
+//!    still have), then `chdir` with the worker's own rights — first, because a change of
+//!    credentials clears the parent-death signal;
+//! 2. parent-death signal: the worker gets SIGKILL if herd dies, so nothing is orphaned;
+//! 3. the signal mask herd inherited (tokio blocks nothing, but a parent may) is cleared;
+//! 4. each fd to pass is first duplicated above the target range (`F_DUPFD_CLOEXEC`), then
 //!    `dup2`'d to 3, 4, … — two phases, so a source that sits on a target number is never
 //!    overwritten before it is copied, and `dup2` clears close-on-exec on the result;
-//! 4. every fd above the targets is marked close-on-exec (`close_range(CLOEXEC)`, not
+//! 5. every fd above the targets is marked close-on-exec (`close_range(CLOEXEC)`, not
 //!    closed: std's error pipe must survive until `execve` so a failed exec is reported);
-//! 5. the pid is written as digits into the pre-allocated `LISTEN_PID=` slot of envp;
-//! 6. `execve` with the program path resolved in the parent.
+//! 6. the pid is written as digits into the pre-allocated `LISTEN_PID=` slot of envp;
+//! 7. `execve` with the program path resolved in the parent.
 //!
-//! std has already put stdin/stdout/stderr in place, moved the child into its own process
-//! group and changed directory and user when the hook runs.
+//! std has already put stdin/stdout/stderr in place and moved the child into its own
+//! process group when the hook runs. (std's own `uid`/`gid` cannot set supplementary
+//! groups on stable Rust, so the hook changes the ids itself.)
+//!
+//! Every spawn is claimed with the reaper (reaper.rs) before its pid can exit, so herd's
+//! orphan reaper never takes a worker's exit status.
 //!
 //! # Reaping, and signalling only what is still ours
 //!
@@ -57,6 +65,8 @@ pub struct SpawnRequest<'a> {
     pub cwd: Option<&'a Path>,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
+    /// Supplementary groups (with `uid`); empty drops root's.
+    pub groups: &'a [u32],
 }
 
 /// Starts the worker. Its stdout and stderr are pipes; stdin is /dev/null. The caller owns
@@ -68,21 +78,12 @@ pub fn spawn(req: &SpawnRequest<'_>) -> io::Result<Child> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    if let Some(cwd) = req.cwd {
-        cmd.current_dir(cwd);
-    }
-    if let Some(gid) = req.gid {
-        cmd.gid(gid);
-    }
-    if let Some(uid) = req.uid {
-        cmd.uid(uid);
-    }
     // SAFETY: the hook only calls async-signal-safe functions on memory allocated before
     // fork (see `ExecImage::exec`).
     unsafe {
         cmd.pre_exec(move || image.exec());
     }
-    cmd.spawn()
+    crate::reaper::spawn_claimed(|| cmd.spawn(), |child| Some(child.id()))
 }
 
 /// A worker's process as herd sees it: its pid, which is also its process group's id, and
@@ -132,7 +133,12 @@ impl Leader {
 
 /// Waits for the worker to exit, kills what is left of its process group while the
 /// leader's zombie still pins the group's number, marks `leader` reaped, then reaps it.
-pub async fn wait_exit(mut child: Child, leader: Leader) -> io::Result<ExitStatus> {
+pub async fn wait_exit(child: Child, leader: Leader) -> io::Result<ExitStatus> {
+    let _claim = crate::reaper::Claim(child.id());
+    reap(child, leader).await
+}
+
+async fn reap(mut child: Child, leader: Leader) -> io::Result<ExitStatus> {
     let result = exited(&child).await;
     // The leader is a zombie now (or waiting failed: then kill it, it is still ours).
     if result.is_err() {
@@ -192,6 +198,15 @@ struct ExecImage {
     listen_pid_digits: Option<*mut u8>,
     fds: Vec<RawFd>,
     parent: libc::pid_t,
+    /// `setgroups`, `setgid`, `setuid`, when changing user or group.
+    ids: Option<Ids>,
+    cwd: Option<CString>,
+}
+
+struct Ids {
+    groups: Vec<libc::gid_t>,
+    gid: Option<libc::gid_t>,
+    uid: Option<libc::uid_t>,
 }
 
 // SAFETY: the raw pointers point into `_strings`, which the struct owns and never changes
@@ -256,6 +271,19 @@ impl ExecImage {
             listen_pid_digits,
             fds: req.fds.iter().map(|fd| fd.as_raw_fd()).collect(),
             parent: rustix::process::getpid().as_raw_nonzero().get(),
+            ids: (req.uid.is_some() || req.gid.is_some()).then(|| Ids {
+                groups: req.groups.to_vec(),
+                gid: req.gid,
+                uid: req.uid,
+            }),
+            cwd: match req.cwd {
+                Some(dir) => {
+                    Some(CString::new(dir.as_os_str().as_bytes()).map_err(|_| {
+                        io::Error::new(io::ErrorKind::InvalidInput, "--cwd has a NUL")
+                    })?)
+                }
+                None => None,
+            },
         })
     }
 
@@ -264,6 +292,31 @@ impl ExecImage {
         // SAFETY: every call below is async-signal-safe and touches only memory this image
         // owns (allocated before fork) or the process's own fd table.
         unsafe {
+            // First: a change of credentials clears the parent-death signal set below.
+            if let Some(ids) = &self.ids {
+                // Not root (herd running as `--user` itself): the groups are already that
+                // user's, and only root may change them.
+                if libc::setgroups(ids.groups.len(), ids.groups.as_ptr()) != 0
+                    && libc::geteuid() == 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                if let Some(gid) = ids.gid {
+                    if libc::setgid(gid) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                if let Some(uid) = ids.uid {
+                    if libc::setuid(uid) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+            }
+            if let Some(cwd) = &self.cwd {
+                if libc::chdir(cwd.as_ptr()) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
                 return Err(io::Error::last_os_error());
             }

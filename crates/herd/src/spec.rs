@@ -66,11 +66,12 @@ impl FromStr for Instances {
 }
 
 impl Instances {
-    /// The number of workers on this machine.
+    /// The number of workers on this machine: `max` is the CPUs herd may use (affinity
+    /// mask and cgroup v2 quota, see cpus.rs).
     pub fn resolve(self) -> usize {
         match self {
             Instances::Count(n) => n,
-            Instances::Max => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            Instances::Max => crate::cpus::available(),
         }
     }
 }
@@ -346,6 +347,8 @@ pub struct Spec {
     pub cwd: Option<PathBuf>,
     /// `--user`: the workers' user name.
     pub user: Option<String>,
+    /// `--group`: the workers' primary group (name or number) instead of the user's.
+    pub group: Option<String>,
     pub balance: Option<Balance>,
     pub ready: Option<Ready>,
     pub policy: Policy,

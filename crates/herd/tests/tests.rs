@@ -10,4 +10,5 @@ mod health;
 mod logfiles;
 mod node;
 mod run;
+mod system;
 mod util;

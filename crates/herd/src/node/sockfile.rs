@@ -424,15 +424,20 @@ async fn ask_helper(
     fdpass::send(&ours, request, fd).map_err(|e| internal("request", e))?;
     rustix::io::ioctl_fionbio(&ours, true).map_err(|e| internal("fionbio", e.into()))?;
     // /proc/self/exe: this very binary, even if the file was replaced since herd started.
-    let mut child = tokio::process::Command::new("/proc/self/exe")
+    let mut command = tokio::process::Command::new("/proc/self/exe");
+    command
         .arg(HELPER_ARG)
         .env_clear()
         .stdin(Stdio::from(theirs))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
+        .kill_on_drop(true);
+    // Claimed (reaper.rs) so herd's orphan reaper leaves it to tokio, which reaps it; the
+    // claim is released after `child` drops (declared first, dropped last).
+    let mut claim = crate::reaper::Claim(0);
+    let mut child = crate::reaper::spawn_claimed(|| command.spawn(), |c| c.id())
         .map_err(|e| internal("spawn", e))?;
+    claim.0 = child.id().unwrap_or(0);
     // SAFETY: the AsyncFd owns the fd, so it stays open and the same for its whole life.
     let registered = unsafe {
         tokio::io::unix::AsyncFd::register_with_interest(ours, tokio::io::Interest::READABLE)

@@ -49,6 +49,9 @@ pub fn fixed_changes(old: &Spec, new: &Spec) -> Vec<&'static str> {
     if old.user != new.user {
         changed.push("--user");
     }
+    if old.group != new.group {
+        changed.push("--group");
+    }
     if old.log_format != new.log_format {
         changed.push("--log-format");
     }

@@ -390,6 +390,7 @@ impl Launcher {
             cwd: plan.cwd.as_deref(),
             uid: plan.user.as_ref().map(|u| u.uid),
             gid: plan.user.as_ref().map(|u| u.gid),
+            groups: plan.user.as_ref().map_or(&[][..], |u| u.groups.as_slice()),
         })?;
         drop(fds);
         let who = Who {

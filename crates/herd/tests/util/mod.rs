@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 mod cli;
+pub mod system;
 
 pub use cli::{
     all_pids, cli, cli_command, home_of, ready_pids, spawn_cli, spawn_command, status, wait_status,

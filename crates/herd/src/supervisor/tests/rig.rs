@@ -38,6 +38,7 @@ pub fn spec(instances: usize) -> Spec {
         env: Vec::new(),
         cwd: None,
         user: None,
+        group: None,
         balance: Some(Balance::Shared),
         ready: Some(Ready::Notify),
         policy: Policy {
