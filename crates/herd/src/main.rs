@@ -13,6 +13,7 @@ mod fmt;
 mod health;
 mod logs;
 mod mix;
+mod monit;
 mod node;
 mod os;
 mod paths;
@@ -85,16 +86,27 @@ fn dispatch(command: Command) -> anyhow::Result<u8> {
                 listen_timeout,
             )
         }
-        Command::Ls { json } => commands::ls(&home, json),
-        Command::Status { name, json } => commands::status(&home, &name, json),
+        Command::Ls { json, watch } => match watch {
+            Some(every) => commands::watch_ls(&home, every),
+            None => commands::ls(&home, json),
+        },
+        Command::Status { name, json, watch } => match watch {
+            Some(every) => commands::watch_status(&home, &name, every),
+            None => commands::status(&home, &name, json),
+        },
         Command::Reload { name, parallel } => commands::outcome(
             &home,
             &name,
             herd_proto::control::Request::Reload { parallel },
         ),
-        Command::Restart { name } => {
-            commands::outcome(&home, &name, herd_proto::control::Request::Restart)
-        }
+        Command::Restart { name, instance } => commands::outcome(
+            &home,
+            &name,
+            match instance {
+                Some(instance) => herd_proto::control::Request::RestartWorker { instance },
+                None => herd_proto::control::Request::Restart,
+            },
+        ),
         Command::Scale { name, to } => {
             commands::outcome(&home, &name, herd_proto::control::Request::Scale { to })
         }
@@ -110,6 +122,7 @@ fn dispatch(command: Command) -> anyhow::Result<u8> {
             json,
             instance,
         } => commands::send(&home, &name, &json, instance),
+        Command::Monit => monit::run(home),
     }
 }
 
