@@ -293,10 +293,14 @@ mod tests {
         press(&mut m, KeyCode::Tab);
         assert_eq!(m.instance, 0, "wraps around");
         press(&mut m, KeyCode::Left);
-        let Some(Action::Control { app, request, .. }) = press(&mut m, KeyCode::Char('R')) else {
+        let Some(Action::Control { app: target, request, .. }) = press(&mut m, KeyCode::Char('R'))
+        else {
             panic!("R restarts a worker")
         };
-        assert_eq!((app, request), (name("web"), Request::RestartWorker { instance: 2 }));
+        assert_eq!(
+            (target, request),
+            (name("web"), Request::RestartWorker { instance: 2 })
+        );
         assert!(matches!(
             press(&mut m, KeyCode::Char('+')),
             Some(Action::Control { request: Request::Scale { .. }, .. })

@@ -1,0 +1,194 @@
+//! `herd monit` in a real terminal: a tmux pane of a fixed size, read with `capture-pane`
+//! and driven with `send-keys`. Each test has its own tmux server (`-L`, a unique socket
+//! name) and kills the one session it created.
+
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use super::{pids_by_instance, settled_pids, start_node};
+use crate::util::{cli, herd_bin, home_of, prerequisite_missing, wait_status, TempDir, WAIT};
+
+/// The pane runs monit, then says how it exited and whether the terminal is back in
+/// cooked mode, then stays open so that the test can read all that.
+const PANE_SCRIPT: &str = r#""$MONIT_HERD" monit; echo "monit exited $?"
+if stty -a | grep -q -- -icanon; then echo TTY-RAW; else echo TTY-COOKED; fi
+exec sleep 300"#;
+
+/// A tmux server of its own with one session running `herd monit`; killed on drop.
+struct Pane {
+    socket: String,
+    session: String,
+}
+
+impl Pane {
+    /// `None` when tmux is not installed (a failure under CI).
+    fn start(home: &std::path::Path) -> Option<Pane> {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        if Command::new("tmux").arg("-V").output().is_err() {
+            prerequisite_missing("tmux (apt-get install tmux)");
+            return None;
+        }
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let pane = Pane {
+            socket: format!("herd-monit-{}-{n}", std::process::id()),
+            session: format!("monit{n}"),
+        };
+        let home_var = format!("HERD_HOME={}", home.display());
+        let bin_var = format!("MONIT_HERD={}", herd_bin());
+        let out = pane.tmux(&[
+            "new-session", "-d", "-s", &pane.session, "-x", "160", "-y", "45", "-e", &home_var,
+            "-e", &bin_var, "sh", "-c", PANE_SCRIPT,
+        ]);
+        assert!(out.status.success(), "tmux new-session: {out:?}");
+        Some(pane)
+    }
+
+    fn tmux(&self, args: &[&str]) -> Output {
+        Command::new("tmux")
+            .arg("-L")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run tmux")
+    }
+
+    fn screen(&self) -> String {
+        let out = self.tmux(&["capture-pane", "-p", "-t", &self.session]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits (bounded by [`WAIT`]) until the screen shows what `done` wants.
+    fn wait(&self, what: &str, done: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let screen = self.screen();
+            if done(&screen) {
+                return screen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {WAIT:?} waiting for the pane to show {what}; it shows:\n{screen}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn keys(&self, keys: &[&str]) {
+        let mut args = vec!["send-keys", "-t", self.session.as_str()];
+        args.extend_from_slice(keys);
+        assert!(self.tmux(&args).status.success(), "send-keys {keys:?}");
+    }
+
+    fn display(&self, format: &str) -> String {
+        let out = self.tmux(&["display-message", "-p", "-t", &self.session, format]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for Pane {
+    fn drop(&mut self) {
+        let _ = self.tmux(&["kill-session", "-t", &self.session]);
+    }
+}
+
+fn shows_all(screen: &str, pids: &[u32]) -> bool {
+    pids.iter().all(|p| screen.contains(&format!(" {p} ")))
+}
+
+#[test]
+fn monit_shows_the_workers_restarts_one_scales_reloads_and_quits_restoring_the_terminal() {
+    let name = "monit-tui";
+    let herd = start_node(name, 2, &[]);
+    herd.wait_ready();
+    let home = home_of(&herd);
+    let before = settled_pids(&home, name, 2);
+    let Some(pane) = Pane::start(&home) else {
+        return;
+    };
+    let screen = pane.wait("both worker pids", |s| shows_all(s, &before));
+    assert!(screen.contains(&format!("{name} 2/2 running")), "{screen}");
+    assert_eq!(pane.display("#{alternate_on}"), "1", "monit uses the alternate screen");
+
+    // R on the second worker: only that one is replaced.
+    pane.keys(&["Tab", "R"]);
+    let s = wait_status(&home, name, "instance 1 replaced", |s| {
+        super::settled(s, 2) && pids_by_instance(s)[1] != before[1]
+    });
+    let after = pids_by_instance(&s);
+    assert_eq!(after[0], before[0], "R replaced only the selected worker: {s:#}");
+    pane.wait("the new pid and the control answer", |screen| {
+        shows_all(screen, &after) && screen.contains(&format!("restarted {name}[1]"))
+    });
+
+    // + adds a third worker.
+    pane.keys(&["+"]);
+    let three = settled_pids(&home, name, 3);
+    pane.wait("three workers", |screen| {
+        shows_all(screen, &three) && screen.contains(&format!("{name} 3/3"))
+    });
+
+    // r reloads: every pid replaced.
+    pane.keys(&["r"]);
+    let s = wait_status(&home, name, "every worker replaced", |s| {
+        super::settled(s, 3) && pids_by_instance(s).iter().all(|p| !three.contains(p))
+    });
+    let reloaded = pids_by_instance(&s);
+    pane.wait("the reloaded pids", |screen| {
+        shows_all(screen, &reloaded) && screen.contains("reloaded 3 workers")
+    });
+
+    // The app stops under monit's feet: it leaves the list, monit carries on.
+    cli(&home, &["stop", name]).assert_ok();
+    pane.wait("no apps", |screen| screen.contains("no apps running"));
+
+    // q quits with the terminal given back: main screen, cooked mode.
+    pane.keys(&["q"]);
+    let screen = pane.wait("monit's exit", |s| s.contains("TTY-"));
+    assert!(screen.contains("monit exited 0"), "{screen}");
+    assert!(screen.contains("TTY-COOKED"), "raw mode left on:\n{screen}");
+    assert_eq!(pane.display("#{alternate_on}"), "0", "{screen}");
+}
+
+#[test]
+fn monit_stays_responsive_while_a_supervisor_hangs_and_quits_on_ctrl_c() {
+    let name = "monit-hung";
+    let mut herd = start_node(name, 1, &[]);
+    herd.wait_ready();
+    let home = home_of(&herd);
+    let pids = settled_pids(&home, name, 1);
+    let Some(pane) = Pane::start(&home) else {
+        return;
+    };
+    pane.wait("the worker pid", |s| shows_all(s, &pids));
+    // A stopped supervisor accepts connections (the kernel queues them) and never answers.
+    herd.signal(libc::SIGSTOP);
+    let hung = pane.wait("the app shown as not answering", |s| s.contains("(no answer)"));
+    // An action to it waits on its own thread; the screen keeps answering keys.
+    pane.keys(&["r"]);
+    pane.wait("the action under way", |s| s.contains(&format!("{name}: reload…")));
+    let asked = Instant::now();
+    pane.keys(&["C-c"]);
+    let screen = pane.wait("monit's exit", |s| s.contains("TTY-"));
+    herd.signal(libc::SIGCONT);
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "Ctrl-C took {:?} with a hung supervisor",
+        asked.elapsed()
+    );
+    assert!(screen.contains("monit exited 0"), "{hung}\n{screen}");
+    assert!(screen.contains("TTY-COOKED"), "{screen}");
+    herd.stop();
+}
+
+#[test]
+fn monit_without_a_terminal_points_to_status_watch() {
+    let dir = TempDir::new();
+    let out = cli(dir.path(), &["monit"]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(
+        out.stderr.contains("needs a terminal") && out.stderr.contains("status NAME --watch"),
+        "{out}"
+    );
+}
