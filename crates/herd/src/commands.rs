@@ -260,7 +260,10 @@ impl Screen {
             outln!("\x1b[H\x1b[2J{text}")?;
         } else {
             let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
-            outln!("--- {now} (every {}) ---\n{text}", crate::fmt::human(self.every))?;
+            outln!(
+                "--- {now} (every {}) ---\n{text}",
+                crate::fmt::human(self.every)
+            )?;
         }
         Ok(())
     }

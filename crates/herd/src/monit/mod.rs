@@ -55,14 +55,10 @@ pub fn run(home: Home) -> anyhow::Result<u8> {
     let actions = poll::Actions::new(home);
     let mut terminal = Terminal::enter().context("cannot set up the terminal")?;
     let mut model = Model::default();
-    model.status_line = "polling the apps in HERD_HOME…".into();
     while !quit.load(Ordering::Relaxed) {
         // The newest poll only: the channel holds at most one.
         while let Ok(snapshot) = snapshots.try_recv() {
             model.update(snapshot, Instant::now());
-            if model.status_line.starts_with("polling") {
-                model.status_line.clear();
-            }
         }
         while let Ok(done) = actions.done.try_recv() {
             model.status_line = done.text;

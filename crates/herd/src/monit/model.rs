@@ -7,8 +7,8 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use herd_proto::control::Request::{self, Reload, RestartWorker, Scale};
 use herd_proto::control::AppStatus;
+use herd_proto::control::Request::{self, Reload, RestartWorker, Scale};
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 
 use crate::paths::AppName;
@@ -283,7 +283,10 @@ mod tests {
     #[test]
     fn keys_move_the_selection_and_name_the_selected_target() {
         let mut m = Model::default();
-        m.update(snap(vec![app("api", 1, 0.0), app("web", 3, 0.0)]), Instant::now());
+        m.update(
+            snap(vec![app("api", 1, 0.0), app("web", 3, 0.0)]),
+            Instant::now(),
+        );
         assert_eq!(m.selected, Some(name("api")));
         assert_eq!(press(&mut m, KeyCode::Char('j')), None);
         assert_eq!(m.selected, Some(name("web")));
@@ -293,7 +296,11 @@ mod tests {
         press(&mut m, KeyCode::Tab);
         assert_eq!(m.instance, 0, "wraps around");
         press(&mut m, KeyCode::Left);
-        let Some(Action::Control { app: target, request, .. }) = press(&mut m, KeyCode::Char('R'))
+        let Some(Action::Control {
+            app: target,
+            request,
+            ..
+        }) = press(&mut m, KeyCode::Char('R'))
         else {
             panic!("R restarts a worker")
         };
@@ -303,7 +310,10 @@ mod tests {
         );
         assert!(matches!(
             press(&mut m, KeyCode::Char('+')),
-            Some(Action::Control { request: Request::Scale { .. }, .. })
+            Some(Action::Control {
+                request: Request::Scale { .. },
+                ..
+            })
         ));
         assert_eq!(press(&mut m, KeyCode::Char('q')), Some(Action::Quit));
         assert_eq!(press(&mut m, KeyCode::Esc), Some(Action::Quit));

@@ -32,7 +32,12 @@ pub const MAX_ACTIONS: usize = 4;
 /// The app whose log tail the poller fetches; the UI changes it.
 pub type Selected = Arc<Mutex<Option<AppName>>>;
 
-fn ask(home: &Home, name: &AppName, req: &Request, timeout: Duration) -> Result<Response, ClientError> {
+fn ask(
+    home: &Home,
+    name: &AppName,
+    req: &Request,
+    timeout: Duration,
+) -> Result<Response, ClientError> {
     Client::connect(home, name)?.request(req, Some(timeout))
 }
 
@@ -67,7 +72,11 @@ pub fn poll_once(home: &Home, selected: Option<AppName>) -> Snapshot {
             let lines = match ask(home, &name, &req, REQUEST_TIMEOUT) {
                 // A worker's output is shown escaped: it never reaches the terminal as control
                 // characters.
-                Ok(r) if r.ok => Ok(r.lines.iter().map(|l| sanitize(&l.text).into_owned()).collect()),
+                Ok(r) if r.ok => Ok(r
+                    .lines
+                    .iter()
+                    .map(|l| sanitize(&l.text).into_owned())
+                    .collect()),
                 Ok(r) => Err(sanitize(&r.message).into_owned()),
                 Err(e) => Err(describe(e)),
             };

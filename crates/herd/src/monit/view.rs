@@ -33,11 +33,17 @@ pub fn render(frame: &mut Frame, model: &Model, now: Instant) {
     workers(frame, model, right);
     log_tail(frame, model, logs);
     let mut status = model.status_line.clone();
+    if model.polled.is_none() {
+        status = "polling the apps in HERD_HOME…".into();
+    }
     if let Some(age) = model.stale(now) {
         status = format!("(no poll answered for {}s) {status}", age.as_secs());
     }
     let footer = Paragraph::new(vec![
-        Line::from(Span::styled(status, Style::new().add_modifier(Modifier::BOLD))),
+        Line::from(Span::styled(
+            status,
+            Style::new().add_modifier(Modifier::BOLD),
+        )),
         Line::from(Span::styled(KEYS, Style::new().fg(Color::DarkGray))),
     ]);
     frame.render_widget(footer, bottom);
@@ -74,7 +80,10 @@ fn workers(frame: &mut Frame, model: &Model, area: Rect) {
         Ok(s) => s,
         Err(why) => {
             let block = Block::bordered().title(format!(" {} ", app.name));
-            frame.render_widget(Paragraph::new(format!("no answer: {why}")).block(block), area);
+            frame.render_widget(
+                Paragraph::new(format!("no answer: {why}")).block(block),
+                area,
+            );
             return;
         }
     };
@@ -91,7 +100,15 @@ fn workers(frame: &mut Frame, model: &Model, area: Rect) {
     let [table_area, charts] =
         Layout::vertical([Constraint::Min(4), Constraint::Length(8)]).areas(area);
     let header = Row::new([
-        "inst", "pid", "state", "cpu", "memory", "restarts", "uptime", "cpu (1m)", "memory (1m)",
+        "inst",
+        "pid",
+        "state",
+        "cpu",
+        "memory",
+        "restarts",
+        "uptime",
+        "cpu (1m)",
+        "memory (1m)",
     ])
     .style(Style::new().add_modifier(Modifier::BOLD));
     let empty = Samples::default();
@@ -106,7 +123,11 @@ fn workers(frame: &mut Frame, model: &Model, area: Rect) {
                 .unwrap_or(&empty);
             let cpu: Vec<f64> = samples.cpu.iter().copied().collect();
             let mem: Vec<f64> = samples.memory.iter().map(|&m| m as f64).collect();
-            let pid = if w.pid == 0 { "-".to_string() } else { w.pid.to_string() };
+            let pid = if w.pid == 0 {
+                "-".to_string()
+            } else {
+                w.pid.to_string()
+            };
             let row = Row::new(vec![
                 Cell::from(w.instance.to_string()),
                 Cell::from(pid),
@@ -192,7 +213,10 @@ fn log_tail(frame: &mut Frame, model: &Model, area: Rect) {
         (_, Some(selected)) => (format!(" logs: {selected} "), vec![Line::from("…")]),
         (_, None) => (" logs ".into(), Vec::new()),
     };
-    frame.render_widget(Paragraph::new(lines).block(Block::bordered().title(title)), area);
+    frame.render_widget(
+        Paragraph::new(lines).block(Block::bordered().title(title)),
+        area,
+    );
 }
 
 /// A text sparkline of the last [`SPARK`] values, scaled to their peak (at least `floor`,

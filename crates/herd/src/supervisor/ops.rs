@@ -182,10 +182,14 @@ impl Supervisor {
             OpKind::RestartWorker { instance } => {
                 let who = self.slots[..live].get(instance).and_then(|s| s.worker);
                 let message = match who {
-                    Some(id) => format!("restarting {}[{instance}] (worker {id})", self.plan.spec.name),
+                    Some(id) => format!(
+                        "restarting {}[{instance}] (worker {id})",
+                        self.plan.spec.name
+                    ),
                     None => return refuse(op.reply, self.no_worker(instance)),
                 };
-                self.logger.event(EventName::Restarting, None, &message, &[]);
+                self.logger
+                    .event(EventName::Restarting, None, &message, &[]);
                 op.todo = [instance].into();
                 self.change_phase(|p| p.begin(op));
                 self.step_reload();

@@ -81,5 +81,9 @@ fn restart_instance_keeps_the_old_worker_when_the_new_one_never_gets_ready() {
             && out.stderr.contains("keeps running"),
         "{out}"
     );
-    assert_eq!(settled_pids(&home, name, 2), before, "both old workers serve");
+    assert_eq!(
+        settled_pids(&home, name, 2),
+        before,
+        "both old workers serve"
+    );
 }

@@ -37,8 +37,21 @@ impl Pane {
         let home_var = format!("HERD_HOME={}", home.display());
         let bin_var = format!("MONIT_HERD={}", herd_bin());
         let out = pane.tmux(&[
-            "new-session", "-d", "-s", &pane.session, "-x", "160", "-y", "45", "-e", &home_var,
-            "-e", &bin_var, "sh", "-c", PANE_SCRIPT,
+            "new-session",
+            "-d",
+            "-s",
+            &pane.session,
+            "-x",
+            "160",
+            "-y",
+            "45",
+            "-e",
+            &home_var,
+            "-e",
+            &bin_var,
+            "sh",
+            "-c",
+            PANE_SCRIPT,
         ]);
         assert!(out.status.success(), "tmux new-session: {out:?}");
         Some(pane)
@@ -109,7 +122,11 @@ fn monit_shows_the_workers_restarts_one_scales_reloads_and_quits_restoring_the_t
     };
     let screen = pane.wait("both worker pids", |s| shows_all(s, &before));
     assert!(screen.contains(&format!("{name} 2/2 running")), "{screen}");
-    assert_eq!(pane.display("#{alternate_on}"), "1", "monit uses the alternate screen");
+    assert_eq!(
+        pane.display("#{alternate_on}"),
+        "1",
+        "monit uses the alternate screen"
+    );
 
     // R on the second worker: only that one is replaced.
     pane.keys(&["Tab", "R"]);
@@ -117,7 +134,10 @@ fn monit_shows_the_workers_restarts_one_scales_reloads_and_quits_restoring_the_t
         super::settled(s, 2) && pids_by_instance(s)[1] != before[1]
     });
     let after = pids_by_instance(&s);
-    assert_eq!(after[0], before[0], "R replaced only the selected worker: {s:#}");
+    assert_eq!(
+        after[0], before[0],
+        "R replaced only the selected worker: {s:#}"
+    );
     pane.wait("the new pid and the control answer", |screen| {
         shows_all(screen, &after) && screen.contains(&format!("restarted {name}[1]"))
     });
@@ -164,10 +184,14 @@ fn monit_stays_responsive_while_a_supervisor_hangs_and_quits_on_ctrl_c() {
     pane.wait("the worker pid", |s| shows_all(s, &pids));
     // A stopped supervisor accepts connections (the kernel queues them) and never answers.
     herd.signal(libc::SIGSTOP);
-    let hung = pane.wait("the app shown as not answering", |s| s.contains("(no answer)"));
+    let hung = pane.wait("the app shown as not answering", |s| {
+        s.contains("(no answer)")
+    });
     // An action to it waits on its own thread; the screen keeps answering keys.
     pane.keys(&["r"]);
-    pane.wait("the action under way", |s| s.contains(&format!("{name}: reload…")));
+    pane.wait("the action under way", |s| {
+        s.contains(&format!("{name}: reload…"))
+    });
     let asked = Instant::now();
     pane.keys(&["C-c"]);
     let screen = pane.wait("monit's exit", |s| s.contains("TTY-"));
@@ -191,4 +215,27 @@ fn monit_without_a_terminal_points_to_status_watch() {
         out.stderr.contains("needs a terminal") && out.stderr.contains("status NAME --watch"),
         "{out}"
     );
+}
+
+#[test]
+fn monit_given_sigterm_restores_the_terminal() {
+    let home = TempDir::new();
+    let Some(pane) = Pane::start(home.path()) else {
+        return;
+    };
+    pane.wait("the empty dashboard", |s| s.contains("no apps running"));
+    // The pane runs `sh`, whose only child is monit.
+    let sh = pane.display("#{pane_pid}");
+    let children = std::fs::read_to_string(format!("/proc/{sh}/task/{sh}/children"))
+        .expect("the pane's children");
+    let monit: i32 = children
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no monit under the pane's shell {sh}: {children:?}"));
+    crate::util::kill(monit as u32, libc::SIGTERM);
+    let screen = pane.wait("monit's exit", |s| s.contains("TTY-"));
+    assert!(screen.contains("monit exited 0"), "{screen}");
+    assert!(screen.contains("TTY-COOKED"), "raw mode left on:\n{screen}");
+    assert_eq!(pane.display("#{alternate_on}"), "0", "{screen}");
 }

@@ -35,7 +35,9 @@ fn status_watch_prints_a_table_per_interval_into_a_pipe_and_ends_when_the_app_st
     assert!(!text.contains('\x1b'), "no ANSI into a pipe: {text:?}");
     let stamps: Vec<&str> = text.lines().filter(|l| l.starts_with("--- ")).collect();
     assert!(
-        stamps.iter().all(|l| l.contains('T') && l.contains("every 200ms")),
+        stamps
+            .iter()
+            .all(|l| l.contains('T') && l.contains("every 200ms")),
         "{text}"
     );
     for pid in &pids {
