@@ -2,6 +2,7 @@
 //! --instance N` (one worker replaced like one step of a reload) and `herd status NAME
 //! --watch` / `herd ls --watch` into a pipe.
 
+mod pane;
 mod restart;
 mod tui;
 mod watch;

@@ -1,110 +1,11 @@
-//! `herd monit` in a real terminal: a tmux pane of a fixed size, read with `capture-pane`
-//! and driven with `send-keys`. Each test has its own tmux server (`-L`, a unique socket
-//! name) and kills the one session it created.
+//! `herd monit` in a real terminal: a tmux pane of a fixed size (see `pane.rs`), read with
+//! `capture-pane` and driven with `send-keys`.
 
-use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use super::pane::Pane;
 use super::{pids_by_instance, settled_pids, start_node};
-use crate::util::{cli, herd_bin, home_of, prerequisite_missing, wait_status, TempDir, WAIT};
-
-/// The pane runs monit, then says how it exited and whether the terminal is back in
-/// cooked mode, then stays open so that the test can read all that.
-const PANE_SCRIPT: &str = r#""$MONIT_HERD" monit; echo "monit exited $?"
-if stty -a | grep -q -- -icanon; then echo TTY-RAW; else echo TTY-COOKED; fi
-exec sleep 300"#;
-
-/// A tmux server of its own with one session running `herd monit`; killed on drop.
-struct Pane {
-    socket: String,
-    session: String,
-}
-
-impl Pane {
-    /// `None` when tmux is not installed (a failure under CI).
-    fn start(home: &std::path::Path) -> Option<Pane> {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        if Command::new("tmux").arg("-V").output().is_err() {
-            prerequisite_missing("tmux (apt-get install tmux)");
-            return None;
-        }
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let pane = Pane {
-            socket: format!("herd-monit-{}-{n}", std::process::id()),
-            session: format!("monit{n}"),
-        };
-        let home_var = format!("HERD_HOME={}", home.display());
-        let bin_var = format!("MONIT_HERD={}", herd_bin());
-        let out = pane.tmux(&[
-            "new-session",
-            "-d",
-            "-s",
-            &pane.session,
-            "-x",
-            "160",
-            "-y",
-            "45",
-            "-e",
-            &home_var,
-            "-e",
-            &bin_var,
-            "sh",
-            "-c",
-            PANE_SCRIPT,
-        ]);
-        assert!(out.status.success(), "tmux new-session: {out:?}");
-        Some(pane)
-    }
-
-    fn tmux(&self, args: &[&str]) -> Output {
-        Command::new("tmux")
-            .arg("-L")
-            .arg(&self.socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run tmux")
-    }
-
-    fn screen(&self) -> String {
-        let out = self.tmux(&["capture-pane", "-p", "-t", &self.session]);
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Waits (bounded by [`WAIT`]) until the screen shows what `done` wants.
-    fn wait(&self, what: &str, done: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let screen = self.screen();
-            if done(&screen) {
-                return screen;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {WAIT:?} waiting for the pane to show {what}; it shows:\n{screen}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn keys(&self, keys: &[&str]) {
-        let mut args = vec!["send-keys", "-t", self.session.as_str()];
-        args.extend_from_slice(keys);
-        assert!(self.tmux(&args).status.success(), "send-keys {keys:?}");
-    }
-
-    fn display(&self, format: &str) -> String {
-        let out = self.tmux(&["display-message", "-p", "-t", &self.session, format]);
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-}
-
-impl Drop for Pane {
-    fn drop(&mut self) {
-        let _ = self.tmux(&["kill-session", "-t", &self.session]);
-    }
-}
+use crate::util::{cli, home_of, wait_status, TempDir};
 
 fn shows_all(screen: &str, pids: &[u32]) -> bool {
     pids.iter().all(|p| screen.contains(&format!(" {p} ")))

@@ -4,6 +4,7 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use super::pane::Pane;
 use super::{settled_pids, start_node};
 use crate::util::{cli, cli_command, home_of, poll_until, spawn_command, TempDir, WAIT};
 
@@ -81,4 +82,28 @@ fn ls_watch_repeats_the_table_of_every_app() {
     });
     // Killed on drop: `ls --watch` runs until Ctrl-C.
     drop(run);
+}
+
+#[test]
+fn status_watch_on_a_terminal_redraws_in_place() {
+    let name = "monit-watch-tty";
+    let herd = start_node(name, 1, &[]);
+    herd.wait_ready();
+    let home = home_of(&herd);
+    let pids = settled_pids(&home, name, 1);
+    let Some(pane) = Pane::run(&home, &["status", name, "--watch", "200ms"]) else {
+        return;
+    };
+    let pid = pids[0].to_string();
+    pane.wait("the table", |s| s.contains(&pid));
+    // Later rounds replace the first: one table on the screen, no timestamp lines.
+    let started = Instant::now();
+    let uptime = |s: &str| s.lines().find(|l| l.contains(&pid)).map(str::to_string);
+    let first = uptime(&pane.screen());
+    let screen = pane.wait("a later round", |s| {
+        uptime(s) != first && started.elapsed() > Duration::from_millis(600)
+    });
+    assert_eq!(screen.matches(&pid).count(), 1, "{screen}");
+    assert!(!screen.contains("--- "), "{screen}");
+    // Dropping the pane ends it: `--watch` runs until Ctrl-C or a hangup.
 }
