@@ -11,7 +11,8 @@
 //! sent. The terminal (raw mode, alternate screen, hidden cursor) is given back on every way
 //! out: a normal return, an error (the [`Terminal`] guard's drop), a panic (a panic hook; the
 //! release profile aborts on panic, so a drop would not run) and SIGTERM, SIGHUP or SIGINT
-//! (a flag the loop checks). In raw mode Ctrl-C arrives as a key and quits too.
+//! (a flag the loop checks), and the terminal hanging up. In raw mode Ctrl-C arrives as a
+//! key and quits too.
 
 mod model;
 mod poll;
@@ -35,6 +36,8 @@ use model::{Action, Model};
 
 /// The longest the loop waits for a key before it looks at the threads and the signals.
 const TICK: Duration = Duration::from_millis(200);
+/// The longest the screen goes without being drawn again.
+const REDRAW: Duration = Duration::from_secs(1);
 
 pub fn run(home: Home) -> anyhow::Result<u8> {
     if !std::io::stdout().is_terminal() || !std::io::stdin().is_terminal() {
@@ -55,41 +58,88 @@ pub fn run(home: Home) -> anyhow::Result<u8> {
     let actions = poll::Actions::new(home);
     let mut terminal = Terminal::enter().context("cannot set up the terminal")?;
     let mut model = Model::default();
+    // Drawn when something changed, and at least every REDRAW (the "no answer for Ns" age).
+    let mut dirty = true;
+    let mut drawn = Instant::now();
     while !quit.load(Ordering::Relaxed) {
         // The newest poll only: the channel holds at most one.
         while let Ok(snapshot) = snapshots.try_recv() {
             model.update(snapshot, Instant::now());
+            dirty = true;
         }
         while let Ok(done) = actions.done.try_recv() {
             model.status_line = done.text;
+            dirty = true;
         }
         if let Ok(mut s) = selected.lock() {
             s.clone_from(&model.selected);
         }
         let now = Instant::now();
-        terminal
-            .inner
-            .draw(|frame| view::render(frame, &model, now))
-            .context("cannot draw on the terminal")?;
-        if !event::poll(TICK).context("cannot read the terminal")? {
-            continue;
+        if dirty || now.duration_since(drawn) >= REDRAW {
+            terminal
+                .inner
+                .draw(|frame| view::render(frame, &model, now))
+                .context("cannot draw on the terminal")?;
+            (dirty, drawn) = (false, now);
         }
-        let Event::Key(key) = event::read().context("cannot read the terminal")? else {
-            continue;
-        };
-        if key.kind != KeyEventKind::Press {
-            continue;
+        if wait_input(TICK) == Input::HungUp {
+            break;
         }
-        match model.key(key) {
-            Some(Action::Quit) => break,
-            Some(Action::Control { app, what, request }) => {
-                model.status_line = actions.start(app, what, request);
+        // Whatever crossterm has now (keys, a resize that interrupted the wait); never a
+        // blocking read.
+        while event::poll(Duration::ZERO).context("cannot read the terminal")? {
+            // A resize, a key: draw again.
+            dirty = true;
+            let Event::Key(key) = event::read().context("cannot read the terminal")? else {
+                continue;
+            };
+            if key.kind != KeyEventKind::Press {
+                continue;
             }
-            None => {}
+            match model.key(key) {
+                Some(Action::Quit) => {
+                    quit.store(true, Ordering::Relaxed);
+                    break;
+                }
+                Some(Action::Control { app, what, request }) => {
+                    model.status_line = actions.start(app, what, request);
+                }
+                None => {}
+            }
         }
     }
     drop(terminal);
     Ok(0)
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Input {
+    /// Something to read, a timeout, or a signal: look.
+    Look,
+    /// The terminal is gone (its window closed, the tmux session killed).
+    HungUp,
+}
+
+/// Waits up to `timeout` for the terminal (stdin, checked to be one) to have input.
+///
+/// Ours rather than crossterm's wait because crossterm 0.29 reads a hung-up terminal's
+/// end-of-file in a loop that never returns: monit would spin at 100% CPU and never see the
+/// SIGHUP flag. A signal (SIGWINCH, SIGTERM) ends the wait early too.
+fn wait_input(timeout: Duration) -> Input {
+    let mut fds = [libc::pollfd {
+        fd: libc::STDIN_FILENO,
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, ms) };
+    let gone = libc::POLLHUP | libc::POLLERR | libc::POLLNVAL;
+    if n > 0 && fds[0].revents & gone != 0 {
+        Input::HungUp
+    } else {
+        Input::Look
+    }
 }
 
 /// The terminal in raw mode on the alternate screen, given back when dropped (and by the

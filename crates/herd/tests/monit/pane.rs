@@ -110,8 +110,15 @@ impl Pane {
     }
 }
 
+impl Pane {
+    /// Kills the session: its processes get SIGHUP, as when a terminal window closes.
+    pub fn kill(&self) {
+        let _ = self.tmux(&["kill-session", "-t", &self.session]);
+    }
+}
+
 impl Drop for Pane {
     fn drop(&mut self) {
-        let _ = self.tmux(&["kill-session", "-t", &self.session]);
+        self.kill();
     }
 }

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use super::pane::Pane;
 use super::{pids_by_instance, settled_pids, start_node};
-use crate::util::{cli, home_of, wait_status, TempDir};
+use crate::util::{cli, home_of, wait_status, TempDir, WAIT};
 
 fn shows_all(screen: &str, pids: &[u32]) -> bool {
     pids.iter().all(|p| screen.contains(&format!(" {p} ")))
@@ -125,18 +125,38 @@ fn monit_given_sigterm_restores_the_terminal() {
         return;
     };
     pane.wait("the empty dashboard", |s| s.contains("no apps running"));
-    // The pane runs `sh`, whose only child is monit.
-    let sh = pane.display("#{pane_pid}");
-    let children = std::fs::read_to_string(format!("/proc/{sh}/task/{sh}/children"))
-        .expect("the pane's children");
-    let monit: i32 = children
-        .split_whitespace()
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no monit under the pane's shell {sh}: {children:?}"));
-    crate::util::kill(monit as u32, libc::SIGTERM);
+    crate::util::kill(monit_pid(&pane), libc::SIGTERM);
     let screen = pane.wait("monit's exit", |s| s.contains("TTY-"));
     assert!(screen.contains("monit exited 0"), "{screen}");
     assert!(screen.contains("TTY-COOKED"), "raw mode left on:\n{screen}");
     assert_eq!(pane.display("#{alternate_on}"), "0", "{screen}");
+}
+
+#[test]
+fn monit_exits_when_its_terminal_goes_away() {
+    // Regression: crossterm reads a hung-up terminal's end-of-file in an endless loop; monit
+    // spun at 100% CPU forever after its tmux session or terminal window was closed.
+    let home = TempDir::new();
+    let Some(pane) = Pane::start(home.path()) else {
+        return;
+    };
+    pane.wait("the empty dashboard", |s| s.contains("no apps running"));
+    let monit = monit_pid(&pane);
+    pane.kill();
+    assert!(
+        crate::util::wait_dead(monit, WAIT),
+        "monit {monit} still runs after its terminal hung up"
+    );
+}
+
+/// The pane runs `sh`, whose only child is monit.
+fn monit_pid(pane: &Pane) -> u32 {
+    let sh = pane.display("#{pane_pid}");
+    let children = std::fs::read_to_string(format!("/proc/{sh}/task/{sh}/children"))
+        .expect("the pane's children");
+    children
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no monit under the pane's shell {sh}: {children:?}"))
 }
