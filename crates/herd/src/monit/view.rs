@@ -137,7 +137,7 @@ fn workers(frame: &mut Frame, model: &Model, area: Rect) {
                 Cell::from(w.restarts.to_string()),
                 Cell::from(duration_ms(w.uptime_ms)),
                 Cell::from(spark(&cpu, 100.0)),
-                Cell::from(spark(&mem, 1.0)),
+                Cell::from(spark_range(&mem)),
             ]);
             if i == model.instance {
                 row.style(Style::new().add_modifier(Modifier::REVERSED))
@@ -233,6 +233,20 @@ pub fn spark(values: &[f64], floor: f64) -> String {
         .collect()
 }
 
+/// A text sparkline of the last [`SPARK`] values between their low and their peak: memory
+/// moves little against its size, so a scale from zero would show a flat full bar. A steady
+/// value is a flat middle line.
+pub fn spark_range(values: &[f64]) -> String {
+    let tail = &values[values.len().saturating_sub(SPARK)..];
+    let low = tail.iter().copied().fold(f64::INFINITY, f64::min);
+    let high = tail.iter().copied().fold(0.0, f64::max);
+    if high - low <= high * 0.001 {
+        return "▄".repeat(tail.len());
+    }
+    let shifted: Vec<f64> = tail.iter().map(|v| v - low).collect();
+    spark(&shifted, 0.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,5 +260,8 @@ mod tests {
         assert_eq!(s.chars().count(), SPARK);
         assert!(s.ends_with('█'));
         assert_eq!(spark(&[], 1.0), "");
+        assert_eq!(spark_range(&[5e7, 5e7, 5e7]), "▄▄▄", "steady memory");
+        assert_eq!(spark_range(&[4e7, 5e7, 6e7]), "▁▅█");
+        assert_eq!(spark_range(&[]), "");
     }
 }
