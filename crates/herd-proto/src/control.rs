@@ -40,6 +40,11 @@ pub enum Request {
         parallel: usize,
         args: Vec<String>,
     },
+    /// Replace one slot's worker gracefully: a new one starts, and once it is ready the old
+    /// one stops (one step of a reload). `herd restart NAME --instance N`, monit's `R`.
+    RestartWorker {
+        instance: usize,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -276,6 +281,8 @@ mod tests {
         let text = serde_json::to_string(&Request::Reload { parallel: 1 }).expect("json");
         assert_eq!(text, r#"{"cmd":"reload","parallel":1}"#);
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"explode"}"#).is_err());
+        let text = serde_json::to_string(&Request::RestartWorker { instance: 2 }).expect("json");
+        assert_eq!(text, r#"{"cmd":"restart_worker","instance":2}"#);
     }
 
     #[test]

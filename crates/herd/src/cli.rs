@@ -32,6 +32,9 @@ pub enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Print the table again every INTERVAL until Ctrl-C (on a terminal: redrawn in place).
+        #[arg(long, value_name = "INTERVAL", num_args = 0..=1, default_missing_value = "2s", allow_hyphen_values = true, value_parser = spec::parse_positive_duration, conflicts_with = "json")]
+        watch: Option<Duration>,
     },
     /// One app, one line per worker.
     Status {
@@ -40,6 +43,10 @@ pub enum Command {
         /// Machine-readable output (field names are stable).
         #[arg(long)]
         json: bool,
+        /// Print the table again every INTERVAL until Ctrl-C or the app stops (on a terminal:
+        /// redrawn in place). Put it after NAME: `herd status web --watch 5s`.
+        #[arg(long, value_name = "INTERVAL", num_args = 0..=1, default_missing_value = "2s", allow_hyphen_values = true, value_parser = spec::parse_positive_duration, conflicts_with = "json")]
+        watch: Option<Duration>,
     },
     /// Rolling, zero-downtime replacement of every worker; keeps the old ones if the new fail.
     Reload {
@@ -49,10 +56,14 @@ pub enum Command {
         #[arg(long, default_value_t = 1, allow_negative_numbers = true, value_parser = spec::parse_positive_count_usize)]
         parallel: usize,
     },
-    /// Stop every worker, then start them again.
+    /// Stop every worker, then start them again; with --instance, replace one worker
+    /// gracefully (its successor is ready before it stops).
     Restart {
         #[arg(value_parser = clap::value_parser!(AppName))]
         name: AppName,
+        /// Only this worker slot: start a new worker, and stop the old one once it is ready.
+        #[arg(long, allow_negative_numbers = true, value_parser = spec::parse_count_usize)]
+        instance: Option<usize>,
     },
     /// Change the number of workers: N, +K or -K.
     Scale {
@@ -107,6 +118,9 @@ pub enum Command {
         #[arg(long, value_name = "NAME")]
         env: Option<String>,
     },
+    /// A terminal dashboard of every app: workers, CPU and memory, the log tail; keys to
+    /// reload, restart a worker and scale (needs a terminal; else see `status --watch`).
+    Monit,
     /// Print (or --install) a service unit that runs herd at boot.
     Startup {
         #[command(subcommand)]

@@ -49,6 +49,14 @@ pub fn status(home: &Home, name: &AppName, json: bool) -> anyhow::Result<u8> {
         outln!("{}", to_json_pretty(&status)?)?;
         return Ok(0);
     }
+    outln!("{}", status_text(&status))?;
+    Ok(0)
+}
+
+/// `herd status`'s table, header lines first.
+fn status_text(status: &AppStatus) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
     // Every string shown comes through the supervisor and may quote a worker (`last exit`
     // is its last output): control characters are shown escaped, never sent to the terminal.
     let header = format!(
@@ -63,12 +71,12 @@ pub fn status(home: &Home, name: &AppName, json: bool) -> anyhow::Result<u8> {
         bytes(status.supervisor_memory_bytes),
         duration_ms(status.uptime_ms)
     );
-    outln!("{}", sanitize(&header))?;
+    let _ = writeln!(out, "{}", sanitize(&header));
     if !status.listen.is_empty() {
-        outln!("listening on {}", sanitize(&status.listen.join(", ")))?;
+        let _ = writeln!(out, "listening on {}", sanitize(&status.listen.join(", ")));
     }
-    outln!("{}", workers_table(&status.workers))?;
-    Ok(0)
+    let _ = write!(out, "{}", workers_table(&status.workers));
+    out
 }
 
 /// `herd status`'s columns; each row has one cell per column.
@@ -126,6 +134,17 @@ fn worker_row(w: &herd_proto::control::WorkerStatus) -> Vec<Cell> {
 }
 
 pub fn ls(home: &Home, json: bool) -> anyhow::Result<u8> {
+    let apps = every_app(home);
+    if json {
+        outln!("{}", to_json_pretty(&apps)?)?;
+        return Ok(0);
+    }
+    outln!("{}", ls_text(home, &apps))?;
+    Ok(0)
+}
+
+/// The status of every app in `HERD_HOME` that answers; a warning for each that fails.
+fn every_app(home: &Home) -> Vec<AppStatus> {
     let mut apps: Vec<AppStatus> = Vec::new();
     for name in home.apps() {
         match request(home, &name, &Request::Status, Some(Duration::from_secs(5))) {
@@ -141,13 +160,13 @@ pub fn ls(home: &Home, json: bool) -> anyhow::Result<u8> {
             ),
         }
     }
-    if json {
-        outln!("{}", to_json_pretty(&apps)?)?;
-        return Ok(0);
-    }
+    apps
+}
+
+/// `herd ls`'s table.
+fn ls_text(home: &Home, apps: &[AppStatus]) -> String {
     if apps.is_empty() {
-        outln!("no apps running (HERD_HOME {})", home.path().display())?;
-        return Ok(0);
+        return format!("no apps running (HERD_HOME {})", home.path().display());
     }
     let mut table = Table::new();
     table.load_preset(presets::UTF8_HORIZONTAL_ONLY);
@@ -155,7 +174,7 @@ pub fn ls(home: &Home, json: bool) -> anyhow::Result<u8> {
         "name", "state", "balance", "ready", "pid", "uptime", "restarts", "cpu", "memory",
         "listen", "config",
     ]);
-    for a in &apps {
+    for a in apps {
         table.add_row(vec![
             Cell::new(sanitize(&a.name)),
             Cell::new(a.state),
@@ -172,8 +191,90 @@ pub fn ls(home: &Home, json: bool) -> anyhow::Result<u8> {
             Cell::new(sanitize(a.config.as_deref().unwrap_or("-"))),
         ]);
     }
-    outln!("{table}")?;
-    Ok(0)
+    table.to_string()
+}
+
+/// The shortest `--watch` interval: each round is a request to every supervisor shown.
+const WATCH_MIN: Duration = Duration::from_millis(100);
+
+/// `herd status NAME --watch`: the table again every `every` until Ctrl-C, or until the app
+/// is gone (exit 0 with a message; an app that is not running at the start is an error).
+pub fn watch_status(home: &Home, name: &AppName, every: Duration) -> anyhow::Result<u8> {
+    let mut screen = Screen::new(every)?;
+    loop {
+        let started = Instant::now();
+        match request(home, name, &Request::Status, Some(Duration::from_secs(10))) {
+            Ok(Response {
+                status: Some(status),
+                ..
+            }) => screen.show(&status_text(&status))?,
+            Ok(response) => anyhow::bail!("{name}: {}", sanitize(&response.message)),
+            Err(ClientError::NotRunning(_)) if screen.rounds > 0 => {
+                errln!("{name} is no longer running (stopped, or its supervisor exited)");
+                return Ok(0);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        screen.pause(started);
+    }
+}
+
+/// `herd ls --watch`: the table of every app again every `every` until Ctrl-C.
+pub fn watch_ls(home: &Home, every: Duration) -> anyhow::Result<u8> {
+    let mut screen = Screen::new(every)?;
+    loop {
+        let started = Instant::now();
+        let apps = every_app(home);
+        screen.show(&ls_text(home, &apps))?;
+        screen.pause(started);
+    }
+}
+
+/// Where `--watch` prints: on a terminal the screen is cleared and the table drawn again in
+/// place (ANSI only); into a pipe or file each table follows the last, after a line with
+/// the time, so nothing written is ever taken back.
+struct Screen {
+    every: Duration,
+    tty: bool,
+    rounds: u64,
+}
+
+impl Screen {
+    fn new(every: Duration) -> anyhow::Result<Self> {
+        use std::io::IsTerminal;
+        if every < WATCH_MIN {
+            anyhow::bail!(
+                "--watch {}: the interval must be at least 100ms (e.g. --watch 2s)",
+                crate::fmt::human(every)
+            );
+        }
+        Ok(Screen {
+            every,
+            tty: std::io::stdout().is_terminal(),
+            rounds: 0,
+        })
+    }
+
+    fn show(&mut self, text: &str) -> anyhow::Result<()> {
+        self.rounds += 1;
+        if self.tty {
+            // Home, clear the screen, then the table: one write, so the terminal never
+            // shows a half-drawn table for long.
+            outln!("\x1b[H\x1b[2J{text}")?;
+        } else {
+            let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+            outln!(
+                "--- {now} (every {}) ---\n{text}",
+                crate::fmt::human(self.every)
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Sleeps what is left of the interval.
+    fn pause(&self, started: Instant) {
+        std::thread::sleep(self.every.saturating_sub(started.elapsed()));
+    }
 }
 
 pub fn logs(
@@ -436,7 +537,7 @@ fn restarts(total: u32, by_reason: &std::collections::BTreeMap<Reason, u32>) -> 
     format!("{total} ({})", parts.join(", "))
 }
 
-fn bytes(n: u64) -> String {
+pub(crate) fn bytes(n: u64) -> String {
     match n {
         0 => "-".into(),
         n if n >= 1 << 30 => format!("{:.1} GB", n as f64 / (1u64 << 30) as f64),

@@ -18,6 +18,7 @@ mod import;
 mod inherit;
 mod logs;
 mod mix;
+mod monit;
 mod node;
 mod os;
 mod paths;
@@ -118,16 +119,27 @@ fn dispatch(command: Command) -> anyhow::Result<u8> {
                 &log_path,
             )
         }
-        Command::Ls { json } => commands::ls(&home, json),
-        Command::Status { name, json } => commands::status(&home, &name, json),
+        Command::Ls { json, watch } => match watch {
+            Some(every) => commands::watch_ls(&home, every),
+            None => commands::ls(&home, json),
+        },
+        Command::Status { name, json, watch } => match watch {
+            Some(every) => commands::watch_status(&home, &name, every),
+            None => commands::status(&home, &name, json),
+        },
         Command::Reload { name, parallel } => commands::outcome(
             &home,
             &name,
             herd_proto::control::Request::Reload { parallel },
         ),
-        Command::Restart { name } => {
-            commands::outcome(&home, &name, herd_proto::control::Request::Restart)
-        }
+        Command::Restart { name, instance } => commands::outcome(
+            &home,
+            &name,
+            match instance {
+                Some(instance) => herd_proto::control::Request::RestartWorker { instance },
+                None => herd_proto::control::Request::Restart,
+            },
+        ),
         Command::Scale { name, to } => {
             commands::outcome(&home, &name, herd_proto::control::Request::Scale { to })
         }
@@ -145,6 +157,7 @@ fn dispatch(command: Command) -> anyhow::Result<u8> {
         } => commands::send(&home, &name, &json, instance),
         Command::Apply { file, dry_run } => apply::apply(&home, &file, dry_run),
         Command::Import { .. } => unreachable!("handled above"),
+        Command::Monit => monit::run(home),
     }
 }
 

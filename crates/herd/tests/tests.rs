@@ -8,6 +8,7 @@ mod errors;
 mod hardening;
 mod health;
 mod logfiles;
+mod monit;
 mod node;
 mod run;
 mod system;

@@ -406,6 +406,9 @@ impl Supervisor {
             ),
             Request::Reconfigure { parallel, args } => self.reconfigure(parallel, args, reply),
             Request::Restart => self.begin(ops::OpKind::Restart, Some(reply)),
+            Request::RestartWorker { instance } => {
+                self.begin(ops::OpKind::RestartWorker { instance }, Some(reply))
+            }
             Request::Scale { to } => match ops::scale_target(&to, self.live_slots()) {
                 Ok(to) => self.begin(ops::OpKind::Scale { to }, Some(reply)),
                 Err(e) => {

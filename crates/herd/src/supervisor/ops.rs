@@ -10,6 +10,9 @@
 //!
 //! **Restart**: every worker is stopped and its slot started again once it is gone.
 //!
+//! **Restart one worker** (`herd restart NAME --instance N`): one step of a reload for one
+//! slot, with the same guarantee: the old worker stops only once its successor is ready.
+//!
 //! **Scale**: new slots start workers; removed slots (the highest instances) stop theirs
 //! gracefully and disappear once they exited.
 
@@ -39,6 +42,10 @@ pub enum OpKind {
         instance: usize,
         reason: Reason,
     },
+    /// One worker replaced because the operator asked (`herd restart --instance`).
+    RestartWorker {
+        instance: usize,
+    },
 }
 
 impl OpKind {
@@ -50,7 +57,7 @@ impl OpKind {
     pub fn done_event(self) -> EventName {
         match self {
             OpKind::Reload { .. } => EventName::Reload,
-            OpKind::Restart => EventName::Restart,
+            OpKind::Restart | OpKind::RestartWorker { .. } => EventName::Restart,
             OpKind::Scale { .. } => EventName::Scale,
             OpKind::Replace { .. } => EventName::Replace,
         }
@@ -62,7 +69,7 @@ impl OpKind {
             OpKind::Reload { .. } => AppState::Reloading,
             OpKind::Restart => AppState::Restarting,
             OpKind::Scale { .. } => AppState::Scaling,
-            OpKind::Replace { .. } => AppState::Replacing,
+            OpKind::Replace { .. } | OpKind::RestartWorker { .. } => AppState::Replacing,
         }
     }
 
@@ -168,6 +175,21 @@ impl Supervisor {
                 self.step_reload();
             }
             OpKind::Replace { instance, .. } => {
+                op.todo = [instance].into();
+                self.change_phase(|p| p.begin(op));
+                self.step_reload();
+            }
+            OpKind::RestartWorker { instance } => {
+                let who = self.slots[..live].get(instance).and_then(|s| s.worker);
+                let message = match who {
+                    Some(id) => format!(
+                        "restarting {}[{instance}] (worker {id})",
+                        self.plan.spec.name
+                    ),
+                    None => return refuse(op.reply, self.no_worker(instance)),
+                };
+                self.logger
+                    .event(EventName::Restarting, None, &message, &[]);
                 op.todo = [instance].into();
                 self.change_phase(|p| p.begin(op));
                 self.step_reload();
@@ -298,7 +320,7 @@ impl Supervisor {
             };
             let parallel = match op.kind {
                 OpKind::Reload { parallel } => parallel,
-                OpKind::Replace { .. } => 1,
+                OpKind::Replace { .. } | OpKind::RestartWorker { .. } => 1,
                 OpKind::Restart | OpKind::Scale { .. } => return,
             };
             if op.active.len() >= parallel.max(1) {
@@ -402,6 +424,10 @@ impl Supervisor {
                 self.plan.spec.name,
                 human(REPLACE_RETRY.max(self.plan.spec.policy.listen_timeout))
             ),
+            OpKind::RestartWorker { instance } => format!(
+                "restarting {}[{instance}] failed: {message}. The current worker keeps running.",
+                self.plan.spec.name
+            ),
             _ => format!(
                 "{} failed after replacing {} of {} workers: {message}. {}, {}.",
                 op.kind.name(),
@@ -438,7 +464,7 @@ impl Supervisor {
                 .is_some_and(|w| w.state().has_been_ready() || w.late)
         };
         let done = match op.kind {
-            OpKind::Reload { .. } | OpKind::Replace { .. } => {
+            OpKind::Reload { .. } | OpKind::Replace { .. } | OpKind::RestartWorker { .. } => {
                 op.todo.is_empty()
                     && op.active.is_empty()
                     && op.retired.iter().all(|id| !workers.contains_key(id))
@@ -484,6 +510,15 @@ impl Supervisor {
                     self.plan.spec.name
                 ),
             ),
+            OpKind::RestartWorker { instance } => (
+                true,
+                format!(
+                    "restarted {}[{instance}] in {took}: pid {}",
+                    self.plan.spec.name,
+                    self.slot_pid(instance)
+                        .map_or_else(|| "-".to_string(), |p| p.to_string())
+                ),
+            ),
         };
         let message = if errored > 0 {
             format!("{message}; {errored} slots errored (see herd logs)")
@@ -507,6 +542,27 @@ impl Supervisor {
             });
         }
         self.next_replacement();
+    }
+
+    /// Why one slot's worker cannot be restarted: no such slot, or it has no worker now.
+    fn no_worker(&self, instance: usize) -> String {
+        let name = &self.plan.spec.name;
+        let live = self.live_slots();
+        match self.slots.get(instance) {
+            Some(_) if instance < live => format!(
+                "{name}[{instance}] has no running worker (errored or waiting to restart); \
+                 `herd restart {name}` restarts every slot"
+            ),
+            _ => format!(
+                "{name} has no instance {instance}: its instances are 0 to {} (see herd status {name})",
+                live.saturating_sub(1)
+            ),
+        }
+    }
+
+    fn slot_pid(&self, instance: usize) -> Option<u32> {
+        let id = self.slots.get(instance)?.worker?;
+        self.workers.get(&id).map(|w| w.pid)
     }
 
     /// Removes retired slots at the end once their workers are gone.

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use crate::os::fake::FakeOs;
 
+mod restart_worker;
 mod rig;
 use rig::*;
 
