@@ -234,6 +234,8 @@ mod tests {
                 memory_bytes: 1,
                 supervisor_memory_bytes: 1,
                 listen: vec![],
+                config: None,
+                args: vec![],
                 workers: (0..workers)
                     .map(|i| WorkerStatus {
                         instance: i,
