@@ -11,6 +11,7 @@ mod commands;
 mod control;
 mod fmt;
 mod health;
+mod http;
 mod logs;
 mod mix;
 mod node;
@@ -170,6 +171,22 @@ fn one_line(kind: clap::error::ErrorKind, text: &str) -> String {
 }
 
 fn run(args: cli::RunArgs) -> anyhow::Result<u8> {
+    // --http: checked and bound before anything else is touched (a refused address or a
+    // busy port fails the start with nothing left behind).
+    let drain_delay = args.drain_delay;
+    let http = match args.http {
+        Some(addr) => {
+            let token = args.http_token.clone().or_else(|| {
+                std::env::var("HERD_HTTP_TOKEN")
+                    .ok()
+                    .filter(|t| !t.is_empty())
+            });
+            let config = http::Config::new(addr, token, args.ready_min)?;
+            let listener = config.bind()?;
+            Some((config, listener))
+        }
+        None => None,
+    };
     let spec = args.into_spec();
     let log_format = spec.log_format;
     let name = spec.name.clone();
@@ -215,12 +232,21 @@ fn run(args: cli::RunArgs) -> anyhow::Result<u8> {
     let code = local.block_on(&runtime, async move {
         let (mut sup, rx) = Supervisor::new(plan, logger, run_dir);
         sup.set_control_path(control_path.clone());
+        sup.observe_with(http.is_some(), drain_delay);
         let tx = sup.sender();
         forward_signals(tx.clone())?;
+        let http = http.map(|(config, listener)| {
+            let tap = http::event_tap();
+            sup.logger().set_tap(tap.clone());
+            tokio::task::spawn_local(http::serve(listener, config, tx.clone(), tap))
+        });
         let control = tokio::net::UnixListener::from_std(control)?;
         let serving = tokio::task::spawn_local(control::serve(control, tx, sup.logger()));
         let code = sup.run(rx).await;
         serving.abort();
+        if let Some(http) = http {
+            http.abort();
+        }
         anyhow::Ok(code)
     });
     // Whatever stdout has not taken within the bound is lost: a blocked stdout must not keep

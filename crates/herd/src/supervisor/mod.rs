@@ -34,6 +34,7 @@ mod cluster;
 mod health;
 mod kernel;
 mod lifecycle;
+mod observe;
 pub mod ops;
 mod phase;
 pub mod restart;
@@ -159,6 +160,8 @@ pub struct Supervisor {
     /// Socket activation, hash and sticky: (listener, slot) sockets of slots that will not
     /// have a worker again, whose queued connections herd closes.
     closers: BTreeMap<(usize, usize), tokio::task::JoinHandle<()>>,
+    /// `--http`'s counters and sample ring, and `--drain-delay` (see [`observe`]).
+    observe: observe::Observe,
 }
 
 impl Supervisor {
@@ -207,6 +210,7 @@ impl Supervisor {
             was_ready: BTreeSet::new(),
             held: BTreeMap::new(),
             closers: BTreeMap::new(),
+            observe: observe::Observe::default(),
         };
         (sup, rx)
     }
@@ -384,6 +388,8 @@ impl Supervisor {
             Event::Reroute => {}
             Event::ProbeConn { id, conn } => self.on_probe_conn(id, conn),
             Event::Probe { id, result } => self.on_probe(id, result),
+            Event::Observe(query) => self.on_observe(query),
+            Event::DrainOver => self.drain_over("--drain-delay is over"),
         }
     }
 
@@ -410,13 +416,7 @@ impl Supervisor {
             Request::Stop => {
                 self.stop_replies.push(reply);
                 if !self.phase.is_stopping() {
-                    self.logger.event(
-                        EventName::Stopping,
-                        None,
-                        &format!("stopping (herd stop): {} workers", self.workers.len()),
-                        &[],
-                    );
-                    self.stop_all(0);
+                    self.stop_requested("herd stop");
                 }
             }
             Request::Send { data, instance } => {
@@ -476,19 +476,16 @@ impl Supervisor {
         }
         let graceful = matches!(self.phase, AppPhase::Stopping { forced: false, .. });
         match (self.phase.is_stopping(), kind) {
+            (false, SignalKind::Interrupt) if self.observe.draining => {
+                self.drain_over("second SIGINT: drain cut short");
+            }
             (false, _) => {
                 let name = if kind == SignalKind::Interrupt {
                     "SIGINT"
                 } else {
                     "SIGTERM"
                 };
-                self.logger.event(
-                    EventName::Stopping,
-                    None,
-                    &format!("stopping ({name}): {} workers", self.workers.len()),
-                    &[],
-                );
-                self.stop_all(0);
+                self.stop_requested(name);
             }
             (true, SignalKind::Interrupt) if graceful => {
                 self.logger.event(
