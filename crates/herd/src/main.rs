@@ -237,7 +237,15 @@ fn run(args: cli::RunArgs) -> anyhow::Result<u8> {
         forward_signals(tx.clone())?;
         let http = http.map(|(config, listener)| {
             let tap = http::event_tap();
-            sup.logger().set_tap(tap.clone());
+            let logger = sup.logger();
+            logger.set_tap(tap.clone());
+            let addr = listener.local_addr().map_or(config.addr, |a| a);
+            logger.event(
+                herd_proto::event::EventName::Http,
+                None,
+                &format!("serving metrics, status and the dashboard on http://{addr}/"),
+                &[("address", serde_json::json!(addr.to_string()))],
+            );
             tokio::task::spawn_local(http::serve(listener, config, tx.clone(), tap))
         });
         let control = tokio::net::UnixListener::from_std(control)?;

@@ -6,6 +6,7 @@ mod control;
 mod errors;
 mod hardening;
 mod health;
+mod http;
 mod node;
 mod run;
 mod util;

@@ -165,7 +165,8 @@ impl Supervisor {
             .map(|w| WorkerMetrics {
                 instance: w.instance,
                 worker_id: w.id,
-                ready: w.state().counts_ready(),
+                // A hung worker still counts for its slot until it is gone; it serves nothing.
+                ready: w.state().counts_ready() && !w.state().is_hung(),
                 rss_bytes: self.os.rss_bytes(w.pid).unwrap_or(0),
                 cpu_seconds: self.os.cpu_ticks(w.pid).map_or(0.0, |t| t as f64 / tps),
                 connections: w.connections,
@@ -180,9 +181,13 @@ impl Supervisor {
         for (instance, slot) in self.slots.iter().enumerate() {
             for id in [slot.worker, slot.incoming].into_iter().flatten() {
                 if let Some(w) = self.workers.get(&id) {
-                    *states
-                        .entry(super::status::shown_state(w).as_str())
-                        .or_default() += 1;
+                    // Hung: herd is killing it, whatever `herd status` still shows.
+                    let shown = if w.state().is_hung() {
+                        "stopping"
+                    } else {
+                        super::status::shown_state(w).as_str()
+                    };
+                    *states.entry(shown).or_default() += 1;
                 }
             }
             if slot.worker.is_none() && slot.incoming.is_none() {
