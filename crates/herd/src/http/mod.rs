@@ -81,10 +81,12 @@ pub enum HttpError {
     EmptyToken,
     #[error("--http-token may only hold visible ASCII characters (it is sent in an HTTP header)")]
     BadToken,
-    #[error("cannot listen on --http {addr}: {source}; pick another port or stop what uses it")]
+    #[error(
+        "cannot listen on --http {addr}: {error}; pick a free port on an address of this host"
+    )]
     Bind {
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -116,9 +118,9 @@ impl Config {
     pub fn bind(&self) -> Result<std::net::TcpListener, HttpError> {
         let bound = std::net::TcpListener::bind(self.addr)
             .and_then(|l| l.set_nonblocking(true).map(|()| l));
-        bound.map_err(|source| HttpError::Bind {
+        bound.map_err(|error| HttpError::Bind {
             addr: self.addr,
-            source,
+            error,
         })
     }
 }

@@ -97,6 +97,7 @@ fn silent_clients_do_not_hold_the_supervisor_or_the_port_for_long() {
     let home = home_of(&herd);
     // More silent connections than the server takes: it refuses the rest and never reads
     // a request from the others.
+    let opened = std::time::Instant::now();
     let silent: Vec<TcpStream> = (0..80)
         .filter_map(|_| TcpStream::connect(addr).ok())
         .collect();
@@ -109,6 +110,12 @@ fn silent_clients_do_not_hold_the_supervisor_or_the_port_for_long() {
         let r = request(addr, "/live", &[]).ok()?;
         (r.status == 200).then_some(())
     });
+    // The header timeout (10 s) frees them, well before the 30 s any answer may take.
+    let took = opened.elapsed();
+    assert!(
+        took < Duration::from_secs(25),
+        "the silent connections held the port for {took:?}"
+    );
     let m = request(addr, "/metrics", &[]).expect("metrics");
     assert!(
         m.body
