@@ -16,7 +16,8 @@
 //! - an answer must be taken within [`ANSWER_TIMEOUT`]; an event stream whose client stops
 //!   reading for [`STALL_TIMEOUT`] is closed, and while it lags it skips events (counted)
 //!   instead of queueing them: the tap is a [`EVENT_BACKLOG`]-event broadcast;
-//! - at most one query per connection is in the supervisor's channel at a time.
+//! - at most one query per connection is in the supervisor's channel at a time, and the
+//!   kernel keeps at most a 64 KiB send buffer for each connection.
 //!
 //! Access: loopback by default. Any other address needs `--http-token` (or
 //! `HERD_HTTP_TOKEN`), which `/metrics`, `/status`, `/samples` and `/events` then require as
@@ -57,6 +58,8 @@ pub const MAX_HEAD: usize = 8 * 1024;
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// An event stream whose client has not read for this long is closed.
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// The kernel's send buffer per connection (SO_SNDBUF).
+const SEND_BUFFER: usize = 64 * 1024;
 /// Events kept for `/events` clients that are behind; older ones are skipped.
 pub const EVENT_BACKLOG: usize = 256;
 /// How long the supervisor's loop has to answer before `/live` says it does not.
@@ -191,6 +194,8 @@ pub async fn serve(
             continue;
         }
         let _ = stream.set_nodelay(true);
+        // What the kernel keeps for a client that does not read is bounded too.
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER);
         server.open.set(server.open.get() + 1);
         let server = Rc::clone(&server);
         tokio::task::spawn_local(async move {
@@ -202,9 +207,17 @@ pub async fn serve(
 
 type Body = Either<Full<Bytes>, Channel<Bytes>>;
 
-/// One connection, one request; bounded in time unless it became an event stream.
+/// Whether a connection became an event stream, and when that stream gave up on its client.
+#[derive(Default)]
+struct Streaming {
+    on: Cell<bool>,
+    ended: tokio::sync::Notify,
+}
+
+/// One connection, one request; bounded in time unless it became an event stream, which
+/// ends when its client goes away or stops reading (see [`sse`]).
 async fn connection(server: &Rc<Server>, stream: tokio::net::TcpStream) {
-    let streaming = Rc::new(Cell::new(false));
+    let streaming = Rc::new(Streaming::default());
     let svc = {
         let server = Rc::clone(server);
         let streaming = Rc::clone(&streaming);
@@ -225,9 +238,12 @@ async fn connection(server: &Rc<Server>, stream: tokio::net::TcpStream) {
         _ = &mut conn => return,
         () = tokio::time::sleep(ANSWER_TIMEOUT) => {}
     }
-    // An event stream ends when its client stops reading (see `sse`), or with herd.
-    if streaming.get() {
-        let _ = conn.await;
+    if streaming.on.get() {
+        // A client that stopped reading cannot take even the stream's end: drop it then.
+        tokio::select! {
+            _ = &mut conn => {}
+            () = streaming.ended.notified() => {}
+        }
     }
 }
 
@@ -266,7 +282,11 @@ fn unavailable() -> Response<Body> {
     )
 }
 
-async fn answer(server: &Server, req: Request<Incoming>, streaming: &Cell<bool>) -> Response<Body> {
+async fn answer(
+    server: &Server,
+    req: Request<Incoming>,
+    streaming: &Rc<Streaming>,
+) -> Response<Body> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
         r.headers_mut()
@@ -326,8 +346,12 @@ async fn answer(server: &Server, req: Request<Incoming>, streaming: &Cell<bool>)
             None => unavailable(),
         },
         "/events" => {
-            streaming.set(true);
-            sse::stream(server.events.subscribe(), &server.skipped)
+            streaming.on.set(true);
+            sse::stream(
+                server.events.subscribe(),
+                &server.skipped,
+                Rc::clone(streaming),
+            )
         }
         "/" | "/index.html" => {
             let mut r = respond(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD);

@@ -17,7 +17,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::Response;
 use tokio::sync::broadcast::{self, error::RecvError};
 
-use super::{Body, STALL_TIMEOUT};
+use super::{Body, Streaming, STALL_TIMEOUT};
 
 /// Frames queued in front of a client.
 const QUEUED: usize = 16;
@@ -27,29 +27,15 @@ const HEARTBEAT: Duration = Duration::from_secs(15);
 pub(super) fn stream(
     mut events: broadcast::Receiver<Arc<str>>,
     skipped: &Rc<Cell<u64>>,
+    streaming: Rc<Streaming>,
 ) -> Response<Body> {
-    let (mut tx, body) = Channel::<Bytes>::new(QUEUED);
+    let (tx, body) = Channel::<Bytes>::new(QUEUED);
     let skipped = Rc::clone(skipped);
     tokio::task::spawn_local(async move {
-        let mut frame = Bytes::from_static(b": herd events\n\n");
-        loop {
-            match tokio::time::timeout(STALL_TIMEOUT, tx.send_data(frame)).await {
-                Ok(Ok(())) => {}
-                // The client went away, or has not read for STALL_TIMEOUT.
-                _ => return,
-            }
-            frame = tokio::select! {
-                got = events.recv() => match got {
-                    Ok(json) => Bytes::from(format!("event: {}\ndata: {json}\n\n", name_of(&json))),
-                    Err(RecvError::Lagged(n)) => {
-                        skipped.set(skipped.get() + n);
-                        Bytes::from(format!("event: lagged\ndata: {{\"skipped\":{n}}}\n\n"))
-                    }
-                    Err(RecvError::Closed) => return,
-                },
-                () = tokio::time::sleep(HEARTBEAT) => Bytes::from_static(b": keep-alive\n\n"),
-            };
-        }
+        forward(&mut events, tx, &skipped).await;
+        // The connection is dropped too: a client that stopped reading would never take
+        // the end of the stream.
+        streaming.ended.notify_one();
     });
     let mut r = Response::new(Either::Right(body));
     let h = r.headers_mut();
@@ -59,6 +45,34 @@ pub(super) fn stream(
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
+}
+
+/// Sends the stream's frames until the client goes away, stops reading for
+/// [`STALL_TIMEOUT`], or herd ends.
+async fn forward(
+    events: &mut broadcast::Receiver<Arc<str>>,
+    mut tx: http_body_util::channel::Sender<Bytes>,
+    skipped: &Cell<u64>,
+) {
+    let mut frame = Bytes::from_static(b": herd events\n\n");
+    loop {
+        match tokio::time::timeout(STALL_TIMEOUT, tx.send_data(frame)).await {
+            Ok(Ok(())) => {}
+            // The client went away, or has not read for STALL_TIMEOUT.
+            _ => return,
+        }
+        frame = tokio::select! {
+            got = events.recv() => match got {
+                Ok(json) => Bytes::from(format!("event: {}\ndata: {json}\n\n", name_of(&json))),
+                Err(RecvError::Lagged(n)) => {
+                    skipped.set(skipped.get() + n);
+                    Bytes::from(format!("event: lagged\ndata: {{\"skipped\":{n}}}\n\n"))
+                }
+                Err(RecvError::Closed) => return,
+            },
+            () = tokio::time::sleep(HEARTBEAT) => Bytes::from_static(b": keep-alive\n\n"),
+        };
+    }
 }
 
 /// The `event` field of an event's JSON line (a name herd chose: letters and `_`).

@@ -188,3 +188,55 @@ fn events_stream_worker_events_as_json() {
         .iter()
         .any(|e| e["event"] == "spawned" && e["instance"] == 1));
 }
+
+#[test]
+fn an_events_client_that_does_not_read_skips_events_instead_of_growing_herd() {
+    let (herd, addr) = start_with_http("app.js", "http-lag", 1, &[]);
+    herd.wait_ready();
+    let port = herd.port();
+    // A small receive buffer, and no reading while a thousand events happen.
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    socket.connect(&addr.into()).expect("connect");
+    let mut s: TcpStream = socket.into();
+    s.set_read_timeout(Some(WAIT)).expect("timeout");
+    write!(s, "GET /events HTTP/1.1\r\nHost: {addr}\r\n\r\n").expect("write");
+    let rss_before = crate::util::rss_kb(herd.pid()).expect("rss");
+    // Each /hello is a `message` event (a `process.send()` from the worker).
+    for _ in 0..3000 {
+        let r = crate::util::get(port, "/hello").expect("/hello");
+        assert_eq!(r.status, 200);
+    }
+    let rss_after = crate::util::rss_kb(herd.pid()).expect("rss");
+    // Now read: somewhere in the stream, a `lagged` event says how many were skipped.
+    let mut lines = BufReader::new(s);
+    let mut line = String::new();
+    let mut skipped = None;
+    let deadline = Instant::now() + WAIT;
+    while skipped.is_none() {
+        assert!(Instant::now() < deadline, "no lagged event");
+        line.clear();
+        if lines.read_line(&mut line).expect("read") == 0 {
+            panic!("the stream ended without a lagged event");
+        }
+        if line.starts_with("event: lagged") {
+            line.clear();
+            lines.read_line(&mut line).expect("data");
+            let data: Value = serde_json::from_str(line.trim_start_matches("data: ").trim_end())
+                .expect("lagged JSON");
+            skipped = data["skipped"].as_u64();
+        }
+    }
+    assert!(skipped.is_some_and(|n| n > 0), "{skipped:?}");
+    let metrics = get(addr, "/metrics").body;
+    assert!(
+        !metrics.contains("herd_http_skipped_events_total{app=\"http-lag\"} 0.0"),
+        "{metrics}"
+    );
+    eprintln!("skipped {skipped:?}; herd rss {rss_before} KiB → {rss_after} KiB");
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "herd grew from {rss_before} KiB to {rss_after} KiB behind a client that did not read"
+    );
+}
