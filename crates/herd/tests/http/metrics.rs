@@ -116,30 +116,25 @@ fn the_ready_gauge_falls_when_a_worker_hangs() {
     let (herd, addr) = start_with_http("health_app.js", "http-hang", 2, &["--watchdog", "1s"]);
     herd.wait_ready();
     let port = herd.port();
-    let ready_of = |m: &str, id: &str| {
-        value(
-            m,
-            &format!(
-                r#"herd_worker_ready{{app="http-hang",instance="{}",worker_id="{id}"}}"#,
-                instance_of(&herd, id)
-            ),
-        )
-    };
     let answer = util::get(port, "/stop").expect("/stop answers");
     let victim = util::pid_in(&answer);
     let spawned = herd.wait_event("the victim's spawn", |e| {
         e["event"] == "spawned" && e["pid"] == victim
     });
-    let id = spawned["worker_id"].to_string();
+    let series = format!(
+        r#"herd_worker_ready{{app="http-hang",instance="{}",worker_id="{}"}}"#,
+        spawned["instance"], spawned["worker_id"]
+    );
+    let ready_of = |m: &str| value(m, &series);
     let first = get(addr, "/metrics").body;
     // Either still 1 (not found hung yet) or already 0: never absent while it lives.
-    assert!(ready_of(&first, &id).is_some(), "{first}");
+    assert!(ready_of(&first).is_some(), "{first}");
     // Poll until the victim shows 0 (hung, not yet killed), while it still exists.
     let deadline = Instant::now() + WAIT;
     let mut seen = Vec::new();
     loop {
         let m = get(addr, "/metrics").body;
-        let v = ready_of(&m, &id);
+        let v = ready_of(&m);
         seen.push(v);
         if v == Some(0.0) {
             let ready = value(&m, r#"herd_workers{app="http-hang",state="ready"}"#);
@@ -154,12 +149,4 @@ fn the_ready_gauge_falls_when_a_worker_hangs() {
         std::thread::sleep(Duration::from_millis(20));
     }
     herd.wait_named("hung");
-}
-
-/// The instance of worker `id` (from its `spawned` event).
-fn instance_of(herd: &crate::util::Herd, id: &str) -> u64 {
-    let spawned = herd.wait_event("a spawn", |e| {
-        e["event"] == "spawned" && e["worker_id"].to_string() == id
-    });
-    spawned["instance"].as_u64().expect("instance")
 }
