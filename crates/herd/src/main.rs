@@ -174,13 +174,15 @@ fn run(args: cli::RunArgs) -> anyhow::Result<u8> {
     // --http: checked and bound before anything else is touched (a refused address or a
     // busy port fails the start with nothing left behind).
     let drain_delay = args.drain_delay;
+    let env_token = std::env::var("HERD_HTTP_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
+    // Workers inherit herd's environment, and they must not learn the token. No other
+    // thread runs yet (herd's output thread starts below), so this is sound.
+    std::env::remove_var("HERD_HTTP_TOKEN");
     let http = match args.http {
         Some(addr) => {
-            let token = args.http_token.clone().or_else(|| {
-                std::env::var("HERD_HTTP_TOKEN")
-                    .ok()
-                    .filter(|t| !t.is_empty())
-            });
+            let token = args.http_token.clone().or(env_token);
             let config = http::Config::new(addr, token, args.ready_min)?;
             let listener = config.bind()?;
             Some((config, listener))

@@ -129,3 +129,91 @@ fn silent_clients_do_not_hold_the_supervisor_or_the_port_for_long() {
     );
     drop(silent);
 }
+
+#[test]
+fn the_token_from_the_environment_is_used_and_not_passed_to_workers() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let token = "env-t0ken-for-the-test";
+    let dir = crate::util::TempDir::new();
+    let env_out = dir.join("worker.env");
+    let mut child = Command::new(crate::util::herd_bin())
+        .env("HERD_HOME", dir.join("home"))
+        .env("HERD_HTTP_TOKEN", token)
+        .env("ENV_OUT", &env_out)
+        .args([
+            "run",
+            "--log-format",
+            "json",
+            "-i",
+            "1",
+            "--name",
+            "http-env",
+        ])
+        .args(["--http", "127.0.0.1:0", "--listen", "127.0.0.1:0"])
+        .arg(crate::util::fixture("http_env.sh"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start herd");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    let mut addr = None;
+    let mut worker = None;
+    let deadline = std::time::Instant::now() + crate::util::WAIT;
+    while addr.is_none() || worker.is_none() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let Ok(e) = rx.recv_timeout(left) else { break };
+        if e["event"] == "http" {
+            addr = e["address"]
+                .as_str()
+                .and_then(|a| a.parse::<std::net::SocketAddr>().ok());
+        }
+        if e["event"] == "spawned" {
+            worker = e["pid"].as_u64().map(|p| p as u32);
+        }
+    }
+    let result = std::panic::catch_unwind(|| {
+        let addr = addr.expect("an http event");
+        assert_eq!(request(addr, "/metrics", &[]).expect("answers").status, 401);
+        let bearer = format!("Authorization: Bearer {token}");
+        assert_eq!(
+            request(addr, "/metrics", &[&bearer])
+                .expect("answers")
+                .status,
+            200
+        );
+        let env = poll_until("the worker's environment", || {
+            std::fs::read_to_string(&env_out).ok()
+        });
+        assert!(env.contains("ENV_OUT="), "{env}");
+        assert!(
+            !env.contains("HERD_HTTP_TOKEN") && !env.contains(token),
+            "the worker got the token: {env}"
+        );
+    });
+    // SAFETY: kill(2) on our own child, then on the worker group herd made for it.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let _ = child.wait();
+    if let Some(pid) = worker {
+        if crate::util::pid_alive(pid) {
+            crate::util::kill(pid, libc::SIGKILL);
+        }
+    }
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
