@@ -24,8 +24,8 @@
 //!
 //! | signal to herd | effect |
 //! |---|---|
-//! | `SIGTERM`, `SIGINT` | graceful stop: Node workers get `disconnect`, others `SIGTERM`; `SIGKILL` after `--kill-timeout` |
-//! | second `SIGINT` | `SIGKILL` every worker now |
+//! | `SIGTERM`, `SIGINT` | graceful stop: Node workers get `disconnect`, others `SIGTERM`; `SIGKILL` after `--kill-timeout`. With `--drain-delay D`, first D of serving while `/ready` says 503 ([`observe`]) |
+//! | second `SIGINT` | during a drain: the graceful stop now; during the stop: `SIGKILL` every worker now |
 //!
 //! Stopping a worker takes it out of routing first, then asks it to close: in-flight
 //! requests finish. Each worker is its own process group, and the whole group is signalled.
