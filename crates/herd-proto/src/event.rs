@@ -30,6 +30,8 @@ wire_enum! {
         HandoffFailed = "handoff_failed",
         /// Probes pass again after failures.
         Healthy = "healthy",
+        /// `--http` serves on an address (`address`).
+        Http = "http",
         /// The watchdog found a worker hung.
         Hung = "hung",
         IpcDropped = "ipc_dropped",

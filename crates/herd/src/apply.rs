@@ -39,6 +39,11 @@ const RESTART_KEYS: &[&str] = &[
     "log_max_size",
     "log_keep",
     "log_compress",
+    // --http's listener and settings are the supervisor's too.
+    "http",
+    "http_token",
+    "ready_min",
+    "drain_delay",
 ];
 
 /// A herd.toml and, optionally, the one app of it asked for.

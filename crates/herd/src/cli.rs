@@ -283,6 +283,25 @@ pub struct RunArgs {
     #[arg(long, value_name = "GROUP")]
     pub group: Option<String>,
 
+    /// Serve /metrics, /ready, /live, /status, /events and a dashboard on ADDR (PORT,
+    /// IP:PORT; a bare port is on 127.0.0.1). See docs/observability.md.
+    #[arg(long, value_name = "ADDR", value_parser = crate::http::parse_addr)]
+    pub http: Option<std::net::SocketAddr>,
+
+    /// Bearer token --http requires for its data (needed for a non-loopback ADDR); better
+    /// passed as HERD_HTTP_TOKEN, which `ps` does not show.
+    #[arg(long, value_name = "TOKEN")]
+    pub http_token: Option<String>,
+
+    /// --http: /ready answers 200 while at least N workers are ready.
+    #[arg(long, value_name = "N", default_value_t = 1, allow_negative_numbers = true, value_parser = spec::parse_positive_count_usize)]
+    pub ready_min: usize,
+
+    /// On herd stop / SIGTERM / SIGINT, answer 503 on /ready and keep serving this long
+    /// before the graceful stop (time for load balancers to notice).
+    #[arg(long, value_name = "DURATION", default_value = "0s", allow_hyphen_values = true, value_parser = spec::parse_duration)]
+    pub drain_delay: Duration,
+
     /// With a herd.toml as APP: the app of the file to run (`herd start`: all by default).
     #[arg(long = "app", id = "config_app", value_name = "NAME", value_parser = clap::value_parser!(AppName))]
     pub config_app: Option<AppName>,

@@ -86,6 +86,9 @@ struct LoggerInner {
     ring: RefCell<(VecDeque<LogLine>, usize)>,
     /// `herd logs -f` subscribers.
     follow: broadcast::Sender<LogLine>,
+    /// `--http`'s `/events`: every event as its JSON line, whatever `--log-format` (see
+    /// [`Logger::set_tap`]).
+    tap: RefCell<Option<broadcast::Sender<std::sync::Arc<str>>>>,
 }
 
 const COLORS: [&str; 6] = ["36", "33", "35", "32", "34", "31"];
@@ -106,6 +109,7 @@ impl Logger {
                 out: Output::start(app, format, sink)?,
                 ring: RefCell::new((VecDeque::with_capacity(256), 0)),
                 follow,
+                tap: RefCell::new(None),
             }),
         })
     }
@@ -122,8 +126,50 @@ impl Logger {
                 out: Output::discard(app, LogFormat::Text),
                 ring: RefCell::new((VecDeque::with_capacity(256), 0)),
                 follow,
+                tap: RefCell::new(None),
             }),
         }
+    }
+
+    /// Every later event also goes to `tap` as one JSON object (the `--log-format json`
+    /// line), while it has receivers. A bounded broadcast: a slow receiver skips events, it
+    /// never holds them here.
+    pub fn set_tap(&self, tap: broadcast::Sender<std::sync::Arc<str>>) {
+        *self.inner.tap.borrow_mut() = Some(tap);
+    }
+
+    /// Sends an event to the tap, if anyone listens.
+    fn tap(&self, name: EventName, who: Option<Who>, message: &str, fields: &[(&str, Value)]) {
+        let tap = self.inner.tap.borrow();
+        let Some(tap) = tap.as_ref().filter(|t| t.receiver_count() > 0) else {
+            return;
+        };
+        let line = json_line(self.event_object(name, who, message, fields));
+        let _ = tap.send(String::from_utf8_lossy(&line).into());
+    }
+
+    /// An event as the JSON object `--log-format json` writes.
+    fn event_object(
+        &self,
+        name: EventName,
+        who: Option<Who>,
+        message: &str,
+        fields: &[(&str, Value)],
+    ) -> Map<String, Value> {
+        let mut obj = Map::new();
+        obj.insert("ts".into(), Value::String(timestamp()));
+        obj.insert("app".into(), Value::String(self.inner.app.clone()));
+        obj.insert("event".into(), Value::String(name.as_str().into()));
+        if let Some(who) = who {
+            obj.insert("instance".into(), who.instance.into());
+            obj.insert("worker_id".into(), who.worker_id.into());
+            obj.insert("pid".into(), who.pid.into());
+        }
+        obj.insert("message".into(), Value::String(message.to_string()));
+        for (key, value) in fields {
+            obj.insert((*key).to_string(), value.clone());
+        }
+        obj
     }
 
     /// herd's stdout queue, for the bounded flush at exit ([`Output::finish`]).
@@ -254,26 +300,12 @@ impl Logger {
                 out
             }
             LogFormat::Text => plain.clone().into_bytes(),
-            LogFormat::Json => {
-                let mut obj = Map::new();
-                obj.insert("ts".into(), Value::String(timestamp()));
-                obj.insert("app".into(), Value::String(self.inner.app.clone()));
-                obj.insert("event".into(), Value::String(name.as_str().into()));
-                if let Some(who) = who {
-                    obj.insert("instance".into(), who.instance.into());
-                    obj.insert("worker_id".into(), who.worker_id.into());
-                    obj.insert("pid".into(), who.pid.into());
-                }
-                obj.insert("message".into(), Value::String(message.to_string()));
-                for (key, value) in fields {
-                    obj.insert((*key).to_string(), value.clone());
-                }
-                json_line(obj)
-            }
+            LogFormat::Json => json_line(self.event_object(name, who, message, fields)),
         };
         out.push(b'\n');
         self.remember(who.map(|w| w.instance), plain);
         self.inner.out.event(out);
+        self.tap(name, who, message, fields);
     }
 
     /// An event for tools only: written with `--log-format json`, left out of the text log
@@ -288,6 +320,8 @@ impl Logger {
     ) {
         if self.inner.format == LogFormat::Json {
             self.event(name, who, message, fields);
+        } else {
+            self.tap(name, who, message, fields);
         }
     }
 

@@ -16,6 +16,7 @@ mod fmt;
 mod health;
 mod import;
 mod inherit;
+mod http;
 mod logs;
 mod mix;
 mod monit;
@@ -322,6 +323,13 @@ fn run(args: cli::RunArgs, config: Option<String>, argv: Vec<String>) -> anyhow:
             "warning: herd cannot become a child subreaper ({e}); orphans of workers go to PID 1"
         );
     }
+    let drain_delay = args.drain_delay;
+    let env_token = std::env::var("HERD_HTTP_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
+    // Workers inherit herd's environment, and they must not learn the token. No other
+    // thread runs yet (herd's output thread starts below), so this is sound.
+    std::env::remove_var("HERD_HTTP_TOKEN");
     // Opened first: a path herd may not write is an error before anything is bound.
     let log_file = match &args.log_file {
         Some(path) => Some(
@@ -333,6 +341,17 @@ fn run(args: cli::RunArgs, config: Option<String>, argv: Vec<String>) -> anyhow:
             })
             .map_err(anyhow::Error::msg)?,
         ),
+        None => None,
+    };
+    // --http: checked and bound before anything else is touched (a refused address or a
+    // busy port fails the start with nothing left behind).
+    let http = match args.http {
+        Some(addr) => {
+            let token = args.http_token.clone().or(env_token);
+            let config = http::Config::new(addr, token, args.ready_min)?;
+            let listener = config.bind()?;
+            Some((config, listener))
+        }
         None => None,
     };
     let spec = args.into_spec();
@@ -387,15 +406,32 @@ fn run(args: cli::RunArgs, config: Option<String>, argv: Vec<String>) -> anyhow:
         let (mut sup, rx) = Supervisor::new(plan, logger, run_dir);
         sup.set_control_path(control_path.clone());
         sup.set_origin(config, argv);
+        sup.observe_with(http.is_some(), drain_delay);
         let tx = sup.sender();
         forward_signals(tx.clone())?;
         reopen_on_sigusr1(sup.logger().output())?;
         reaper::watch()?;
         sdnotify::watchdog();
+        let http = http.map(|(config, listener)| {
+            let tap = http::event_tap();
+            let logger = sup.logger();
+            logger.set_tap(tap.clone());
+            let addr = listener.local_addr().map_or(config.addr, |a| a);
+            logger.event(
+                herd_proto::event::EventName::Http,
+                None,
+                &format!("serving metrics, status and the dashboard on http://{addr}/"),
+                &[("address", serde_json::json!(addr.to_string()))],
+            );
+            tokio::task::spawn_local(http::serve(listener, config, tx.clone(), tap))
+        });
         let control = tokio::net::UnixListener::from_std(control)?;
         let serving = tokio::task::spawn_local(control::serve(control, tx, sup.logger()));
         let code = sup.run(rx).await;
         serving.abort();
+        if let Some(http) = http {
+            http.abort();
+        }
         anyhow::Ok(code)
     });
     // Whatever stdout has not taken within the bound is lost: a blocked stdout must not keep

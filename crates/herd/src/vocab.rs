@@ -93,6 +93,10 @@ pub enum Event {
         request: Request,
         reply: oneshot::Sender<Response>,
     },
+    /// `--http`: a question the HTTP server asks (status, metrics, readiness, samples).
+    Observe(crate::http::Query),
+    /// `--drain-delay` is over: the graceful stop begins.
+    DrainOver,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,6 +9,7 @@ mod hardening;
 mod health;
 mod logfiles;
 mod monit;
+mod http;
 mod node;
 mod run;
 mod system;

@@ -47,7 +47,8 @@ impl Supervisor {
         let needed = h.watchdog.is_some()
             || h.check.is_some()
             || h.max_memory.is_some()
-            || h.max_age.is_some();
+            || h.max_age.is_some()
+            || self.samples_wanted();
         if !needed {
             return;
         }
@@ -78,6 +79,7 @@ impl Supervisor {
             .is_none_or(|t| now.duration_since(t) + period / 2 >= Duration::from_secs(1));
         if sample {
             self.last_sample = Some(now);
+            self.record_samples();
         }
         let mut hung = Vec::new();
         let mut replace = Vec::new();
@@ -337,6 +339,7 @@ impl Supervisor {
                 };
                 w.probe_failures += 1;
                 let n = w.probe_failures;
+                self.observe.probe_failed(who.instance);
                 w.health = Some(format!("failing {n}/{}: {why}", check.failures));
                 self.logger.event(
                     EventName::ProbeFailed,

@@ -24,8 +24,8 @@
 //!
 //! | signal to herd | effect |
 //! |---|---|
-//! | `SIGTERM`, `SIGINT` | graceful stop: Node workers get `disconnect`, others `SIGTERM`; `SIGKILL` after `--kill-timeout` |
-//! | second `SIGINT` | `SIGKILL` every worker now |
+//! | `SIGTERM`, `SIGINT` | graceful stop: Node workers get `disconnect`, others `SIGTERM`; `SIGKILL` after `--kill-timeout`. With `--drain-delay D`, first D of serving while `/ready` says 503 ([`observe`]) |
+//! | second `SIGINT` | during a drain: the graceful stop now; during the stop: `SIGKILL` every worker now |
 //!
 //! Stopping a worker takes it out of routing first, then asks it to close: in-flight
 //! requests finish. Each worker is its own process group, and the whole group is signalled.
@@ -34,6 +34,7 @@ mod cluster;
 mod health;
 mod kernel;
 mod lifecycle;
+mod observe;
 pub mod ops;
 mod phase;
 mod reconfigure;
@@ -162,6 +163,8 @@ pub struct Supervisor {
     closers: BTreeMap<(usize, usize), tokio::task::JoinHandle<()>>,
     /// Where the app came from, for `herd ls` and `herd apply` (see [`reconfigure`]).
     origin: reconfigure::Origin,
+    /// `--http`'s counters and sample ring, and `--drain-delay` (see [`observe`]).
+    observe: observe::Observe,
 }
 
 impl Supervisor {
@@ -211,6 +214,7 @@ impl Supervisor {
             held: BTreeMap::new(),
             closers: BTreeMap::new(),
             origin: reconfigure::Origin::default(),
+            observe: observe::Observe::default(),
         };
         (sup, rx)
     }
@@ -388,6 +392,8 @@ impl Supervisor {
             Event::Reroute => {}
             Event::ProbeConn { id, conn } => self.on_probe_conn(id, conn),
             Event::Probe { id, result } => self.on_probe(id, result),
+            Event::Observe(query) => self.on_observe(query),
+            Event::DrainOver => self.drain_over("--drain-delay is over"),
         }
     }
 
@@ -418,13 +424,7 @@ impl Supervisor {
             Request::Stop => {
                 self.stop_replies.push(reply);
                 if !self.phase.is_stopping() {
-                    self.logger.event(
-                        EventName::Stopping,
-                        None,
-                        &format!("stopping (herd stop): {} workers", self.workers.len()),
-                        &[],
-                    );
-                    self.stop_all(0);
+                    self.stop_requested("herd stop");
                 }
             }
             Request::Send { data, instance } => {
@@ -484,19 +484,16 @@ impl Supervisor {
         }
         let graceful = matches!(self.phase, AppPhase::Stopping { forced: false, .. });
         match (self.phase.is_stopping(), kind) {
+            (false, SignalKind::Interrupt) if self.observe.draining => {
+                self.drain_over("second SIGINT: drain cut short");
+            }
             (false, _) => {
                 let name = if kind == SignalKind::Interrupt {
                     "SIGINT"
                 } else {
                     "SIGTERM"
                 };
-                self.logger.event(
-                    EventName::Stopping,
-                    None,
-                    &format!("stopping ({name}): {} workers", self.workers.len()),
-                    &[],
-                );
-                self.stop_all(0);
+                self.stop_requested(name);
             }
             (true, SignalKind::Interrupt) if graceful => {
                 self.logger.event(

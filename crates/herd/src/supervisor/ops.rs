@@ -138,7 +138,7 @@ fn refuse(reply: Option<oneshot::Sender<Response>>, message: String) {
 impl Supervisor {
     /// Starts an operation, or refuses it with a reason.
     pub(super) fn begin(&mut self, kind: OpKind, reply: Option<oneshot::Sender<Response>>) {
-        if self.phase.is_stopping() {
+        if self.phase.is_stopping() || self.observe.draining {
             return refuse(reply, "the app is stopping".into());
         }
         let reply = match self.take_over_replacement(kind, reply) {
@@ -445,6 +445,7 @@ impl Supervisor {
         };
         self.logger.event(EventName::OpFailed, None, &message, &[]);
         if matches!(op.kind, OpKind::Reload { .. }) {
+            self.count_reload(false);
             self.tell_manager("READY=1");
         }
         if let Some(reply) = op.reply.take() {
@@ -532,6 +533,7 @@ impl Supervisor {
         };
         self.logger.event(op.kind.done_event(), None, &message, &[]);
         if matches!(op.kind, OpKind::Reload { .. }) {
+            self.count_reload(ok);
             self.tell_manager("READY=1");
         }
         if let Some(reply) = op.reply.take() {

@@ -63,7 +63,7 @@ impl Supervisor {
     /// The phase, or `errored` while running with every slot given up.
     fn app_state(&self) -> AppState {
         match self.phase.op() {
-            _ if self.phase.is_stopping() => AppState::Stopping,
+            _ if self.phase.is_stopping() || self.observe.draining => AppState::Stopping,
             Some(op) => op.kind.state(),
             None if self.slots.iter().all(|s| s.state.is_errored()) => AppState::Errored,
             None => AppState::Running,
@@ -90,7 +90,7 @@ impl Supervisor {
 }
 
 /// How `herd status` shows a worker's lifecycle state.
-fn shown_state(w: &Worker) -> Shown {
+pub(super) fn shown_state(w: &Worker) -> Shown {
     let state = w.state();
     if state.is_draining() {
         Shown::Stopping
