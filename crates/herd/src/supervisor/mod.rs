@@ -158,7 +158,8 @@ pub struct Supervisor {
     held: BTreeMap<usize, tokio::time::Instant>,
     /// Socket activation, hash and sticky: (listener, slot) sockets of slots that will not
     /// have a worker again, whose queued connections herd closes.
-    closers: BTreeMap<(usize, usize), tokio::task::JoinHandle<()>>,
+    /// Their accept threads (kept, idle, once the slot comes back).
+    closers: BTreeMap<(usize, usize), crate::balance::AcceptThread>,
 }
 
 impl Supervisor {
@@ -522,7 +523,8 @@ impl Supervisor {
                 if let Some(task) = s.accept_task.take() {
                     task.abort();
                 }
-                for (_, task) in std::mem::take(&mut s.drains) {
+                s.drains.clear();
+                if let Some((_, task)) = s.drain_hand.take() {
                     task.abort();
                 }
             }

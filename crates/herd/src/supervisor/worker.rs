@@ -553,8 +553,8 @@ impl Launcher {
                 // never again: an async server makes it non-blocking for itself and every
                 // other worker (as under systemd), and setting it back under a running one
                 // would let its accept() block its event loop. herd accepts from a
-                // socket-activation listener only while no worker can hold it
-                // (`refuse_loop`, which makes it non-blocking first).
+                // socket-activation listener only on a helper thread that does not depend on
+                // the flag (`balance::AcceptThread`).
                 for (i, l) in plan.listeners.iter().enumerate() {
                     let (key, fd) = match given.slot_sockets.get(i) {
                         Some(Some(own)) => ((i, instance), own.as_fd()),
