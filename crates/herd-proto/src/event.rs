@@ -74,6 +74,8 @@ wire_enum! {
         StickyMoved = "sticky_moved",
         Stopped = "stopped",
         Stopping = "stopping",
+        /// A ready worker said it cannot serve for now (`process.send({herd: 'unready'})`).
+        Unready = "unready",
         Warning = "warning",
     }
 }

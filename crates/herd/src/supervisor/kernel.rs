@@ -54,14 +54,20 @@ impl Supervisor {
     }
 
     /// Whether a slot that just lost its ready worker keeps its clients for a while: sticky,
-    /// the app running, and the slot still wanted (not errored, not scaled away).
+    /// the app running, and the slot still wanted (not errored, not scaled away) and not
+    /// left by a worker that said it is unready (that one is alive and chose to leave: its
+    /// clients move at once).
     fn holds(&self, instance: usize) -> bool {
         self.plan.balance == Balance::Sticky
             && !self.phase.is_stopping()
-            && self
-                .slots
-                .get(instance)
-                .is_some_and(|s| !s.retiring && !s.state.is_errored())
+            && self.slots.get(instance).is_some_and(|s| {
+                !s.retiring
+                    && !s.state.is_errored()
+                    && !s
+                        .worker
+                        .and_then(|id| self.workers.get(&id))
+                        .is_some_and(|w| w.state().unready_reason().is_some())
+            })
     }
 
     /// Recomputes every group's live set (see the module doc). Cheap when nothing changed.

@@ -480,6 +480,64 @@ impl Supervisor {
         self.check_op();
     }
 
+    /// A ready Node worker's `process.send({herd: 'unready', reason})`: out of the rotation
+    /// (round-robin skips it; hash/sticky: its slot leaves the live set), not counted ready,
+    /// not replaced for it; the watchdog and health checks still watch it.
+    pub(super) fn declared_unready(&mut self, id: WorkerId, reason: &str) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        // A reason is for people: one short line.
+        let mut reason: String = reason
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(200)
+            .collect();
+        if reason.is_empty() {
+            reason = "no reason given".into();
+        }
+        let Some(next) = w
+            .state()
+            .on_unready(tokio::time::Instant::now(), reason.clone())
+        else {
+            return;
+        };
+        w.set_state(next);
+        w.status = Some(reason.clone());
+        let who = w.who();
+        self.logger.event(
+            EventName::Unready,
+            Some(who),
+            &format!("unready: {reason}"),
+            &[("reason", json!(reason))],
+        );
+        self.reroute();
+    }
+
+    /// Its `process.send({herd: 'ready'})` after `unready`: back in the rotation.
+    pub(super) fn declared_ready(&mut self, id: WorkerId) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        let Some(next) = w.state().on_rejoin(tokio::time::Instant::now()) else {
+            return;
+        };
+        w.set_state(next);
+        w.status = None;
+        let who = w.who();
+        let servers = w.servers.clone();
+        self.logger.event(
+            EventName::Ready,
+            Some(who),
+            "ready again",
+            &[("via", json!("message"))],
+        );
+        self.reroute();
+        for s in servers {
+            self.drain(s);
+        }
+    }
+
     pub(super) fn on_notify(
         &mut self,
         id: WorkerId,

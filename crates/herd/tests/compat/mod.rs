@@ -3,3 +3,4 @@
 //! readiness, giving up on an app that crashes at start, refusing while nothing serves.
 
 mod nonblock;
+mod unready;
