@@ -12,6 +12,10 @@ use serde_json::{json, Value};
 use super::state::{DrainReason, Role, WorkerState};
 use super::*;
 use crate::fmt::describe_status;
+
+/// Unstable restarts in a row after which a slot gives up while no worker of the app has
+/// been ready since herd started (three runs in all), whatever `--max-restarts` says.
+pub const STARTUP_MAX_RESTARTS: u32 = 2;
 use crate::logs::Who;
 use crate::spec::Ready;
 use restart::Verdict;
@@ -272,7 +276,14 @@ impl Supervisor {
         reason: String,
         fields: &[(&str, Value)],
     ) {
-        let policy = self.plan.spec.policy.clone();
+        let mut policy = self.plan.spec.policy.clone();
+        // An app that has never served crashes at start: a bug or a missing dependency that
+        // restarts will not fix. Give up soon, so that `herd run` exits non-zero within
+        // seconds (as `herd start` fails) and an orchestrator sees it.
+        let at_start = !self.ever_ready;
+        if at_start {
+            policy.max_restarts = policy.max_restarts.min(STARTUP_MAX_RESTARTS);
+        }
         let slot = &mut self.slots[instance];
         if !policy.autorestart {
             self.logger.event(
@@ -323,9 +334,10 @@ impl Supervisor {
                     EventName::Errored,
                     Some(who),
                     &format!(
-                        "errored: {} restarts in a row each died before --min-uptime {}; giving up on this slot. Last exit: {reason}",
+                        "errored: {} restarts in a row each died before --min-uptime {}{}; giving up on this slot. Last exit: {reason}",
                         unstable - 1,
-                        human(policy.min_uptime)
+                        human(policy.min_uptime),
+                        if at_start { " and no worker has been ready yet" } else { "" }
                     ),
                     &[("reason", json!(reason))],
                 );
@@ -343,12 +355,12 @@ impl Supervisor {
                 .iter()
                 .all(|s| s.state.is_errored() && s.incoming.is_none())
         {
-            self.logger.event(
-                EventName::Errored,
-                None,
-                "every worker slot errored — exiting",
-                &[],
-            );
+            let why = if self.ever_ready {
+                "every worker slot errored — exiting with code 1"
+            } else {
+                "every worker slot errored before any worker was ready: the app fails at start (see its errors above) — exiting with code 1"
+            };
+            self.logger.event(EventName::Errored, None, why, &[]);
             self.stop_all(1);
         }
     }
@@ -452,6 +464,7 @@ impl Supervisor {
         let servers = w.servers.clone();
         let promote = (w.role == Role::Incoming).then_some(w.instance);
         let ms = w.started.elapsed().as_millis() as u64;
+        self.ever_ready = true;
         self.logger.event(
             EventName::Ready,
             Some(who),

@@ -142,6 +142,9 @@ pub struct Supervisor {
     /// Running, running an operation, or stopping (see [`phase`]).
     phase: AppPhase,
     all_ready: bool,
+    /// Some worker of the app has been ready since herd started: until then a slot gives
+    /// up after [`lifecycle::STARTUP_MAX_RESTARTS`] unstable restarts, not `--max-restarts`.
+    ever_ready: bool,
     run_dir: PathBuf,
     /// Graceful replacements (health, limits) waiting their turn.
     replacements: std::collections::VecDeque<(WorkerId, Reason)>,
@@ -198,6 +201,7 @@ impl Supervisor {
             servers: Servers::default(),
             phase: AppPhase::Running,
             all_ready: false,
+            ever_ready: false,
             run_dir,
             replacements: std::collections::VecDeque::new(),
             stop_replies: Vec::new(),

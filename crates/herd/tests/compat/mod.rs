@@ -3,4 +3,5 @@
 //! readiness, giving up on an app that crashes at start, refusing while nothing serves.
 
 mod nonblock;
+mod startup;
 mod unready;
