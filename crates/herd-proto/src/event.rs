@@ -51,6 +51,9 @@ wire_enum! {
         ReadyTimeout = "ready_timeout",
         /// An operation was refused (another is running).
         Refused = "refused",
+        /// Socket activation, `shared`: herd starts (`active`) or stops refusing connections
+        /// while no worker is ready.
+        Refusing = "refusing",
         /// A reload finished.
         Reload = "reload",
         Reloading = "reloading",

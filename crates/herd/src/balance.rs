@@ -240,7 +240,6 @@ impl AcceptThread {
     }
 
     /// Connections closed so far ([`Take::Refuse`]).
-    #[allow(dead_code)] // read by the refusal log of a later change
     pub fn refused(&self) -> u64 {
         self.control
             .refused
@@ -316,7 +315,11 @@ fn thread_loop(
             return;
         }
         let active = control.active.load(Ordering::SeqCst);
-        if !wait_readable(&wake, active.then_some(&listener)) || !active {
+        // Again after the wait: switched off meanwhile (the wake-up and a connection can
+        // arrive together), it must leave that connection to the workers.
+        if !wait_readable(&wake, active.then_some(&listener))
+            || !control.active.load(Ordering::SeqCst)
+        {
             continue;
         }
         // One at a time, and only what poll says is queued: with O_NONBLOCK cleared under

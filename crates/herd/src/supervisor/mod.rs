@@ -36,6 +36,7 @@ mod kernel;
 mod lifecycle;
 pub mod ops;
 mod phase;
+mod refuse;
 pub mod restart;
 mod routing;
 mod slot;
@@ -145,6 +146,14 @@ pub struct Supervisor {
     /// Some worker of the app has been ready since herd started: until then a slot gives
     /// up after [`lifecycle::STARTUP_MAX_RESTARTS`] unstable restarts, not `--max-restarts`.
     ever_ready: bool,
+    /// Socket activation, `shared`: since when no worker has been ready, whether herd
+    /// refuses connections now, and its accept threads (see [`refuse`]).
+    nothing_serves_since: Option<tokio::time::Instant>,
+    refusing: bool,
+    refusers: Vec<crate::balance::AcceptThread>,
+    /// … and whether anyone accepts from its listeners while workers are ready.
+    queue_check_due: Option<tokio::time::Instant>,
+    queue_watch: Vec<refuse::QueueWatch>,
     run_dir: PathBuf,
     /// Graceful replacements (health, limits) waiting their turn.
     replacements: std::collections::VecDeque<(WorkerId, Reason)>,
@@ -202,6 +211,11 @@ impl Supervisor {
             phase: AppPhase::Running,
             all_ready: false,
             ever_ready: false,
+            nothing_serves_since: None,
+            refusing: false,
+            refusers: Vec::new(),
+            queue_check_due: None,
+            queue_watch: Vec::new(),
             run_dir,
             replacements: std::collections::VecDeque::new(),
             stop_replies: Vec::new(),
@@ -303,6 +317,7 @@ impl Supervisor {
     pub fn handle(&mut self, event: Event) {
         self.on_event(event);
         self.reroute();
+        self.refuse_while_nothing_serves();
     }
 
     fn on_event(&mut self, event: Event) {

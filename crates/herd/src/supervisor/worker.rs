@@ -109,6 +109,8 @@ pub struct Worker {
     pub servers: Vec<ServerId>,
     pub tail: Tail,
     pub status: Option<String>,
+    /// `status` holds herd's hint that it listens on its own port (see `refuse`).
+    pub own_port_hint: bool,
     notify_path: Option<PathBuf>,
     notify_task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -476,6 +478,7 @@ impl Launcher {
             servers: Vec::new(),
             tail,
             status: None,
+            own_port_hint: false,
             notify_path: Some(notify_path),
             notify_task: Some(notify_task),
         })

@@ -3,5 +3,6 @@
 //! readiness, giving up on an app that crashes at start, refusing while nothing serves.
 
 mod nonblock;
+mod refuse;
 mod startup;
 mod unready;
