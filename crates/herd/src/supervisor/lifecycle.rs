@@ -299,7 +299,10 @@ impl Supervisor {
             self.check_all_errored();
             return;
         }
-        match slot.backoff.on_exit(uptime, &policy) {
+        // Before any worker was ready, dying is failing to start however long it took: a
+        // slow machine must not turn a crash at start into a "stable" run.
+        let counted = if at_start { Duration::ZERO } else { uptime };
+        match slot.backoff.on_exit(counted, &policy) {
             Verdict::Restart(delay) => {
                 slot.restarts += 1;
                 self.set_slot_state(instance, SlotState::RestartDue);
@@ -333,12 +336,17 @@ impl Supervisor {
                 self.logger.event(
                     EventName::Errored,
                     Some(who),
-                    &format!(
-                        "errored: {} restarts in a row each died before --min-uptime {}{}; giving up on this slot. Last exit: {reason}",
-                        unstable - 1,
-                        human(policy.min_uptime),
-                        if at_start { " and no worker has been ready yet" } else { "" }
-                    ),
+                    &if at_start {
+                        format!(
+                            "errored: {unstable} runs in a row died and no worker has been ready yet; giving up on this slot. Last exit: {reason}"
+                        )
+                    } else {
+                        format!(
+                            "errored: {} restarts in a row each died before --min-uptime {}; giving up on this slot. Last exit: {reason}",
+                            unstable - 1,
+                            human(policy.min_uptime)
+                        )
+                    },
                     &[("reason", json!(reason))],
                 );
                 self.set_slot_state(instance, SlotState::Errored { why: reason });
