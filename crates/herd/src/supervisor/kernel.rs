@@ -63,10 +63,10 @@ impl Supervisor {
             && self.slots.get(instance).is_some_and(|s| {
                 !s.retiring
                     && !s.state.is_errored()
-                    && !s
+                    && s
                         .worker
                         .and_then(|id| self.workers.get(&id))
-                        .is_some_and(|w| w.state().unready_reason().is_some())
+                        .is_none_or(|w| w.state().unready_reason().is_none())
             })
     }
 
