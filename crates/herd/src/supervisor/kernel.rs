@@ -63,8 +63,7 @@ impl Supervisor {
             && self.slots.get(instance).is_some_and(|s| {
                 !s.retiring
                     && !s.state.is_errored()
-                    && s
-                        .worker
+                    && s.worker
                         .and_then(|id| self.workers.get(&id))
                         .is_none_or(|w| w.state().unready_reason().is_none())
             })
