@@ -190,6 +190,8 @@ wire_enum! {
         Errored = "errored",
         /// No worker: a restart is due after a backoff.
         Waiting = "waiting",
+        /// Ready before, out of rotation at its own request (`status_text`: why).
+        Unready = "unready",
     }
 }
 

@@ -53,6 +53,9 @@ wire_enum! {
         ReadyTimeout = "ready_timeout",
         /// An operation was refused (another is running).
         Refused = "refused",
+        /// Socket activation, `shared`: herd starts (`active`) or stops refusing connections
+        /// while no worker is ready.
+        Refusing = "refusing",
         /// A reload finished.
         Reload = "reload",
         Reloading = "reloading",
@@ -76,6 +79,8 @@ wire_enum! {
         StickyMoved = "sticky_moved",
         Stopped = "stopped",
         Stopping = "stopping",
+        /// A ready worker said it cannot serve for now (`process.send({herd: 'unready'})`).
+        Unready = "unready",
         Warning = "warning",
     }
 }

@@ -11,10 +11,11 @@
 //!   stuck stops answering and so stops receiving. When no worker is free the connection
 //!   waits in the server's queue; past [`MAX_QUEUED`] the accept task pauses and the kernel's
 //!   backlog holds the rest.
-//! - **hash, sticky** (Node): the kernel picks the worker (see `reuseport`); herd runs this
-//!   loop only on the socket of a slot that has no ready worker, to hand the connections
+//! - **hash, sticky** (Node): the kernel picks the worker (see `reuseport`); herd accepts
+//!   only from the socket of a slot that has no ready worker, to hand the connections
 //!   already queued there to ready workers (sticky: to the slot the kernel now gives the
-//!   client's address).
+//!   client's address). Workers hold those sockets too, so that accept runs on an
+//!   [`AcceptThread`], never on the runtime thread.
 
 use std::cell::Cell;
 use std::io;
@@ -164,37 +165,236 @@ pub async fn accept_loop(
     }
 }
 
-/// Accepts connections on `listener` and closes them at once, until the task is aborted: for
-/// the socket of a slot that will never have a worker again (socket activation, scaled away
-/// or errored), so that clients queued there are refused quickly instead of waiting forever.
-pub async fn refuse_loop(listener: Rc<OwnedFd>) {
-    // Socket-activation workers get their sockets blocking; an accept that blocked would stop
-    // herd's one runtime thread. It stays non-blocking afterwards (if the slot comes back
-    // after a `herd restart`, as if a worker had made it so).
-    if rustix::io::ioctl_fionbio(&*listener, true).is_err() {
-        return;
+/// What an [`AcceptThread`] does with the connections it takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Take {
+    /// Hands them to the runtime in batches (Node, hash and sticky: a dead slot's queue).
+    Hand,
+    /// Closes them at once: the socket of a slot that will not have a worker again
+    /// (socket activation, scaled away or errored), so its clients fail fast.
+    Refuse,
+}
+
+/// Batches of connections an accept thread may have handed over and the runtime not yet
+/// taken: past this the thread waits, and the kernel's backlog holds the rest.
+const THREAD_BATCHES: usize = 4;
+
+/// Accepts on a listening socket that workers also hold, on a thread of its own.
+///
+/// A worker shares the socket's open file description, and with it the O_NONBLOCK flag: it
+/// can clear the flag at any moment (`fcntl` on its copy), and an `accept4` that finds the
+/// queue empty then blocks. That must never be herd's runtime thread (status, signals and
+/// every other app would stop), so herd accepts from such sockets only here: the thread
+/// waits in `poll` on the socket and a wake-up pipe, accepts one connection at a time, and
+/// hands them over through a bounded channel. If a hostile worker makes its accept block,
+/// only this thread waits — until the next connection, which it hands over (or closes)
+/// like any other; the runtime never waits for it.
+///
+/// One per socket, kept for the socket's life and switched on and off
+/// ([`AcceptThread::set_active`]) as its slot dies and comes back; dropping it ends it.
+pub struct AcceptThread {
+    control: std::sync::Arc<ThreadControl>,
+    wake: OwnedFd,
+}
+
+struct ThreadControl {
+    active: std::sync::atomic::AtomicBool,
+    stop: std::sync::atomic::AtomicBool,
+    /// Connections closed in [`Take::Refuse`] mode.
+    refused: std::sync::atomic::AtomicU64,
+}
+
+impl AcceptThread {
+    /// Starts the thread, active. `hand` receives the batches in [`Take::Hand`] mode.
+    pub fn spawn(
+        listener: &OwnedFd,
+        take: Take,
+        hand: Option<tokio::sync::mpsc::Sender<Vec<Pending>>>,
+    ) -> io::Result<Self> {
+        use std::sync::atomic::{AtomicBool, AtomicU64};
+        let listener = listener.try_clone()?;
+        let (wake_r, wake_w) = rustix::pipe::pipe_with(
+            rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
+        )?;
+        let control = std::sync::Arc::new(ThreadControl {
+            active: AtomicBool::new(true),
+            stop: AtomicBool::new(false),
+            refused: AtomicU64::new(0),
+        });
+        let theirs = std::sync::Arc::clone(&control);
+        std::thread::Builder::new()
+            .name("herd-accept".into())
+            .spawn(move || thread_loop(listener, wake_r, theirs, take, hand))?;
+        Ok(AcceptThread {
+            control,
+            wake: wake_w,
+        })
     }
-    // SAFETY: the Rc keeps the fd open for as long as the AsyncFd (which holds a clone) lives.
-    let Ok(listener) = (unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) })
-    else {
-        return;
+
+    /// Starts or stops accepting (the thread stays, waiting, for the next time).
+    pub fn set_active(&self, on: bool) {
+        use std::sync::atomic::Ordering;
+        if self.control.active.swap(on, Ordering::SeqCst) != on {
+            self.poke();
+        }
+    }
+
+    /// Connections closed so far ([`Take::Refuse`]).
+    pub fn refused(&self) -> u64 {
+        self.control
+            .refused
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn poke(&self) {
+        // A full pipe already holds a wake-up.
+        let _ = rustix::io::write(&self.wake, &[1]);
+    }
+}
+
+impl Drop for AcceptThread {
+    fn drop(&mut self) {
+        self.control
+            .stop
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.poke();
+    }
+}
+
+/// Waits until `fd` (and, when `listener` is given, that too) is readable. Returns whether
+/// the listener is.
+fn wait_readable(wake: &OwnedFd, listener: Option<&OwnedFd>) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut fds = [
+        libc::pollfd {
+            fd: wake.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: listener.map_or(-1, |l| l.as_raw_fd()),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+    if n <= 0 {
+        return false;
+    }
+    if fds[0].revents != 0 {
+        let mut buf = [0u8; 64];
+        while matches!(rustix::io::read(wake, &mut buf), Ok(n) if n > 0) {}
+    }
+    // POLLERR/POLLHUP too: the accept then says what is wrong (and never spins).
+    fds[1].revents != 0
+}
+
+/// Whether more connections are queued right now (never waits).
+fn queued(listener: &OwnedFd) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut fd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
     };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut fd, 1, 0) == 1 && fd.revents & libc::POLLIN != 0 }
+}
+
+fn thread_loop(
+    listener: OwnedFd,
+    wake: OwnedFd,
+    control: std::sync::Arc<ThreadControl>,
+    take: Take,
+    hand: Option<tokio::sync::mpsc::Sender<Vec<Pending>>>,
+) {
+    use std::sync::atomic::Ordering;
     loop {
-        let accepted = listener
-            .async_io(Interest::READABLE, |fd| {
-                // Again before each accept: a process that still holds the socket (one a
-                // worker left behind outside its group) could have cleared the flag.
-                rustix::io::ioctl_fionbio(fd, true)?;
-                rustix::net::accept_with(fd.as_fd(), SocketFlags::NONBLOCK | SocketFlags::CLOEXEC)
-                    .map_err(io::Error::from)
-            })
-            .await;
-        match accepted {
-            Ok(conn) => drop(conn),
-            Err(e) if is_transient(&e) => {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        if control.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let active = control.active.load(Ordering::SeqCst);
+        // Again after the wait: switched off meanwhile (the wake-up and a connection can
+        // arrive together), it must leave that connection to the workers.
+        if !wait_readable(&wake, active.then_some(&listener))
+            || !control.active.load(Ordering::SeqCst)
+        {
+            continue;
+        }
+        // One at a time, and only what poll says is queued: with O_NONBLOCK cleared under
+        // us, an accept on an empty queue waits here (this thread only) for the next one.
+        let mut conns = Vec::new();
+        loop {
+            match rustix::net::acceptfrom_with(
+                &listener,
+                SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+            ) {
+                Ok((fd, addr)) => match take {
+                    Take::Refuse => {
+                        drop(fd);
+                        control.refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Take::Hand => conns.push(Pending {
+                        fd,
+                        peer: addr.as_ref().and_then(peer_ip),
+                        attempts: 0,
+                        probe: false,
+                    }),
+                },
+                Err(rustix::io::Errno::AGAIN) => break,
+                Err(e) => {
+                    if is_transient(&io::Error::from(e)) {
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                        break;
+                    }
+                    // Not a listening socket any more (a worker shut it down): wait for
+                    // the wake-up that ends or restarts this thread.
+                    control.active.store(false, Ordering::SeqCst);
+                    break;
+                }
             }
-            Err(_) => return,
+            if conns.len() == ACCEPT_BATCH || !queued(&listener) {
+                break;
+            }
+        }
+        if !conns.is_empty() {
+            let Some(hand) = &hand else { return };
+            // Bounded: while the runtime has not taken the earlier batches, this waits and
+            // the kernel's backlog holds the rest.
+            if hand.blocking_send(conns).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// The channel an [`AcceptThread`] in [`Take::Hand`] mode feeds, and the task that forwards
+/// its batches to the supervisor (pausing with the server's gate).
+pub fn hand_channel() -> (
+    tokio::sync::mpsc::Sender<Vec<Pending>>,
+    tokio::sync::mpsc::Receiver<Vec<Pending>>,
+) {
+    tokio::sync::mpsc::channel(THREAD_BATCHES)
+}
+
+/// Forwards an accept thread's batches to the supervisor until the task is aborted.
+pub async fn forward_loop(
+    server: ServerId,
+    mut rx: tokio::sync::mpsc::Receiver<Vec<Pending>>,
+    gate: Rc<AcceptGate>,
+    tx: UnboundedSender<Event>,
+) {
+    loop {
+        if gate.paused.get() {
+            gate.resume.notified().await;
+            continue;
+        }
+        let Some(conns) = rx.recv().await else {
+            return;
+        };
+        if tx.send(Event::Conns { server, conns }).is_err() {
+            return;
         }
     }
 }

@@ -2,6 +2,7 @@
 //! fixtures, real Node), real sockets on port 0. One test binary, as ripgrep does; the
 //! harness is in `util/`, the fixture apps in `fixtures/`.
 
+mod compat;
 mod config;
 mod control;
 mod errors;

@@ -64,8 +64,15 @@ pub struct Server {
     pub refused: crate::node::channel::Tally,
     /// `--balance hash|sticky`: a socket per worker slot; each worker gets its slot's.
     pub group: Option<SharedGroup>,
-    /// Slots whose queue herd empties itself (no ready worker there): their accept tasks.
-    pub drains: BTreeMap<usize, tokio::task::JoinHandle<()>>,
+    /// Slots whose queue herd empties itself (no ready worker there): their accept threads,
+    /// kept (idle) once the slot is live again.
+    pub drains: BTreeMap<usize, crate::balance::AcceptThread>,
+    /// Where the accept threads of `drains` hand their connections, and the task that
+    /// forwards them to the supervisor.
+    pub drain_hand: Option<(
+        tokio::sync::mpsc::Sender<Vec<Pending>>,
+        tokio::task::JoinHandle<()>,
+    )>,
 }
 
 impl Server {
@@ -90,7 +97,8 @@ impl Drop for Server {
         if let Some(task) = self.accept_task.take() {
             task.abort();
         }
-        for (_, task) in std::mem::take(&mut self.drains) {
+        self.drains.clear();
+        if let Some((_, task)) = self.drain_hand.take() {
             task.abort();
         }
     }
@@ -615,5 +623,6 @@ pub fn new_server(query: &QueryServer, bound: Bound) -> Server {
         refused: Default::default(),
         group: bound.group,
         drains: BTreeMap::new(),
+        drain_hand: None,
     }
 }

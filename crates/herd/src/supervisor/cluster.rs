@@ -176,6 +176,14 @@ impl Supervisor {
             self.mark_ready(id, "message");
             return;
         }
+        match value.get("herd").and_then(Value::as_str) {
+            Some("unready") => {
+                let reason = value.get("reason").and_then(Value::as_str).unwrap_or("");
+                return self.declared_unready(id, reason);
+            }
+            Some("ready") => return self.declared_ready(id),
+            _ => {}
+        }
         if value.get("herd").and_then(Value::as_str) == Some("broadcast") {
             let data = value.get("data").unwrap_or(&Value::Null);
             let line = match channel::user_line(data) {

@@ -22,6 +22,10 @@
 //!   waits for that slot's next worker, which inherits the same socket. A slot that will not
 //!   have one (scaled away, errored) has its queued connections closed by herd, so their
 //!   clients fail fast instead of waiting forever.
+//!
+//! Workers hold these sockets too (and can clear their shared O_NONBLOCK flag), so herd
+//! accepts from them only on a `balance::AcceptThread` per socket, never on the runtime
+//! thread; the thread is kept, idle, while its slot is live.
 
 use std::collections::BTreeSet;
 use std::rc::Rc;
@@ -50,14 +54,19 @@ impl Supervisor {
     }
 
     /// Whether a slot that just lost its ready worker keeps its clients for a while: sticky,
-    /// the app running, and the slot still wanted (not errored, not scaled away).
+    /// the app running, and the slot still wanted (not errored, not scaled away) and not
+    /// left by a worker that said it is unready (that one is alive and chose to leave: its
+    /// clients move at once).
     fn holds(&self, instance: usize) -> bool {
         self.plan.balance == Balance::Sticky
             && !self.phase.is_stopping()
-            && self
-                .slots
-                .get(instance)
-                .is_some_and(|s| !s.retiring && !s.state.is_errored())
+            && self.slots.get(instance).is_some_and(|s| {
+                !s.retiring
+                    && !s.state.is_errored()
+                    && s.worker
+                        .and_then(|id| self.workers.get(&id))
+                        .is_none_or(|w| w.state().unready_reason().is_none())
+            })
     }
 
     /// Recomputes every group's live set (see the module doc). Cheap when nothing changed.
@@ -169,19 +178,26 @@ impl Supervisor {
                             && (s.retiring || s.state.is_errored())
                     });
                 let key = (index, slot);
-                match (abandoned, self.closers.contains_key(&key)) {
-                    (true, false) => {
-                        if let Some(socket) = group.borrow().socket_rc(slot) {
-                            let task = tokio::task::spawn_local(balance::refuse_loop(socket));
-                            self.closers.insert(key, task);
-                        }
+                if let Some(thread) = self.closers.get(&key) {
+                    thread.set_active(abandoned);
+                    continue;
+                }
+                if !abandoned {
+                    continue;
+                }
+                let Some(socket) = group.borrow().socket_rc(slot) else {
+                    continue;
+                };
+                match balance::AcceptThread::spawn(&socket, balance::Take::Refuse, None) {
+                    Ok(thread) => {
+                        self.closers.insert(key, thread);
                     }
-                    (false, true) => {
-                        if let Some(task) = self.closers.remove(&key) {
-                            task.abort();
-                        }
-                    }
-                    _ => {}
+                    Err(e) => self.logger.event(
+                        EventName::Error,
+                        None,
+                        &format!("cannot start a thread to refuse slot {slot}'s queue: {e}"),
+                        &[],
+                    ),
                 }
             }
         }
@@ -207,28 +223,40 @@ impl Supervisor {
         };
         let slots = group.borrow().len();
         let gate = Rc::clone(s.gate.get_or_insert_with(|| Rc::new(AcceptGate::default())));
+        let mut failed = Vec::new();
         for slot in 0..slots {
             let wanted = !live.is_empty() && !live.contains(&slot);
-            match (wanted, s.drains.contains_key(&slot)) {
-                (true, false) => {
-                    let Some(socket) = group.borrow().socket_rc(slot) else {
-                        continue;
-                    };
-                    let task = tokio::task::spawn_local(balance::accept_loop(
-                        server,
-                        socket,
-                        Rc::clone(&gate),
-                        tx.clone(),
-                    ));
-                    s.drains.insert(slot, task);
-                }
-                (false, true) => {
-                    if let Some(task) = s.drains.remove(&slot) {
-                        task.abort();
-                    }
-                }
-                _ => {}
+            if let Some(thread) = s.drains.get(&slot) {
+                thread.set_active(wanted);
+                continue;
             }
+            if !wanted {
+                continue;
+            }
+            let Some(socket) = group.borrow().socket_rc(slot) else {
+                continue;
+            };
+            let (hand, _) = s.drain_hand.get_or_insert_with(|| {
+                let (hand, rx) = balance::hand_channel();
+                let task = tokio::task::spawn_local(balance::forward_loop(
+                    server,
+                    rx,
+                    Rc::clone(&gate),
+                    tx.clone(),
+                ));
+                (hand, task)
+            });
+            match balance::AcceptThread::spawn(&socket, balance::Take::Hand, Some(hand.clone())) {
+                Ok(thread) => {
+                    s.drains.insert(slot, thread);
+                }
+                Err(e) => failed.push(format!(
+                    "cannot start a thread to take slot {slot}'s queued connections: {e}"
+                )),
+            }
+        }
+        for why in failed {
+            self.logger.event(EventName::Error, None, &why, &[]);
         }
     }
 

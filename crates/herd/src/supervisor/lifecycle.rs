@@ -12,6 +12,10 @@ use serde_json::{json, Value};
 use super::state::{DrainReason, Role, WorkerState};
 use super::*;
 use crate::fmt::describe_status;
+
+/// Unstable restarts in a row after which a slot gives up while no worker of the app has
+/// been ready since herd started (three runs in all), whatever `--max-restarts` says.
+pub const STARTUP_MAX_RESTARTS: u32 = 2;
 use crate::logs::Who;
 use crate::spec::Ready;
 use restart::Verdict;
@@ -272,7 +276,14 @@ impl Supervisor {
         reason: String,
         fields: &[(&str, Value)],
     ) {
-        let policy = self.plan.spec.policy.clone();
+        let mut policy = self.plan.spec.policy.clone();
+        // An app that has never served crashes at start: a bug or a missing dependency that
+        // restarts will not fix. Give up soon, so that `herd run` exits non-zero within
+        // seconds (as `herd start` fails) and an orchestrator sees it.
+        let at_start = !self.ever_ready;
+        if at_start {
+            policy.max_restarts = policy.max_restarts.min(STARTUP_MAX_RESTARTS);
+        }
         let slot = &mut self.slots[instance];
         if !policy.autorestart {
             self.logger.event(
@@ -288,7 +299,10 @@ impl Supervisor {
             self.check_all_errored();
             return;
         }
-        match slot.backoff.on_exit(uptime, &policy) {
+        // Before any worker was ready, dying is failing to start however long it took: a
+        // slow machine must not turn a crash at start into a "stable" run.
+        let counted = if at_start { Duration::ZERO } else { uptime };
+        match slot.backoff.on_exit(counted, &policy) {
             Verdict::Restart(delay) => {
                 slot.restarts += 1;
                 self.set_slot_state(instance, SlotState::RestartDue);
@@ -322,11 +336,17 @@ impl Supervisor {
                 self.logger.event(
                     EventName::Errored,
                     Some(who),
-                    &format!(
-                        "errored: {} restarts in a row each died before --min-uptime {}; giving up on this slot. Last exit: {reason}",
-                        unstable - 1,
-                        human(policy.min_uptime)
-                    ),
+                    &if at_start {
+                        format!(
+                            "errored: {unstable} runs in a row died and no worker has been ready yet; giving up on this slot. Last exit: {reason}"
+                        )
+                    } else {
+                        format!(
+                            "errored: {} restarts in a row each died before --min-uptime {}; giving up on this slot. Last exit: {reason}",
+                            unstable - 1,
+                            human(policy.min_uptime)
+                        )
+                    },
                     &[("reason", json!(reason))],
                 );
                 self.set_slot_state(instance, SlotState::Errored { why: reason });
@@ -343,12 +363,12 @@ impl Supervisor {
                 .iter()
                 .all(|s| s.state.is_errored() && s.incoming.is_none())
         {
-            self.logger.event(
-                EventName::Errored,
-                None,
-                "every worker slot errored — exiting",
-                &[],
-            );
+            let why = if self.ever_ready {
+                "every worker slot errored — exiting with code 1"
+            } else {
+                "every worker slot errored before any worker was ready: the app fails at start (see its errors above) — exiting with code 1"
+            };
+            self.logger.event(EventName::Errored, None, why, &[]);
             self.stop_all(1);
         }
     }
@@ -452,6 +472,7 @@ impl Supervisor {
         let servers = w.servers.clone();
         let promote = (w.role == Role::Incoming).then_some(w.instance);
         let ms = w.started.elapsed().as_millis() as u64;
+        self.ever_ready = true;
         self.logger.event(
             EventName::Ready,
             Some(who),
@@ -478,6 +499,64 @@ impl Supervisor {
             );
         }
         self.check_op();
+    }
+
+    /// A ready Node worker's `process.send({herd: 'unready', reason})`: out of the rotation
+    /// (round-robin skips it; hash/sticky: its slot leaves the live set), not counted ready,
+    /// not replaced for it; the watchdog and health checks still watch it.
+    pub(super) fn declared_unready(&mut self, id: WorkerId, reason: &str) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        // A reason is for people: one short line.
+        let mut reason: String = reason
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(200)
+            .collect();
+        if reason.is_empty() {
+            reason = "no reason given".into();
+        }
+        let Some(next) = w
+            .state()
+            .on_unready(tokio::time::Instant::now(), reason.clone())
+        else {
+            return;
+        };
+        w.set_state(next);
+        w.status = Some(reason.clone());
+        let who = w.who();
+        self.logger.event(
+            EventName::Unready,
+            Some(who),
+            &format!("unready: {reason}"),
+            &[("reason", json!(reason))],
+        );
+        self.reroute();
+    }
+
+    /// Its `process.send({herd: 'ready'})` after `unready`: back in the rotation.
+    pub(super) fn declared_ready(&mut self, id: WorkerId) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        let Some(next) = w.state().on_rejoin(tokio::time::Instant::now()) else {
+            return;
+        };
+        w.set_state(next);
+        w.status = None;
+        let who = w.who();
+        let servers = w.servers.clone();
+        self.logger.event(
+            EventName::Ready,
+            Some(who),
+            "ready again",
+            &[("via", json!("message"))],
+        );
+        self.reroute();
+        for s in servers {
+            self.drain(s);
+        }
     }
 
     pub(super) fn on_notify(

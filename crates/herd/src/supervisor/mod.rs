@@ -38,6 +38,7 @@ mod observe;
 pub mod ops;
 mod phase;
 mod reconfigure;
+mod refuse;
 pub mod restart;
 mod routing;
 mod slot;
@@ -144,6 +145,17 @@ pub struct Supervisor {
     /// Running, running an operation, or stopping (see [`phase`]).
     phase: AppPhase,
     all_ready: bool,
+    /// Some worker of the app has been ready since herd started: until then a slot gives
+    /// up after [`lifecycle::STARTUP_MAX_RESTARTS`] unstable restarts, not `--max-restarts`.
+    ever_ready: bool,
+    /// Socket activation, `shared`: since when no worker has been ready, whether herd
+    /// refuses connections now, and its accept threads (see [`refuse`]).
+    nothing_serves_since: Option<tokio::time::Instant>,
+    refusing: bool,
+    refusers: Vec<crate::balance::AcceptThread>,
+    /// … and whether anyone accepts from its listeners while workers are ready.
+    queue_check_due: Option<tokio::time::Instant>,
+    queue_watch: Vec<refuse::QueueWatch>,
     run_dir: PathBuf,
     /// Graceful replacements (health, limits) waiting their turn.
     replacements: std::collections::VecDeque<(WorkerId, Reason)>,
@@ -160,7 +172,8 @@ pub struct Supervisor {
     held: BTreeMap<usize, tokio::time::Instant>,
     /// Socket activation, hash and sticky: (listener, slot) sockets of slots that will not
     /// have a worker again, whose queued connections herd closes.
-    closers: BTreeMap<(usize, usize), tokio::task::JoinHandle<()>>,
+    /// Their accept threads (kept, idle, once the slot comes back).
+    closers: BTreeMap<(usize, usize), crate::balance::AcceptThread>,
     /// Where the app came from, for `herd ls` and `herd apply` (see [`reconfigure`]).
     origin: reconfigure::Origin,
     /// `--http`'s counters and sample ring, and `--drain-delay` (see [`observe`]).
@@ -203,6 +216,12 @@ impl Supervisor {
             servers: Servers::default(),
             phase: AppPhase::Running,
             all_ready: false,
+            ever_ready: false,
+            nothing_serves_since: None,
+            refusing: false,
+            refusers: Vec::new(),
+            queue_check_due: None,
+            queue_watch: Vec::new(),
             run_dir,
             replacements: std::collections::VecDeque::new(),
             stop_replies: Vec::new(),
@@ -306,6 +325,7 @@ impl Supervisor {
     pub fn handle(&mut self, event: Event) {
         self.on_event(event);
         self.reroute();
+        self.refuse_while_nothing_serves();
     }
 
     fn on_event(&mut self, event: Event) {
@@ -527,7 +547,8 @@ impl Supervisor {
                 if let Some(task) = s.accept_task.take() {
                     task.abort();
                 }
-                for (_, task) in std::mem::take(&mut s.drains) {
+                s.drains.clear();
+                if let Some((_, task)) = s.drain_hand.take() {
                     task.abort();
                 }
             }

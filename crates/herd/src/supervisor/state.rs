@@ -5,6 +5,9 @@
 //! Starting, Online ──ready──▶ Ready
 //! Starting, Online ──leaves on its own──▶ Leaving{ready: false} ──ready──▶ Leaving{ready: true}
 //! Ready ──leaves on its own──▶ Leaving{ready: true}
+//! Ready ──{herd: 'unready'}──▶ Unready ──{herd: 'ready'}──▶ Ready
+//! Unready ──leaves on its own──▶ Leaving{ready: true}
+//! Unready ──watchdog──▶ Hung
 //! Ready, Leaving{ready: true} ──watchdog──▶ Hung
 //! any of the above ──herd asks it to stop──▶ Draining
 //! any ──reaped──▶ Exited
@@ -76,6 +79,10 @@ pub enum WorkerState {
     Online { since: Instant },
     /// Ready: takes connections, is health-checked, counts as a ready slot.
     Ready { since: Instant },
+    /// It was ready and said it cannot serve for now (`process.send({herd: 'unready',
+    /// reason})`): no new connections, not counted ready, not replaced for it; still
+    /// health-checked. `{herd: 'ready'}` brings it back.
+    Unready { since: Instant, reason: String },
     /// It announced it leaves on its own (`cluster.worker.disconnect()`, `STOPPING=1`): no
     /// new connections; its exit is unexpected and restarts the slot. `ready`: it had
     /// become ready (it still counts as a ready slot and is health-checked).
@@ -106,6 +113,7 @@ impl WorkerState {
             WorkerState::Starting { .. } => "starting",
             WorkerState::Online { .. } => "online",
             WorkerState::Ready { .. } => "ready",
+            WorkerState::Unready { .. } => "unready",
             WorkerState::Leaving { .. } => "leaving",
             WorkerState::Hung { .. } => "hung",
             WorkerState::Draining { .. } => "draining",
@@ -135,8 +143,12 @@ impl WorkerState {
             (Starting { .. }, Online { .. }) => true,
             (Starting { .. } | Online { .. }, Ready { .. }) => true,
             (Starting { .. } | Online { .. }, Leaving { ready: false, .. }) => true,
-            (Ready { .. } | Leaving { ready: false, .. }, Leaving { ready: true, .. }) => true,
-            (Ready { .. } | Leaving { ready: true, .. }, Hung { .. }) => true,
+            (
+                Ready { .. } | Unready { .. } | Leaving { ready: false, .. },
+                Leaving { ready: true, .. },
+            ) => true,
+            (Ready { .. } | Unready { .. } | Leaving { ready: true, .. }, Hung { .. }) => true,
+            (Ready { .. }, Unready { .. }) | (Unready { .. }, Ready { .. }) => true,
             _ => false,
         }
     }
@@ -178,10 +190,37 @@ impl WorkerState {
                     ready: false,
                 })
             }
-            WorkerState::Ready { .. } => Some(WorkerState::Leaving {
+            WorkerState::Ready { .. } | WorkerState::Unready { .. } => Some(WorkerState::Leaving {
                 since: now,
                 ready: true,
             }),
+            _ => None,
+        }
+    }
+
+    /// The state its own `{herd: 'unready'}` moves it to: only a ready worker leaves the
+    /// rotation this way (one still starting is not in it; one already unready keeps its
+    /// first reason).
+    pub fn on_unready(&self, now: Instant, reason: String) -> Option<WorkerState> {
+        match self {
+            WorkerState::Ready { .. } => Some(WorkerState::Unready { since: now, reason }),
+            _ => None,
+        }
+    }
+
+    /// The state its own `{herd: 'ready'}` moves it to: back into the rotation, from
+    /// `Unready` only (first readiness is `--ready`'s business).
+    pub fn on_rejoin(&self, now: Instant) -> Option<WorkerState> {
+        match self {
+            WorkerState::Unready { .. } => Some(WorkerState::Ready { since: now }),
+            _ => None,
+        }
+    }
+
+    /// Out of the rotation at its own request: why.
+    pub fn unready_reason(&self) -> Option<&str> {
+        match self {
+            WorkerState::Unready { reason, .. } => Some(reason),
             _ => None,
         }
     }
@@ -224,9 +263,10 @@ impl WorkerState {
         )
     }
 
-    /// Became ready at some point (also while draining afterwards).
+    /// Became ready at some point (also while unready or draining afterwards).
     pub fn has_been_ready(&self) -> bool {
         self.counts_ready()
+            || matches!(self, WorkerState::Unready { .. })
             || matches!(
                 self,
                 WorkerState::Draining {
@@ -240,7 +280,9 @@ impl WorkerState {
     pub fn health_checked(&self) -> bool {
         matches!(
             self,
-            WorkerState::Ready { .. } | WorkerState::Leaving { ready: true, .. }
+            WorkerState::Ready { .. }
+                | WorkerState::Unready { .. }
+                | WorkerState::Leaving { ready: true, .. }
         )
     }
 
@@ -331,6 +373,56 @@ mod tests {
         assert_eq!(s.on_leaving(now()), None, "already leaving");
         s.advance(Hung { since: now() })
             .expect("the watchdog still watches it");
+    }
+
+    #[test]
+    fn a_ready_worker_leaves_and_rejoins_the_rotation_on_its_own_word() {
+        let mut s = Ready { since: now() };
+        s.advance(s.on_unready(now(), "db down".into()).expect("ready"))
+            .expect("unready");
+        assert_eq!(s.unready_reason(), Some("db down"));
+        assert!(!s.takes_connections() && !s.counts_ready() && !s.awaiting_ready());
+        assert!(s.health_checked() && s.has_been_ready());
+        assert_eq!(
+            s.on_unready(now(), "again".into()),
+            None,
+            "keeps its reason"
+        );
+        assert_eq!(
+            s.on_ready(now()),
+            None,
+            "a listening event does not bring it back"
+        );
+        s.advance(s.on_rejoin(now()).expect("unready"))
+            .expect("ready");
+        assert!(s.takes_connections() && s.counts_ready());
+        assert_eq!(s.on_rejoin(now()), None, "already in the rotation");
+    }
+
+    #[test]
+    fn an_unready_worker_is_still_watched_and_drained_as_ready() {
+        let unready = || Unready {
+            since: now(),
+            reason: "busy".into(),
+        };
+        let mut hung = unready();
+        hung.advance(Hung { since: now() })
+            .expect("the watchdog still applies");
+        let mut leaving = unready();
+        leaving
+            .advance(leaving.on_leaving(now()).expect("leaves"))
+            .expect("leaving");
+        assert!(leaving.counts_ready());
+        let drained = drain(&unready());
+        assert!(drained.has_been_ready() && !drained.is_hung());
+        for from in [Starting { since: now() }, Online { since: now() }] {
+            assert_eq!(
+                from.on_unready(now(), "x".into()),
+                None,
+                "not in the rotation yet"
+            );
+            assert!(from.clone().advance(unready()).is_err());
+        }
     }
 
     #[test]

@@ -94,6 +94,8 @@ pub(super) fn shown_state(w: &Worker) -> Shown {
     let state = w.state();
     if state.is_draining() {
         Shown::Stopping
+    } else if state.unready_reason().is_some() {
+        Shown::Unready
     } else if state.has_been_ready() {
         Shown::Ready
     } else {

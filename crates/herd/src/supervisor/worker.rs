@@ -109,6 +109,8 @@ pub struct Worker {
     pub servers: Vec<ServerId>,
     pub tail: Tail,
     pub status: Option<String>,
+    /// `status` holds herd's hint that it listens on its own port (see `refuse`).
+    pub own_port_hint: bool,
     notify_path: Option<PathBuf>,
     notify_task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -444,6 +446,7 @@ impl Launcher {
             servers: Vec::new(),
             tail,
             status: None,
+            own_port_hint: false,
             notify_path: Some(notify_path),
             notify_task: Some(notify_task),
         })
@@ -521,8 +524,8 @@ impl Launcher {
                 // never again: an async server makes it non-blocking for itself and every
                 // other worker (as under systemd), and setting it back under a running one
                 // would let its accept() block its event loop. herd accepts from a
-                // socket-activation listener only while no worker can hold it
-                // (`refuse_loop`, which makes it non-blocking first).
+                // socket-activation listener only on a helper thread that does not depend on
+                // the flag (`balance::AcceptThread`).
                 for (i, l) in plan.listeners.iter().enumerate() {
                     let (key, fd) = match given.slot_sockets.get(i) {
                         Some(Some(own)) => ((i, instance), own.as_fd()),
