@@ -228,7 +228,8 @@ SERVERS = [
            notes="fd 3 is blocking, as systemd passes it"),
     Server("hello", "Rust herd-worker (examples/hello)",
            "herd run -l 127.0.0.1:3000 -i 2 target/release/hello",
-           checks=SA_FULL, expect={"reload_ka": 2}, needs=need_hello),
+           checks=SA_FULL, needs=need_hello,
+           notes="DRAIN_MS (default 1000): answers with Connection: close before closing"),
 ]
 
 

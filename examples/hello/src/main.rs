@@ -17,18 +17,21 @@
 //! | `GET /slow?ms=N` | sleeps N ms (default 1000) without blocking other requests |
 //!
 //! Readiness: `READY=1` once listening. Stop: on SIGTERM (or SIGINT) it closes its copy of
-//! the listener (connections still queued go to the other workers), lets requests in flight
-//! finish, and exits 0.
+//! the listener (connections still queued go to the other workers), answers what comes in on
+//! its open connections with `Connection: close` for up to `DRAIN_MS` (default 1000) so a
+//! keep-alive client's next request is served instead of racing an idle close, then closes
+//! what is left once requests in flight finish, and exits 0.
 
 use std::convert::Infallible;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use herd_worker::Socket;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -118,6 +121,14 @@ async fn serve(sockets: Vec<Socket>, app: Arc<App>) -> Result<(), Error> {
         app.pid,
         graceful.count()
     );
+    // Closing an idle keep-alive connection now would race with the client's next request
+    // on it (the request is lost, the client sees a reset). For a while, every answer
+    // carries `Connection: close` instead, so busy connections end after their next answer.
+    app.draining.store(true, Ordering::SeqCst);
+    let grace = Instant::now() + app.drain;
+    while graceful.count() > 0 && Instant::now() < grace {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     if let Some(graceful) = Arc::into_inner(graceful) {
         graceful.shutdown().await;
     }
@@ -156,7 +167,15 @@ where
     let app = app.clone();
     let service = service_fn(move |req| {
         let app = app.clone();
-        async move { Ok::<_, Infallible>(app.respond(req).await) }
+        async move {
+            let mut response = app.respond(req).await;
+            if app.draining.load(Ordering::SeqCst) {
+                response
+                    .headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(response)
+        }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new()) // enables the 30 s limit on reading request headers
@@ -177,6 +196,11 @@ struct App {
     started: Instant,
     /// `WORK_MS`: CPU time `GET /` burns, to show what clustering buys.
     work: Duration,
+    /// `DRAIN_MS`: how long a stopping worker answers with `Connection: close` before it
+    /// closes the connections left.
+    drain: Duration,
+    /// Set once stopping: answers carry `Connection: close`.
+    draining: AtomicBool,
 }
 
 impl App {
@@ -186,6 +210,8 @@ impl App {
             instance: std::env::var("HERD_INSTANCE").ok(),
             started: Instant::now(),
             work: Duration::from_millis(env_number("WORK_MS", 0)?),
+            drain: Duration::from_millis(env_number("DRAIN_MS", 1000)?),
+            draining: AtomicBool::new(false),
         })
     }
 
