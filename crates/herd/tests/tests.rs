@@ -3,6 +3,7 @@
 //! harness is in `util/`, the fixture apps in `fixtures/`.
 
 mod control;
+mod counter;
 mod errors;
 mod hardening;
 mod health;
