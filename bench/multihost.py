@@ -596,7 +596,7 @@ class Run:
 
     def stop_start(self, e: dict) -> None:
         h2 = self.hosts["h2"]
-        lb_drain = not self.opts.drain_delay
+        lb_drain = not self.opts.drain_delay and self.opts.lb_drain > 0
         if lb_drain:
             # No --drain-delay in this herd: drain at the balancer instead, the classic way
             # (take the server out, wait, stop it, start it, put it back).
@@ -738,9 +738,13 @@ def render(opts, summary: dict, problems: list) -> str:
         match = f"NO ({counter} vs {succ} successes, {summary['in_doubt']} in doubt)"
     check = ("herd's /ready (--http)" if opts.http
              else "the app's GET /health on the app port (this herd has no --http)")
-    drain = (f"herd --drain-delay {opts.drain_delay}" if opts.drain_delay else
-             f"at HAProxy (h2 set to maint {opts.lb_drain:.0f} s before herd stop: this herd "
-             f"has no --drain-delay)")
+    if opts.drain_delay:
+        drain = f"herd --drain-delay {opts.drain_delay}"
+    elif opts.lb_drain > 0:
+        drain = (f"at HAProxy (h2 set to maint {opts.lb_drain:g} s before herd stop: this herd "
+                 f"has no --drain-delay)")
+    else:
+        drain = "none (--lb-drain 0, and this herd has no --drain-delay)"
     lines = [
         f"## multihost ({'quick' if opts.quick else 'full'}: {opts.rounds} round(s), "
         f"{opts.clients} clients, {opts.rate:.0f} req/s)",
@@ -788,6 +792,9 @@ def parse_args(argv):
     ap.add_argument("--down", type=float, default=2.0, help="seconds host 2 stays stopped")
     ap.add_argument("--drain-delay", default="2s",
                     help="herd --drain-delay on the hosts, when herd has it ('' for none)")
+    ap.add_argument("--lb-drain", type=float, default=2.0,
+                    help="without --drain-delay in herd: seconds h2 is in maintenance at HAProxy "
+                         "before herd stop (0: stop it with no drain at all)")
     ap.add_argument("--show-config", action="store_true", help="print the HAProxy config")
     opts = ap.parse_args(argv)
     opts.rounds = opts.rounds or (1 if opts.quick else 3)
@@ -826,7 +833,6 @@ def main(argv=None) -> int:
         banner(e)
         return e.code
     opts.herd = str(Path(opts.herd).resolve())
-    opts.lb_drain = 2.0
     opts.http = herd_supports(opts.herd, "--http")
     if not herd_supports(opts.herd, "--drain-delay"):
         opts.drain_delay = ""
