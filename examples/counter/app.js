@@ -83,7 +83,8 @@ const redis = createClient({
 let redisUp = false;
 let everUp = false;
 let toldUnready = false;
-let outage = null; // {since, error, refused}
+let outage = null; // {since, refused, reason}
+let listening = false;
 
 function redisDown(err) {
   const what = (err && (err.code || err.message)) || 'connection lost';
@@ -93,8 +94,16 @@ function redisDown(err) {
   log(
     `Redis unreachable at ${redisUrl} (${what}): answering 503 and not ready until it returns`,
   );
+  outage.reason = `redis unreachable: ${what}`;
+  // Before the server listens herd does not count this worker ready anyway: the message
+  // goes out once it listens (herd marks a Node worker ready on `listening`).
+  if (listening) sayUnready();
+}
+
+function sayUnready() {
+  if (toldUnready || !outage) return;
   toldUnready = true;
-  tellHerd({ herd: 'unready', reason: `redis unreachable: ${what}` });
+  tellHerd({ herd: 'unready', reason: outage.reason });
 }
 
 redis.on('ready', () => {
@@ -256,8 +265,9 @@ app.use((err, req, res, next) => {
     unavailable = new RedisUnavailable(isA(err, NOT_SENT) ? false : 'unknown', err);
   }
   if (unavailable) {
+    // Only the client's own events start and end an outage: a timeout alone (a Redis that
+    // stalls without closing the connection) gets a 503, not a state nothing would end.
     if (outage) outage.refused += 1;
-    else if (unavailable.applied === 'unknown') redisDown(unavailable.cause);
     if (res.headersSent) return res.destroy();
     res.set('Retry-After', '1');
     return res.status(503).json({ error: 'redis unavailable', applied: unavailable.applied, pid: process.pid });
@@ -273,7 +283,13 @@ let server = null;
 function listenOnce() {
   if (server) return;
   // listen(port, cb): two arguments, as herd's Node protocol expects from a cluster worker.
-  server = app.listen(port, () => log(`listening on :${server.address().port}`));
+  server = app.listen(port, () => {
+    listening = true;
+    log(`listening on :${server.address().port}`);
+    // After Node's own `listening` message to herd (sent by a listener that runs after this
+    // one), so herd sees "listening, then unready", not the other way round.
+    setImmediate(sayUnready);
+  });
   server.on('close', () => {
     // The last connection is gone (herd stopped us, or SIGTERM): let go of Redis so the
     // process can exit on its own.

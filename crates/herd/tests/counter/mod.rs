@@ -436,3 +436,53 @@ fn redis_down_answers_503_at_once_and_leaves_rotation_then_comes_back() {
     let s = status(&home_of(&herd), "counter");
     assert_eq!(s["ready"], 2, "both workers ready again: {s:#}");
 }
+
+#[test]
+fn redis_down_at_start_is_not_a_crash_loop_and_unready_comes_after_listening() {
+    let Some(app) = prerequisites() else { return };
+    let mut redis = Redis::start();
+    redis.kill();
+    let herd = start_counter(&app, &redis);
+    let port = herd.port();
+    let workers: BTreeSet<u32> = herd.worker_pids().into_iter().collect();
+    assert_eq!(workers.len(), 2);
+
+    herd.wait_for("both workers to tell herd they are not ready", |events| {
+        told_herd(events, 0, &workers, "unready")
+    });
+    // herd marks a Node worker ready on `listening`: an `unready` sent before it would be
+    // overtaken by it. Each worker's comes after its own `ready` event.
+    let events = herd.events();
+    for pid in &workers {
+        let at = |pred: &dyn Fn(&Value) -> bool| {
+            events
+                .iter()
+                .position(|e| e["pid"] == *pid && pred(e))
+                .unwrap_or_else(|| panic!("no such event for {pid}\n{}", herd.dump()))
+        };
+        let ready = at(&|e| e["event"] == "ready");
+        let unready = at(&|e| e["data"]["herd"] == "unready" || e["event"] == "unready");
+        assert!(
+            ready < unready,
+            "worker {pid}: unready (event {unready}) before ready (event {ready})\n{}",
+            herd.dump()
+        );
+    }
+    let a = Client::new(port)
+        .send("POST", "/count")
+        .expect("POST /count");
+    assert_eq!(a.status, 503, "{}", a.body);
+
+    let mark = herd.mark();
+    redis.restart();
+    herd.wait_for("both workers to tell herd they are ready", |events| {
+        told_herd(events, mark, &workers, "ready")
+    });
+    let a = Client::new(port)
+        .send("POST", "/count")
+        .expect("POST /count");
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(count_of(&a.body), 1);
+    let after: BTreeSet<u32> = herd.worker_pids().into_iter().collect();
+    assert_eq!(after, workers, "no worker was restarted\n{}", herd.dump());
+}
