@@ -5,6 +5,7 @@
 mod compat;
 mod config;
 mod control;
+mod counter;
 mod errors;
 mod hardening;
 mod health;
