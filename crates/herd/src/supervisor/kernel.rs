@@ -39,18 +39,28 @@ use crate::spec::Balance;
 use crate::vocab::ServerId;
 
 impl Supervisor {
-    /// Slots whose current worker is ready for connections.
+    /// Slots whose current worker is ready for connections; when there is none, those
+    /// whose worker said it is unready (see `only_unready_left`: they answer, a dead or
+    /// empty slot's queue would hang).
     fn slots_taking_connections(&self) -> BTreeSet<usize> {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter(|(_, slot)| {
-                slot.worker
-                    .and_then(|id| self.workers.get(&id))
-                    .is_some_and(|w| w.state().takes_connections())
-            })
-            .map(|(i, _)| i)
-            .collect()
+        let slots_where = |pred: &dyn Fn(&Worker) -> bool| -> BTreeSet<usize> {
+            self.slots
+                .iter()
+                .enumerate()
+                .filter(|(_, slot)| {
+                    slot.worker
+                        .and_then(|id| self.workers.get(&id))
+                        .is_some_and(pred)
+                })
+                .map(|(i, _)| i)
+                .collect()
+        };
+        let ready = slots_where(&|w| w.state().takes_connections());
+        if ready.is_empty() {
+            slots_where(&|w| w.state().unready_reason().is_some())
+        } else {
+            ready
+        }
     }
 
     /// Whether a slot that just lost its ready worker keeps its clients for a while: sticky,
@@ -135,7 +145,10 @@ impl Supervisor {
                     self.held.contains_key(&i)
                         || self.slots[i].worker.is_some_and(|id| {
                             s.workers.contains(&id)
-                                && self.workers.get(&id).is_some_and(|w| w.routable())
+                                && self
+                                    .workers
+                                    .get(&id)
+                                    .is_some_and(|w| w.routable() || w.routable_unready())
                         })
                 })
                 .collect();

@@ -533,6 +533,10 @@ impl Supervisor {
             &[("reason", json!(reason))],
         );
         self.reroute();
+        // The last ready one gone: what waits goes to the unready ones (only_unready_left).
+        for s in self.servers.ids().collect::<Vec<_>>() {
+            self.drain(s);
+        }
     }
 
     /// Its `process.send({herd: 'ready'})` after `unready`: back in the rotation.

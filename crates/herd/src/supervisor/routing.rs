@@ -71,6 +71,7 @@ impl Supervisor {
                 .filter(|&id| Some(id) != avoid),
             _ => None,
         };
+        let fallback = self.only_unready_left();
         let Some(s) = self.servers.get_mut(server) else {
             return;
         };
@@ -78,9 +79,10 @@ impl Supervisor {
         let pick = sticky.or_else(|| {
             balance::next_free(&s.workers, &mut s.cursor, |id| {
                 Some(id) != avoid
-                    && workers
-                        .get(&id)
-                        .is_some_and(|w| w.routable() && w.unacked(server) < balance::MAX_UNACKED)
+                    && workers.get(&id).is_some_and(|w| {
+                        (w.routable() || (fallback && w.routable_unready()))
+                            && w.unacked(server) < balance::MAX_UNACKED
+                    })
             })
         });
         let Some(id) = pick else {
@@ -124,15 +126,23 @@ impl Supervisor {
                 return;
             }
             let before = s.pending.len();
+            let fallback = self.only_unready_left();
+            let Some(s) = self.servers.get(server) else {
+                return;
+            };
             let workers = &self.workers;
             let any_free = s.workers.iter().any(|id| {
-                workers
-                    .get(id)
-                    .is_some_and(|w| w.routable() && w.unacked(server) < balance::MAX_UNACKED)
+                workers.get(id).is_some_and(|w| {
+                    (w.routable() || (fallback && w.routable_unready()))
+                        && w.unacked(server) < balance::MAX_UNACKED
+                })
             });
             if !any_free {
                 return;
             }
+            let Some(s) = self.servers.get_mut(server) else {
+                return;
+            };
             let conn = s.pending.pop_front().expect("not empty");
             self.route(server, conn);
             let after = self.servers.get(server).map_or(0, |s| s.pending.len());
@@ -140,5 +150,14 @@ impl Supervisor {
                 return;
             }
         }
+    }
+
+    /// No worker takes connections, but some said they are unready: connections go to
+    /// those rather than wait (a load balancer's "panic mode"). An unready worker is alive
+    /// and answers — a quick 503 of its own, say — where a held connection would hang until
+    /// a worker is ready again.
+    pub(super) fn only_unready_left(&self) -> bool {
+        let workers = || self.workers.values();
+        !workers().any(|w| w.routable()) && workers().any(|w| w.routable_unready())
     }
 }

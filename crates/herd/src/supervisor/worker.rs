@@ -129,6 +129,12 @@ impl Worker {
         self.state.takes_connections() && self.channel.is_some()
     }
 
+    /// Said it is unready but can still answer (alive, its channel open): where herd
+    /// hands connections when no worker is ready (see `Supervisor::only_unready_left`).
+    pub fn routable_unready(&self) -> bool {
+        self.state.unready_reason().is_some() && self.channel.is_some()
+    }
+
     pub fn state(&self) -> &WorkerState {
         &self.state
     }

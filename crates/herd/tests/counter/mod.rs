@@ -124,6 +124,14 @@ fn ping(port: u16) -> bool {
 
 /// `herd run -i 2 … examples/counter/app.js` on port 0 against `redis`, the rate limiter off.
 fn start_counter(app: &str, redis: &Redis) -> Herd {
+    let herd = spawn_counter(app, redis);
+    herd.wait_ready();
+    herd
+}
+
+/// herd with examples/counter, not waiting for `all_ready` (which a worker that tells herd
+/// it is unready at start keeps from coming).
+fn spawn_counter(app: &str, redis: &Redis) -> Herd {
     let url = format!("REDIS_URL={}", redis.url());
     let herd = Herd::start(&[
         "-i",
@@ -138,7 +146,6 @@ fn start_counter(app: &str, redis: &Redis) -> Herd {
         "RATE_LIMIT=0",
         app,
     ]);
-    herd.wait_ready();
     herd
 }
 
@@ -442,7 +449,11 @@ fn redis_down_at_start_is_not_a_crash_loop_and_unready_comes_after_listening() {
     let Some(app) = prerequisites() else { return };
     let mut redis = Redis::start();
     redis.kill();
-    let herd = start_counter(&app, &redis);
+    let herd = spawn_counter(&app, &redis);
+    // Each worker is ready (listening) and then unready, so `all_ready` never comes.
+    herd.wait_for("both workers ready once", |events| {
+        events.iter().filter(|e| e["event"] == "ready").count() >= 2
+    });
     let port = herd.port();
     let workers: BTreeSet<u32> = herd.worker_pids().into_iter().collect();
     assert_eq!(workers.len(), 2);
