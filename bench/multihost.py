@@ -67,6 +67,7 @@ import http.client
 import json
 import os
 import shutil
+import secrets
 import signal
 import subprocess
 import sys
@@ -85,6 +86,8 @@ SUBNET = "10.231.0"
 ADDR = {"lb": f"{SUBNET}.2", "h1": f"{SUBNET}.11", "h2": f"{SUBNET}.12", "redis": f"{SUBNET}.20"}
 APP_PORT = 3000
 READY_PORT = 9001
+# The --http token of every host (a fresh one per run).
+HTTP_TOKEN = secrets.token_hex(16)
 LB_PORT = 8080
 REDIS_PORT = 6379
 HANG_S = 2.0  # a request slower than this is a hang
@@ -284,7 +287,9 @@ class Host:
         self.starts = 0
 
     def env(self) -> dict:
-        return {"HERD_HOME": str(self.home)}
+        # --http on the host's own address (not loopback) needs a token for its data;
+        # /ready, which HAProxy checks, stays open. From the environment: `ps` won't show it.
+        return {"HERD_HOME": str(self.home), "HERD_HTTP_TOKEN": HTTP_TOKEN}
 
     def start(self) -> None:
         self.starts += 1
