@@ -219,8 +219,7 @@ fn resolve(
         None => {
             let instances = spec.instances.resolve();
             let inherited = match_inherited(&spec.listen, inherited, kernel_policy(balance))?;
-            let listeners =
-                bind_all(&spec.listen, kernel_policy(balance), instances, inherited)?;
+            let listeners = bind_all(&spec.listen, kernel_policy(balance), instances, inherited)?;
             (instances, Rc::new(listeners))
         }
     };
