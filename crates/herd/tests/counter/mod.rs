@@ -133,7 +133,7 @@ fn start_counter(app: &str, redis: &Redis) -> Herd {
 /// it is unready at start keeps from coming).
 fn spawn_counter(app: &str, redis: &Redis) -> Herd {
     let url = format!("REDIS_URL={}", redis.url());
-    let herd = Herd::start(&[
+    Herd::start(&[
         "-i",
         "2",
         "--name",
@@ -145,8 +145,7 @@ fn spawn_counter(app: &str, redis: &Redis) -> Herd {
         "-e",
         "RATE_LIMIT=0",
         app,
-    ]);
-    herd
+    ])
 }
 
 // ---- a keep-alive HTTP/1.1 client that keeps its cookies ---------------------------------
