@@ -385,7 +385,18 @@ fn default_name(app: &str, args: &[String]) -> String {
         (true, Some(script)) => file_stem(script),
         _ => file_stem(app),
     };
-    let clean: String = stem
+    let clean = clean_name(&stem);
+    if AppName::new(&clean).is_ok() {
+        clean
+    } else {
+        "app".into()
+    }
+}
+
+/// `s` made into what an app name may be: letters, digits, `-`, `_`, `.` (others become
+/// `_`), at most 64, starting with a letter or digit, no `..`. May come out empty.
+pub fn clean_name(s: &str) -> String {
+    let clean: String = s
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
@@ -396,18 +407,13 @@ fn default_name(app: &str, args: &[String]) -> String {
         })
         .take(64)
         .collect();
-    // A valid app name: it starts with a letter or digit and has no `..`.
     let mut clean = clean
         .trim_start_matches(|c: char| !c.is_ascii_alphanumeric())
         .to_string();
     while clean.contains("..") {
         clean = clean.replace("..", "._");
     }
-    if AppName::new(&clean).is_ok() {
-        clean
-    } else {
-        "app".into()
-    }
+    clean
 }
 
 fn file_stem(path: &str) -> String {

@@ -6,6 +6,7 @@
 //! comment on its app, so nothing is dropped silently. PM2's defaults that differ from
 //! herd's are written out (PM2 runs 1 instance unless told otherwise; herd `max`).
 
+use crate::cli::clean_name;
 use std::fmt::Write as _;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -382,28 +383,6 @@ pub fn to_toml(apps: &[Value], env: Option<&str>, source: &str, cores: usize) ->
         }
     }
     out
-}
-
-/// An app name herd accepts.
-fn clean_name(s: &str) -> String {
-    let clean: String = s
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(64)
-        .collect();
-    let mut clean = clean
-        .trim_start_matches(|c: char| !c.is_ascii_alphanumeric())
-        .to_string();
-    while clean.contains("..") {
-        clean = clean.replace("..", "._");
-    }
-    clean
 }
 
 #[cfg(test)]

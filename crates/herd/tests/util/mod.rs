@@ -166,6 +166,11 @@ impl Herd {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        Herd::spawn(cmd, home)
+    }
+
+    /// Spawns `cmd` (a herd with piped stdout and stderr) and reads its JSON events.
+    pub(crate) fn spawn(mut cmd: Command, home: TempDir) -> Herd {
         let mut child = cmd.spawn().expect("start herd");
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),

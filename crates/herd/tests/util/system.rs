@@ -4,9 +4,8 @@
 
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
 
-use super::{herd_bin, read_stderr, read_stdout, Herd, Shared, State, TempDir, SCRUBBED_ENV};
+use super::{herd_bin, Herd, TempDir, SCRUBBED_ENV};
 
 impl Herd {
     /// `WRAPPER… herd run --log-format json ARGS…`, with `HERD_HOME` in a fresh temp dir.
@@ -44,23 +43,7 @@ impl Herd {
                 });
             }
         }
-        let mut child = cmd.spawn().expect("start the wrapped herd");
-        let shared = Arc::new(Shared {
-            state: Mutex::new(State::default()),
-            changed: Condvar::new(),
-        });
-        let stdout = child.stdout.take().expect("stdout");
-        let stderr = child.stderr.take().expect("stderr");
-        let s = Arc::clone(&shared);
-        std::thread::spawn(move || read_stdout(stdout, &s));
-        let s = Arc::clone(&shared);
-        std::thread::spawn(move || read_stderr(stderr, &s));
-        Herd {
-            child,
-            shared,
-            status: None,
-            home,
-        }
+        Herd::spawn(cmd, home)
     }
 }
 
