@@ -7,7 +7,8 @@
 //! root: a parent's limit binds its children too, so the smallest wins. `max` means no
 //! limit. `QUOTA PERIOD` allows QUOTA/PERIOD CPUs, rounded up (1.5 CPUs run 2 workers,
 //! each slowed, rather than 1 that leaves half a CPU unused), and at least 1.
-//! cgroup v1 (`cpu.cfs_quota_us`) is not read.
+//! On hosts still on cgroup v1 (or hybrid) the `cpu` controller's `cpu.cfs_quota_us` /
+//! `cpu.cfs_period_us` (-1: no limit) are read the same way; the smallest of all wins.
 
 use std::path::{Path, PathBuf};
 
@@ -37,28 +38,87 @@ fn affinity() -> Option<usize> {
     }
 }
 
-/// The cgroup v2 quota in CPUs, through `read` (a file's text, or None), for testing.
+/// The cgroup quota in CPUs (v2, and v1's `cpu` controller where mounted), through `read`
+/// (a file's text, or None), for testing.
 fn quota(read: &dyn Fn(&Path) -> Option<String>) -> Option<usize> {
     let cgroup = read(Path::new("/proc/self/cgroup"))?;
     let mountinfo = read(Path::new("/proc/self/mountinfo"))?;
-    let own = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
-    let (root, mount) = cgroup2_mount(&mountinfo)?;
+    let v2 = cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .zip(cgroup2_mount(&mountinfo))
+        .and_then(|(own, (root, mount))| {
+            smallest_up(own, &root, &mount, &|dir| {
+                read(&dir.join("cpu.max")).and_then(|t| parse_cpu_max(&t))
+            })
+        });
+    let v1 = cgroup
+        .lines()
+        .find_map(|l| {
+            let mut fields = l.splitn(3, ':');
+            let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+            controllers.split(',').any(|c| c == "cpu").then_some(path)
+        })
+        .zip(cgroup1_cpu_mount(&mountinfo))
+        .and_then(|(own, (root, mount))| {
+            smallest_up(own, &root, &mount, &|dir| {
+                let quota = read(&dir.join("cpu.cfs_quota_us"))?;
+                let period = read(&dir.join("cpu.cfs_period_us"))?;
+                parse_cpu_max(&format!("{} {}", quota.trim(), period.trim()))
+            })
+        });
+    match (v1, v2) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The smallest `limit` of cgroup `own` (a path in the hierarchy mounted at `mount` from
+/// `root`) and of its ancestors up to the mount: a parent's limit binds its children.
+fn smallest_up(
+    own: &str,
+    root: &Path,
+    mount: &Path,
+    limit: &dyn Fn(&Path) -> Option<usize>,
+) -> Option<usize> {
     // Inside a cgroup namespace the path is relative to the namespace's root ("/").
     let relative = Path::new(own)
-        .strip_prefix(&root)
+        .strip_prefix(root)
         .or_else(|_| Path::new(own).strip_prefix("/"))
         .ok()?;
     let mut dir = mount.join(relative);
     let mut smallest: Option<usize> = None;
     loop {
-        if let Some(cpus) = read(&dir.join("cpu.max")).and_then(|t| parse_cpu_max(&t)) {
+        if let Some(cpus) = limit(&dir) {
             smallest = Some(smallest.map_or(cpus, |s| s.min(cpus)));
         }
-        if dir == mount || !dir.pop() || !dir.starts_with(&mount) {
+        if dir == mount || !dir.pop() || !dir.starts_with(mount) {
             break;
         }
     }
     smallest
+}
+
+/// `(root, mount point)` of the cgroup v1 hierarchy that has the `cpu` controller.
+fn cgroup1_cpu_mount(mountinfo: &str) -> Option<(PathBuf, PathBuf)> {
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mut super_fields = right.split_whitespace();
+        if super_fields.next()? != "cgroup" {
+            return None;
+        }
+        let options = super_fields.nth(1)?;
+        if !options.split(',').any(|o| o == "cpu") {
+            return None;
+        }
+        let mut fields = left.split_whitespace();
+        let root = fields.nth(3)?;
+        let mount = fields.next()?;
+        Some((
+            PathBuf::from(unescape(root)),
+            PathBuf::from(unescape(mount)),
+        ))
+    })
 }
 
 /// `(root, mount point)` of the cgroup2 filesystem from `/proc/self/mountinfo`.
@@ -205,6 +265,52 @@ mod tests {
                 "24 30 0:22 / /mnt/c\\040g rw - cgroup2 cgroup2 rw\n",
             ),
             ("/mnt/c g/x y/cpu.max", "100000 100000\n"),
+        ]);
+        assert_eq!(quota(&read), Some(1));
+    }
+
+    #[test]
+    fn cgroup_v1_cpu_quota_is_read_and_the_smaller_of_v1_and_v2_wins() {
+        let mountinfo =
+            "30 25 0:26 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n\
+                         31 25 0:27 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n";
+        let read = fake(&[
+            (
+                "/proc/self/cgroup",
+                "5:memory:/m\n4:cpu,cpuacct:/docker/abc\n",
+            ),
+            ("/proc/self/mountinfo", mountinfo),
+            (
+                "/sys/fs/cgroup/cpu,cpuacct/docker/abc/cpu.cfs_quota_us",
+                "150000\n",
+            ),
+            (
+                "/sys/fs/cgroup/cpu,cpuacct/docker/abc/cpu.cfs_period_us",
+                "100000\n",
+            ),
+            ("/sys/fs/cgroup/cpu,cpuacct/docker/cpu.cfs_quota_us", "-1\n"),
+            (
+                "/sys/fs/cgroup/cpu,cpuacct/docker/cpu.cfs_period_us",
+                "100000\n",
+            ),
+        ]);
+        assert_eq!(quota(&read), Some(2));
+        // -1 everywhere: no limit.
+        let read = fake(&[
+            ("/proc/self/cgroup", "4:cpu,cpuacct:/\n"),
+            ("/proc/self/mountinfo", mountinfo),
+            ("/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us", "-1\n"),
+            ("/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us", "100000\n"),
+        ]);
+        assert_eq!(quota(&read), None);
+        // Hybrid: both, the smaller wins.
+        let hybrid = format!("{mountinfo}{MOUNTINFO}");
+        let read = fake(&[
+            ("/proc/self/cgroup", "4:cpu,cpuacct:/a\n0::/b\n"),
+            ("/proc/self/mountinfo", &hybrid),
+            ("/sys/fs/cgroup/cpu,cpuacct/a/cpu.cfs_quota_us", "300000\n"),
+            ("/sys/fs/cgroup/cpu,cpuacct/a/cpu.cfs_period_us", "100000\n"),
+            ("/sys/fs/cgroup/b/cpu.max", "100000 100000\n"),
         ]);
         assert_eq!(quota(&read), Some(1));
     }
