@@ -192,6 +192,8 @@ wire_enum! {
         Waiting = "waiting",
         /// Ready before, out of rotation at its own request (`status_text`: why).
         Unready = "unready",
+        /// Found hung (`--watchdog`): out of routing, being replaced and stopped.
+        Hung = "hung",
     }
 }
 

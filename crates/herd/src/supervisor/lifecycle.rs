@@ -447,14 +447,15 @@ impl Supervisor {
         self.workers.insert(id, w);
     }
 
-    /// Slots whose current worker counts as ready (see [`WorkerState::counts_ready`]).
+    /// Slots whose current worker counts as ready (see [`WorkerState::counts_ready`]) and
+    /// is not hung: what `herd status`, `/ready` and the manager are told.
     pub(super) fn ready_slots(&self) -> usize {
         self.slots
             .iter()
             .filter(|s| {
                 s.worker
                     .and_then(|id| self.workers.get(&id))
-                    .is_some_and(|w| w.state().counts_ready())
+                    .is_some_and(|w| w.state().counts_ready() && !w.state().is_hung())
             })
             .count()
     }

@@ -181,12 +181,7 @@ impl Supervisor {
         for (instance, slot) in self.slots.iter().enumerate() {
             for id in [slot.worker, slot.incoming].into_iter().flatten() {
                 if let Some(w) = self.workers.get(&id) {
-                    // Hung: herd is killing it, whatever `herd status` still shows.
-                    let shown = if w.state().is_hung() {
-                        "stopping"
-                    } else {
-                        super::status::shown_state(w).as_str()
-                    };
+                    let shown = super::status::shown_state(w).as_str();
                     *states.entry(shown).or_default() += 1;
                 }
             }

@@ -80,8 +80,7 @@ impl Supervisor {
             balance::next_free(&s.workers, &mut s.cursor, |id| {
                 Some(id) != avoid
                     && workers.get(&id).is_some_and(|w| {
-                        (w.routable() || (fallback && w.routable_unready()))
-                            && w.unacked(server) < balance::MAX_UNACKED
+                        (w.routable() || (fallback && w.routable_unready())) && w.free_for(server)
                     })
             })
         });
@@ -133,8 +132,7 @@ impl Supervisor {
             let workers = &self.workers;
             let any_free = s.workers.iter().any(|id| {
                 workers.get(id).is_some_and(|w| {
-                    (w.routable() || (fallback && w.routable_unready()))
-                        && w.unacked(server) < balance::MAX_UNACKED
+                    (w.routable() || (fallback && w.routable_unready())) && w.free_for(server)
                 })
             });
             if !any_free {

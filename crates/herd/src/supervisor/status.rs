@@ -92,7 +92,9 @@ impl Supervisor {
 /// How `herd status` shows a worker's lifecycle state.
 pub(super) fn shown_state(w: &Worker) -> Shown {
     let state = w.state();
-    if state.is_draining() {
+    if state.is_hung() {
+        Shown::Hung
+    } else if state.is_draining() {
         Shown::Stopping
     } else if state.unready_reason().is_some() {
         Shown::Unready

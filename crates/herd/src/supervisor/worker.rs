@@ -176,8 +176,10 @@ impl Worker {
         self.logger.transition(Some(self.who()), from, to, &fields);
     }
 
-    pub fn unacked(&self, server: ServerId) -> usize {
-        self.inflight.iter().filter(|f| f.server == server).count()
+    /// Can take one more hand-off on `server`: fewer than [`crate::balance::MAX_UNACKED`]
+    /// unanswered there.
+    pub fn free_for(&self, server: ServerId) -> bool {
+        self.inflight.iter().filter(|f| f.server == server).count() < crate::balance::MAX_UNACKED
     }
 
     /// Queues a message and arranges a later flush if the socket is full. Returns false

@@ -61,6 +61,18 @@ fn hung_worker_is_replaced(name: &str, trigger: &str, silent_line: &str, died_by
         herd.dump()
     );
     assert_detected_in_time(&herd, mark, victim, silent_line, &hung);
+    // Until it is gone, status shows it hung, and it does not count as ready.
+    let s = status(&home, name);
+    if let Some(w) = s["workers"]
+        .as_array()
+        .and_then(|ws| ws.iter().find(|w| w["pid"] == victim))
+    {
+        assert_eq!(w["state"], "hung", "the hung worker in status: {s:#}");
+        assert!(
+            s["ready"].as_u64() < Some(2),
+            "a hung worker is not counted ready: {s:#}"
+        );
+    }
     assert_eq!(hung["instance"], instance, "{hung}");
     assert_eq!(hung["reason"], "hung", "{hung}");
     assert!(
