@@ -43,19 +43,19 @@ struct Builder {
 
 impl Builder {
     fn gauge(&mut self, name: &str, help: &str, unit: Option<Unit>) -> GaugeF {
-        let family = GaugeF::default();
-        match unit {
-            Some(unit) => self
-                .registry
-                .register_with_unit(name, help, unit, family.clone()),
-            None => self.registry.register(name, help, family.clone()),
-        }
-        family
+        self.family(name, help, unit)
     }
 
     /// `name` without `_total` (the encoder adds it).
     fn counter(&mut self, name: &str, help: &str, unit: Option<Unit>) -> CounterF {
-        let family = CounterF::default();
+        self.family(name, help, unit)
+    }
+
+    fn family<M>(&mut self, name: &str, help: &str, unit: Option<Unit>) -> M
+    where
+        M: prometheus_client::registry::Metric + Clone + Default,
+    {
+        let family = M::default();
         match unit {
             Some(unit) => self
                 .registry
