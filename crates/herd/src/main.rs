@@ -383,7 +383,7 @@ fn run(args: cli::RunArgs, config: Option<String>, argv: Vec<String>) -> anyhow:
     };
     // Where `herd logs` finds this app's file once the supervisor is gone.
     record_log_path(&home_dir, &app, log_file.as_ref().map(|f| f.path()));
-    let plan = match plan::plan_inheriting(spec, inherited) {
+    let plan = match plan::plan(spec, inherited) {
         Ok(plan) => plan,
         Err(e) => {
             let _ = std::fs::remove_dir(&run_dir);

@@ -177,15 +177,9 @@ fn interpreter_for(spec: &Spec) -> (Option<String>, bool) {
 }
 
 /// Resolves `spec` against this machine: the working directory, the program and its kind,
-/// the defaults that depend on the kind, the `--user`, and the sockets bound.
-#[allow(dead_code)] // the entry point for callers without inherited sockets
-pub fn plan(spec: Spec) -> Result<Plan, PlanError> {
-    plan_inheriting(spec, Vec::new())
-}
-
-/// [`plan`], using the sockets herd inherited (inherit.rs) for the `--listen` addresses
-/// they are bound to instead of binding those.
-pub fn plan_inheriting(spec: Spec, inherited: Vec<Inherited>) -> Result<Plan, PlanError> {
+/// the defaults that depend on the kind, the `--user`, and the sockets — those herd
+/// inherited (inherit.rs) for the `--listen` addresses they are bound to, the rest bound.
+pub fn plan(spec: Spec, inherited: Vec<Inherited>) -> Result<Plan, PlanError> {
     resolve(spec, None, inherited)
 }
 
