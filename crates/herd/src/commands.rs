@@ -354,10 +354,7 @@ fn logs_from_file(
                 .then(|| std::path::PathBuf::from(std::ffi::OsStr::from_bytes(&raw).to_os_string()))
         });
     let path = recorded.unwrap_or_else(|| home.display(&name.file("log")));
-    let filter = crate::logs::read::Filter {
-        app: name.to_string(),
-        instance,
-    };
+    let filter = crate::logs::read::Filter::new(name.as_str(), instance);
     match crate::logs::read::print(&path, lines, follow, &filter) {
         Ok(()) => Ok(0),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(anyhow::anyhow!(

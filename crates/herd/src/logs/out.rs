@@ -27,7 +27,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -89,6 +89,8 @@ struct Shared {
     epoch: Instant,
     /// When the writer last made progress (ms since `epoch`): took a batch or wrote bytes.
     progress_ms: AtomicU64,
+    /// `Queue::dropped` holds something: read without the lock on every line.
+    dropped_pending: AtomicBool,
     app: String,
     format: LogFormat,
 }
@@ -163,6 +165,7 @@ impl Output {
             room: Notify::new(),
             epoch: Instant::now(),
             progress_ms: AtomicU64::new(0),
+            dropped_pending: AtomicBool::new(false),
             app: app.to_string(),
             format,
         });
@@ -187,6 +190,7 @@ impl Output {
                 room: Notify::new(),
                 epoch: Instant::now(),
                 progress_ms: AtomicU64::new(0),
+                dropped_pending: AtomicBool::new(false),
                 app: app.to_string(),
                 format,
             }),
@@ -266,6 +270,10 @@ impl Output {
 
     /// Lines the log file lost since the last call, with the last error.
     pub fn take_dropped(&self) -> Option<(u64, String)> {
+        // Almost always nothing: no lock on the way of every worker line.
+        if !self.shared.dropped_pending.swap(false, Ordering::Acquire) {
+            return None;
+        }
         self.shared.lock().dropped.take()
     }
 
@@ -352,6 +360,7 @@ fn write_loop(shared: &Shared, mut sink: Sink) {
                         let mut q = shared.lock();
                         let told = q.dropped.as_ref().map_or(0, |d| d.0);
                         q.dropped = Some((told + lines, error));
+                        shared.dropped_pending.store(true, Ordering::Release);
                     }
                 }
                 shared.progressed();

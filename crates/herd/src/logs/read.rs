@@ -29,11 +29,17 @@ const BLOCK: u64 = 64 << 10;
 /// Which lines to show: all, or one instance's (`app[N]` in text, `"instance":N` in JSON).
 #[derive(Debug, Clone)]
 pub struct Filter {
-    pub app: String,
-    pub instance: Option<usize>,
+    instance: Option<usize>,
+    /// `app[N] `, the text prefix of the instance's lines (built once, not per line).
+    tag: String,
 }
 
 impl Filter {
+    pub fn new(app: &str, instance: Option<usize>) -> Filter {
+        let tag = instance.map_or_else(String::new, |i| format!("{app}[{i}] "));
+        Filter { instance, tag }
+    }
+
     pub fn keeps(&self, line: &str) -> bool {
         let Some(instance) = self.instance else {
             return true;
@@ -44,11 +50,10 @@ impl Filter {
                 .and_then(|v| v.get("instance").and_then(serde_json::Value::as_u64))
                 == Some(instance as u64);
         }
-        let tag = format!("{}[{instance}] ", self.app);
-        line.starts_with(&tag)
+        line.starts_with(&self.tag)
             || line
                 .strip_prefix("herd: ")
-                .is_some_and(|l| l.starts_with(&tag))
+                .is_some_and(|l| l.starts_with(&self.tag))
     }
 }
 
@@ -62,7 +67,7 @@ pub fn last_lines(file: &File, n: usize, filter: &Filter) -> io::Result<Vec<Stri
     while kept.len() < n && end > 0 {
         let start = end.saturating_sub(BLOCK);
         let mut block = vec![0u8; (end - start) as usize];
-        read_exact_at(file, &mut block, start)?;
+        file.read_exact_at(&mut block, start)?;
         block.extend_from_slice(&tail);
         tail = block;
         end = start;
@@ -87,24 +92,6 @@ pub fn last_lines(file: &File, n: usize, filter: &Filter) -> io::Result<Vec<Stri
     }
     kept.reverse();
     Ok(kept)
-}
-
-fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
-    let mut at = 0;
-    while at < buf.len() {
-        match file.read_at(&mut buf[at..], offset + at as u64) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the log file shrank while herd read it",
-                ))
-            }
-            Ok(n) => at += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// Prints the last `n` lines of the log at `path` (and, with `follow`, every line written
@@ -205,18 +192,12 @@ mod tests {
         text.push_str("herd: a[1] pid 2 exited\n");
         std::fs::write(&path, &text).expect("write");
         let file = File::open(&path).expect("open");
-        let all = Filter {
-            app: "a".into(),
-            instance: None,
-        };
+        let all = Filter::new("a", None);
         let got = last_lines(&file, 3, &all).expect("tail");
         assert_eq!(got[0], "a[1] 1 | line 4999");
         assert_eq!(got[1].len(), 9 + 70_000);
         assert_eq!(got[2], "herd: a[1] pid 2 exited");
-        let one = Filter {
-            app: "a".into(),
-            instance: Some(1),
-        };
+        let one = Filter::new("a", Some(1));
         let got = last_lines(&file, 2, &one).expect("tail");
         assert_eq!(got, ["a[1] 1 | line 4999", "herd: a[1] pid 2 exited"]);
         assert_eq!(last_lines(&file, 100_000, &all).expect("all").len(), 5002);
