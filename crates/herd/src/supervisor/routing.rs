@@ -71,18 +71,17 @@ impl Supervisor {
                 .filter(|&id| Some(id) != avoid),
             _ => None,
         };
-        let fallback = self.only_unready_left();
         let Some(s) = self.servers.get_mut(server) else {
             return;
         };
         let workers = &self.workers;
         let pick = sticky.or_else(|| {
-            balance::next_free(&s.workers, &mut s.cursor, |id| {
-                Some(id) != avoid
-                    && workers.get(&id).is_some_and(|w| {
-                        (w.routable() || (fallback && w.routable_unready())) && w.free_for(server)
-                    })
-            })
+            let mut free = |fallback: bool| {
+                balance::next_free(&s.workers, &mut s.cursor, |id| {
+                    Some(id) != avoid && workers.get(&id).is_some_and(|w| w.takes(server, fallback))
+                })
+            };
+            free(false).or_else(|| only_unready_left(workers).then(|| free(true)).flatten())
         });
         let Some(id) = pick else {
             s.pending.push_back(conn);
@@ -125,22 +124,15 @@ impl Supervisor {
                 return;
             }
             let before = s.pending.len();
-            let fallback = self.only_unready_left();
-            let Some(s) = self.servers.get(server) else {
-                return;
-            };
             let workers = &self.workers;
-            let any_free = s.workers.iter().any(|id| {
-                workers.get(id).is_some_and(|w| {
-                    (w.routable() || (fallback && w.routable_unready())) && w.free_for(server)
-                })
-            });
-            if !any_free {
+            let any = |fallback: bool| {
+                s.workers
+                    .iter()
+                    .any(|id| workers.get(id).is_some_and(|w| w.takes(server, fallback)))
+            };
+            if !(any(false) || only_unready_left(workers) && any(true)) {
                 return;
             }
-            let Some(s) = self.servers.get_mut(server) else {
-                return;
-            };
             let conn = s.pending.pop_front().expect("not empty");
             self.route(server, conn);
             let after = self.servers.get(server).map_or(0, |s| s.pending.len());
@@ -149,13 +141,12 @@ impl Supervisor {
             }
         }
     }
+}
 
-    /// No worker takes connections, but some said they are unready: connections go to
-    /// those rather than wait (a load balancer's "panic mode"). An unready worker is alive
-    /// and answers — a quick 503 of its own, say — where a held connection would hang until
-    /// a worker is ready again.
-    pub(super) fn only_unready_left(&self) -> bool {
-        let workers = || self.workers.values();
-        !workers().any(|w| w.routable()) && workers().any(|w| w.routable_unready())
-    }
+/// No worker takes connections, but some said they are unready: connections go to those
+/// rather than wait (a load balancer's "panic mode"). An unready worker is alive and
+/// answers — a quick 503 of its own, say — where a held connection would hang until a
+/// worker is ready again. Asked only once no ready worker was free.
+fn only_unready_left(workers: &BTreeMap<WorkerId, Worker>) -> bool {
+    !workers.values().any(|w| w.routable()) && workers.values().any(|w| w.routable_unready())
 }

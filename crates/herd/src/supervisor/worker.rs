@@ -135,6 +135,12 @@ impl Worker {
         self.state.unready_reason().is_some() && self.channel.is_some()
     }
 
+    /// Can take a connection on `server` now: routable (or, as the `fallback` when no
+    /// worker is ready, unready) with no hand-off there unanswered.
+    pub fn takes(&self, server: ServerId, fallback: bool) -> bool {
+        (self.routable() || fallback && self.routable_unready()) && self.free_for(server)
+    }
+
     pub fn state(&self) -> &WorkerState {
         &self.state
     }
