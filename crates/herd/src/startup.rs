@@ -178,7 +178,7 @@ pub fn generate(herd: &Path, cwd: &Path, args: &SystemdArgs) -> anyhow::Result<U
 /// Reads the arguments: `herd.toml [--app NAME]`, or `herd run`'s.
 fn service(cwd: &Path, args: &[OsString]) -> anyhow::Result<Service> {
     let first = args.first().map(Path::new);
-    if let Some(file) = first.filter(|f| f.extension().is_some_and(|e| e == "toml")) {
+    if let Some(file) = first.filter(|f| crate::config::is_config(&f.to_string_lossy())) {
         let file = cwd.join(file);
         let app = match &args[1..] {
             [] => None,
@@ -219,12 +219,15 @@ fn service(cwd: &Path, args: &[OsString]) -> anyhow::Result<Service> {
                 .trim_start_matches("error: ")
         ),
     };
+    // Whether the arguments name the app, as clap read them (`--name=web`, `-nweb`; not a
+    // `-n` of the program's after `--`).
+    let named = run.name.is_some();
     let spec = run.into_spec();
     let name = spec.name.clone();
     let mut run_args: Vec<OsString> = args.to_vec();
     // The unit's name is herd's name for the app: make it explicit, so `herd reload NAME`
     // reaches it whatever the default would be.
-    if !args.iter().any(|a| a == "--name" || a == "-n") {
+    if !named {
         run_args.splice(0..0, ["--name".into(), name.clone().into()]);
     }
     Ok(Service {
@@ -457,6 +460,36 @@ mod tests {
         assert!(unit
             .text
             .contains("ExecStart=/usr/bin/herd run -l unix:/tmp/app.sock -n web server.py\n"));
+    }
+
+    #[test]
+    fn a_name_given_in_any_spelling_is_not_added_twice() {
+        for given in [&["--name=web"][..], &["-nweb"], &["-n", "web"]] {
+            let mut a: Vec<&str> = given.to_vec();
+            a.push("server.py");
+            let unit =
+                generate(Path::new("/usr/bin/herd"), Path::new("/srv"), &args(&a)).expect("unit");
+            assert_eq!(unit.file, "herd-web.service");
+            let exec = unit
+                .text
+                .lines()
+                .find(|l| l.starts_with("ExecStart="))
+                .expect("ExecStart");
+            assert!(!exec.contains("--name web"), "{given:?}: {exec}");
+        }
+        // A program's own `-n` after `--` is not herd's: the name is added.
+        let unit = generate(
+            Path::new("/usr/bin/herd"),
+            Path::new("/srv"),
+            &args(&["server.py", "--", "-n", "5"]),
+        )
+        .expect("unit");
+        let exec = unit
+            .text
+            .lines()
+            .find(|l| l.starts_with("ExecStart="))
+            .expect("exec");
+        assert!(exec.contains("--name server"), "{exec}");
     }
 
     #[test]
