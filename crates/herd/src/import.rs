@@ -63,8 +63,9 @@ pub fn import(file: &Path, env: Option<&str>) -> anyhow::Result<u8> {
     Ok(0)
 }
 
+/// The CPUs herd's `max` would use here (affinity and cgroup quota), for PM2's `-N`.
 fn cores() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    crate::cpus::available()
 }
 
 /// A TOML string (basic, escaped).

@@ -184,8 +184,9 @@ pub fn plan(spec: Spec, inherited: Vec<Inherited>) -> Result<Plan, PlanError> {
 }
 
 /// Resolves a new `spec` for a running app (a reload onto a new spec): everything as
-/// [`plan`] does except the sockets, which stay `current`'s, as do the worker count (a
-/// scale changes it) and, unless the spec sets them, the balance and ready modes.
+/// [`plan`] does except the sockets and the worker count, which stay `current`'s (a scale
+/// changes the count; a change of sockets or balance is refused before this, see
+/// supervisor/reconfigure.rs).
 pub fn replan(spec: Spec, current: &Plan) -> Result<Plan, PlanError> {
     resolve(spec, Some(current), Vec::new())
 }

@@ -197,7 +197,7 @@ struct Origin {
 fn app(name: &str, table: &DeTable<'_>, text: &str, shown: &str) -> Result<App, ConfigError> {
     let at = |span: Range<usize>| position(text, shown, span.start);
     let flags = keys::flag_keys();
-    let all = keys::all_keys();
+    let all = keys::all_keys(&flags);
     let known = || all.iter().map(String::as_str);
     let bad = |span: Range<usize>, key: &str, problem: String| ConfigError {
         message: format!("{}: {key}: {problem}", at(span)),
