@@ -17,9 +17,9 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::procfs::CpuSample;
 use herd_proto::event::EventName;
 use serde_json::json;
-use tokio::time::Instant;
 
 use super::{Event, Supervisor, WorkerId};
 use crate::fmt::human;
@@ -60,8 +60,8 @@ pub struct Ring {
 #[derive(Default)]
 struct SlotRing {
     samples: VecDeque<Sample>,
-    /// The worker and CPU ticks of the previous reading.
-    last: Option<(WorkerId, u64, Instant)>,
+    /// The worker and CPU reading of the previous sample.
+    last: Option<(WorkerId, CpuSample)>,
 }
 
 fn unix_now() -> f64 {
@@ -98,7 +98,6 @@ impl Supervisor {
         let Some(ring) = self.observe.ring.as_mut() else {
             return;
         };
-        let tps = rustix::param::clock_ticks_per_second() as f64;
         let at = unix_now() as u32;
         ring.slots.resize_with(self.slots.len(), SlotRing::default);
         for (instance, slot) in self.slots.iter().enumerate() {
@@ -111,19 +110,12 @@ impl Supervisor {
             else {
                 continue;
             };
-            let now = Instant::now();
-            let cpu = match r.last {
-                Some((id, before, then)) if id == w.id => {
-                    let secs = now.duration_since(then).as_secs_f64();
-                    if secs > 0.0 {
-                        ticks.saturating_sub(before) as f64 / tps / secs * 100.0
-                    } else {
-                        0.0
-                    }
-                }
+            let now = CpuSample::now(ticks);
+            let cpu = match &r.last {
+                Some((id, before)) if *id == w.id => now.percent_since(before),
                 _ => 0.0,
             };
-            r.last = Some((w.id, ticks, now));
+            r.last = Some((w.id, now));
             if r.samples.len() == SAMPLES {
                 r.samples.pop_front();
             }
@@ -223,7 +215,7 @@ impl Supervisor {
             reloads_ok: self.observe.reloads_ok,
             reloads_failed: self.observe.reloads_failed,
             supervisor_rss_bytes: self.os.rss_bytes(me).unwrap_or(0),
-            supervisor_cpu_seconds: crate::procfs::cpu_ticks(me).map_or(0.0, |t| t as f64 / tps),
+            supervisor_cpu_seconds: self.os.cpu_ticks(me).map_or(0.0, |t| t as f64 / tps),
             counts_connections: self.plan.kind == WorkerKind::Node
                 && self.plan.balance == Balance::RoundRobin,
         }
