@@ -131,21 +131,27 @@ impl Logger {
         }
     }
 
-    /// Every later event also goes to `tap` as one JSON object (the `--log-format json`
-    /// line), while it has receivers. A bounded broadcast: a slow receiver skips events, it
-    /// never holds them here.
+    /// Every later event also goes to `tap`, while it has receivers, as one server-sent
+    /// event frame (`event: NAME`, `data:` the `--log-format json` line), built once for all
+    /// of them. A bounded broadcast: a slow receiver skips events, it never holds them here.
     pub fn set_tap(&self, tap: broadcast::Sender<std::sync::Arc<str>>) {
         *self.inner.tap.borrow_mut() = Some(tap);
     }
 
-    /// Sends an event to the tap, if anyone listens.
-    fn tap(&self, name: EventName, who: Option<Who>, message: &str, fields: &[(&str, Value)]) {
+    /// The tap, if anyone listens.
+    fn listening_tap(&self) -> Option<broadcast::Sender<std::sync::Arc<str>>> {
         let tap = self.inner.tap.borrow();
-        let Some(tap) = tap.as_ref().filter(|t| t.receiver_count() > 0) else {
-            return;
-        };
-        let line = json_line(self.event_object(name, who, message, fields));
-        let _ = tap.send(String::from_utf8_lossy(&line).into());
+        tap.as_ref().filter(|t| t.receiver_count() > 0).cloned()
+    }
+
+    /// Sends an event (`json`: its JSON line) to the tap as one frame.
+    fn send_to_tap(tap: &broadcast::Sender<std::sync::Arc<str>>, name: EventName, json: &[u8]) {
+        let frame = format!(
+            "event: {}\ndata: {}\n\n",
+            name.as_str(),
+            String::from_utf8_lossy(json)
+        );
+        let _ = tap.send(frame.into());
     }
 
     /// An event as the JSON object `--log-format json` writes.
@@ -282,6 +288,10 @@ impl Logger {
             ),
             None => format!("herd: {} {message}", self.inner.app),
         });
+        // The JSON line is built once, for the log and for the tap.
+        let tap = self.listening_tap();
+        let json = (self.inner.format == LogFormat::Json || tap.is_some())
+            .then(|| json_line(self.event_object(name, who, message, fields)));
         let mut out = match self.inner.format {
             LogFormat::Text if self.inner.color => {
                 let mut out = Vec::with_capacity(plain.len() + 32);
@@ -300,12 +310,14 @@ impl Logger {
                 out
             }
             LogFormat::Text => plain.clone().into_bytes(),
-            LogFormat::Json => json_line(self.event_object(name, who, message, fields)),
+            LogFormat::Json => json.clone().unwrap_or_default(),
         };
         out.push(b'\n');
         self.remember(who.map(|w| w.instance), plain);
         self.inner.out.event(out);
-        self.tap(name, who, message, fields);
+        if let (Some(tap), Some(json)) = (tap, json) {
+            Self::send_to_tap(&tap, name, &json);
+        }
     }
 
     /// An event for tools only: written with `--log-format json`, left out of the text log
@@ -320,8 +332,9 @@ impl Logger {
     ) {
         if self.inner.format == LogFormat::Json {
             self.event(name, who, message, fields);
-        } else {
-            self.tap(name, who, message, fields);
+        } else if let Some(tap) = self.listening_tap() {
+            let json = json_line(self.event_object(name, who, message, fields));
+            Self::send_to_tap(&tap, name, &json);
         }
     }
 

@@ -63,7 +63,7 @@ async fn forward(
         }
         frame = tokio::select! {
             got = events.recv() => match got {
-                Ok(json) => Bytes::from(format!("event: {}\ndata: {json}\n\n", name_of(&json))),
+                Ok(frame) => Bytes::copy_from_slice(frame.as_bytes()),
                 Err(RecvError::Lagged(n)) => {
                     skipped.set(skipped.get() + n);
                     Bytes::from(format!("event: lagged\ndata: {{\"skipped\":{n}}}\n\n"))
@@ -72,33 +72,5 @@ async fn forward(
             },
             () = tokio::time::sleep(HEARTBEAT) => Bytes::from_static(b": keep-alive\n\n"),
         };
-    }
-}
-
-/// The `event` field of an event's JSON line (a name herd chose: letters and `_`).
-fn name_of(json: &str) -> &str {
-    let Some(rest) = json.split_once("\"event\":\"").map(|(_, r)| r) else {
-        return "message";
-    };
-    let name = rest.split('"').next().unwrap_or("message");
-    if !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
-        name
-    } else {
-        "message"
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::name_of;
-
-    #[test]
-    fn event_names_come_from_the_json() {
-        assert_eq!(
-            name_of(r#"{"ts":"x","event":"ready","message":"m"}"#),
-            "ready"
-        );
-        assert_eq!(name_of(r#"{"event":"a\nb"}"#), "message");
-        assert_eq!(name_of("{}"), "message");
     }
 }
