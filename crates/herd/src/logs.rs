@@ -345,23 +345,11 @@ impl Logger {
         if self.inner.format != LogFormat::Json {
             return;
         }
-        let mut obj = Map::new();
-        obj.insert("ts".into(), Value::String(timestamp()));
-        obj.insert("app".into(), Value::String(self.inner.app.clone()));
-        obj.insert(
-            "event".into(),
-            Value::String(EventName::State.as_str().into()),
-        );
-        if let Some(who) = who {
-            obj.insert("instance".into(), who.instance.into());
-            obj.insert("worker_id".into(), who.worker_id.into());
-            obj.insert("pid".into(), who.pid.into());
-        }
+        let mut obj = self.event_object(EventName::State, who, "", fields);
+        // A record, not a sentence: no message.
+        obj.remove("message");
         obj.insert("from".into(), from.into());
         obj.insert("to".into(), to.into());
-        for (key, value) in fields {
-            obj.insert((*key).to_string(), value.clone());
-        }
         let mut out = json_line(obj);
         out.push(b'\n');
         self.inner.out.event(out);

@@ -108,8 +108,9 @@ impl Shared {
         self.progress_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
-    /// One of herd's own lines, written by this thread (text or JSON `event`).
-    fn event_line(&self, event: &str, message: &str) -> Vec<u8> {
+    /// One of herd's own lines, written by this thread (text or JSON `event`, with
+    /// `fields` in JSON only).
+    fn event_line(&self, event: &str, message: &str, fields: &[(&str, Value)]) -> Vec<u8> {
         let mut line = match self.format {
             LogFormat::Text => text_line(&format!("herd: {} {message}", self.app)).into_bytes(),
             LogFormat::Json => {
@@ -118,6 +119,9 @@ impl Shared {
                 obj.insert("app".into(), Value::String(self.app.clone()));
                 obj.insert("event".into(), event.into());
                 obj.insert("message".into(), Value::String(message.to_string()));
+                for (key, value) in fields {
+                    obj.insert((*key).to_string(), value.clone());
+                }
                 json_line(obj)
             }
         };
@@ -127,26 +131,13 @@ impl Shared {
 
     /// What stands in the log file for `n` lines a failed write lost.
     fn file_notice(&self, n: u64, error: &str) -> Vec<u8> {
-        self.event_line("log_dropped", &format!("{n} lines dropped: {error}"))
+        self.event_line("log_dropped", &format!("{n} lines dropped: {error}"), &[])
     }
 
     /// What stands for `n` dropped lines in the output.
     fn notice(&self, n: u64) -> Vec<u8> {
         let message = format!("{n} log lines dropped (stdout was blocked)");
-        let mut line = match self.format {
-            LogFormat::Text => text_line(&format!("herd: {} {message}", self.app)).into_bytes(),
-            LogFormat::Json => {
-                let mut obj = Map::new();
-                obj.insert("ts".into(), Value::String(super::timestamp()));
-                obj.insert("app".into(), Value::String(self.app.clone()));
-                obj.insert("event".into(), "log_dropped".into());
-                obj.insert("message".into(), Value::String(message));
-                obj.insert("lines".into(), n.into());
-                json_line(obj)
-            }
-        };
-        line.push(b'\n');
-        line
+        self.event_line("log_dropped", &message, &[("lines", n.into())])
     }
 }
 
@@ -347,7 +338,7 @@ fn write_loop(shared: &Shared, mut sink: Sink) {
                             file.path().display()
                         ),
                     };
-                    let mut line = shared.event_line("log_reopened", &line);
+                    let mut line = shared.event_line("log_reopened", &line, &[]);
                     line.extend_from_slice(&buf);
                     buf = line;
                 }
