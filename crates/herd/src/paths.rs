@@ -198,32 +198,13 @@ impl Home {
     /// another user's file there is refused.
     pub fn open_private_file(&self, file: &str, flags: OFlags) -> Result<std::fs::File, HomeError> {
         let at = || self.display(file);
-        let fd = rustix::fs::openat(
-            &self.fd,
-            file,
-            flags
-                | OFlags::CREATE
-                | OFlags::NOFOLLOW
-                | OFlags::CLOEXEC
-                | OFlags::NOCTTY
-                | OFlags::NONBLOCK,
-            Mode::from_raw_mode(0o600),
-        )
-        .map_err(|e| match e {
-            rustix::io::Errno::LOOP => HomeError::Link(at()),
-            e => HomeError::Open(at(), e.into()),
-        })?;
-        let stat = rustix::fs::fstat(&fd).map_err(|e| HomeError::Stat(at(), e.into()))?;
-        if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile
-            || stat.st_uid != rustix::process::geteuid().as_raw()
-        {
-            return Err(HomeError::NotOurs(at()));
+        match open_private_at(&self.fd, file, flags) {
+            Ok((fd, _)) => Ok(std::fs::File::from(fd)),
+            Err(PrivateOpenError::Open(rustix::io::Errno::LOOP)) => Err(HomeError::Link(at())),
+            Err(PrivateOpenError::Open(e)) => Err(HomeError::Open(at(), e.into())),
+            Err(PrivateOpenError::NotOurs { .. }) => Err(HomeError::NotOurs(at())),
+            Err(PrivateOpenError::Io(e)) => Err(HomeError::Stat(at(), e.into())),
         }
-        // Back to blocking I/O (O_NONBLOCK only kept a fifo from stalling the open).
-        let flags = rustix::fs::fcntl_getfl(&fd).map_err(|e| HomeError::Stat(at(), e.into()))?;
-        rustix::fs::fcntl_setfl(&fd, flags - OFlags::NONBLOCK)
-            .map_err(|e| HomeError::Stat(at(), e.into()))?;
-        Ok(std::fs::File::from(fd))
     }
 
     /// The names of the sockets of ours in this directory, `<name>.sock` with a valid name
@@ -247,6 +228,50 @@ impl Home {
         names.sort();
         names
     }
+}
+
+/// Why [`open_private_at`] refused.
+#[derive(Debug)]
+pub enum PrivateOpenError {
+    /// `openat` failed (`ELOOP`: a symbolic link; `ENXIO`: a fifo without a reader).
+    Open(rustix::io::Errno),
+    /// Not a regular file of this user: what is there.
+    NotOurs { regular: bool, uid: u32 },
+    /// `fstat` or `fcntl` failed.
+    Io(rustix::io::Errno),
+}
+
+/// Opens (creating, mode 0600) `name` in `dir` with `flags`, never through a symbolic link,
+/// and only a regular file of this user; back to blocking I/O once open (`O_NONBLOCK` only
+/// keeps a fifo from stalling the open). Returns its `fstat` for checks of the caller's own.
+pub fn open_private_at(
+    dir: impl AsFd,
+    name: impl rustix::path::Arg,
+    flags: OFlags,
+) -> Result<(OwnedFd, rustix::fs::Stat), PrivateOpenError> {
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        flags
+            | OFlags::CREATE
+            | OFlags::NOFOLLOW
+            | OFlags::CLOEXEC
+            | OFlags::NOCTTY
+            | OFlags::NONBLOCK,
+        Mode::from_raw_mode(0o600),
+    )
+    .map_err(PrivateOpenError::Open)?;
+    let stat = rustix::fs::fstat(&fd).map_err(PrivateOpenError::Io)?;
+    let regular = FileType::from_raw_mode(stat.st_mode) == FileType::RegularFile;
+    if !regular || stat.st_uid != rustix::process::geteuid().as_raw() {
+        return Err(PrivateOpenError::NotOurs {
+            regular,
+            uid: stat.st_uid,
+        });
+    }
+    let now = rustix::fs::fcntl_getfl(&fd).map_err(PrivateOpenError::Io)?;
+    rustix::fs::fcntl_setfl(&fd, now - OFlags::NONBLOCK).map_err(PrivateOpenError::Io)?;
+    Ok((fd, stat))
 }
 
 #[cfg(test)]

@@ -347,36 +347,28 @@ fn rename(dir: &OwnedFd, from: &OsString, to: &OsString) -> io::Result<()> {
 /// Opens `name` in `dir` for appending, creating it 0600: never through a symlink, and
 /// only a regular file of this user with one link.
 pub fn open_in(dir: &OwnedFd, name: &OsString) -> Result<File, String> {
-    let fd = rustix::fs::openat(
-        dir,
-        name.as_os_str(),
-        // Read too: the compressor reads a rotated file through this descriptor.
-        OFlags::RDWR
-            | OFlags::APPEND
-            | OFlags::CREATE
-            | OFlags::NOFOLLOW
-            | OFlags::CLOEXEC
-            | OFlags::NOCTTY
-            | OFlags::NONBLOCK,
-        Mode::from_raw_mode(0o600),
-    )
-    .map_err(|e| match e {
-        rustix::io::Errno::LOOP => {
-            "is a symbolic link; herd will not follow it: remove it or pass the real path"
-                .to_string()
-        }
-        // A fifo without a reader (opened non-blocking), a socket.
-        rustix::io::Errno::NXIO | rustix::io::Errno::OPNOTSUPP => {
-            "is not a regular file; herd writes logs to plain files only".to_string()
-        }
-        e => format!("cannot open: {e}"),
-    })?;
-    check_ours(&fd)?;
-    // Back to blocking writes (O_NONBLOCK only kept a fifo from stalling the open; a fifo
-    // is refused above).
-    let flags = rustix::fs::fcntl_getfl(&fd).map_err(|e| format!("cannot open: {e}"))?;
-    rustix::fs::fcntl_setfl(&fd, flags - OFlags::NONBLOCK)
-        .map_err(|e| format!("cannot open: {e}"))?;
+    use crate::paths::{open_private_at, PrivateOpenError};
+    let not_regular = || "is not a regular file; herd writes logs to plain files only".to_string();
+    // Read too: the compressor reads a rotated file through this descriptor.
+    let (fd, st) = open_private_at(dir, name.as_os_str(), OFlags::RDWR | OFlags::APPEND)
+        .map_err(|e| match e {
+            PrivateOpenError::Open(rustix::io::Errno::LOOP) => {
+                "is a symbolic link; herd will not follow it: remove it or pass the real path"
+                    .to_string()
+            }
+            // A fifo without a reader (opened non-blocking), a socket.
+            PrivateOpenError::Open(rustix::io::Errno::NXIO | rustix::io::Errno::OPNOTSUPP) => {
+                not_regular()
+            }
+            PrivateOpenError::Open(e) | PrivateOpenError::Io(e) => format!("cannot open: {e}"),
+            PrivateOpenError::NotOurs { regular: false, .. } => not_regular(),
+            PrivateOpenError::NotOurs { uid, .. } => format!(
+                "belongs to another user (uid {uid}); herd leaves it alone: remove it or pick another path"
+            ),
+        })?;
+    if st.st_nlink > 1 {
+        return Err("has other hard links; herd will not write through them: remove it".into());
+    }
     Ok(File::from(fd))
 }
 
@@ -408,24 +400,6 @@ pub fn open_for_reading(path: &Path) -> io::Result<File> {
         ));
     }
     Ok(File::from(fd))
-}
-
-fn check_ours(fd: &OwnedFd) -> Result<(), String> {
-    let st = rustix::fs::fstat(fd).map_err(|e| format!("cannot open: {e}"))?;
-    let me = rustix::process::geteuid().as_raw();
-    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
-        return Err("is not a regular file; herd writes logs to plain files only".into());
-    }
-    if st.st_uid != me {
-        return Err(format!(
-            "belongs to another user (uid {}); herd leaves it alone: remove it or pick another path",
-            st.st_uid
-        ));
-    }
-    if st.st_nlink > 1 {
-        return Err("has other hard links; herd will not write through them: remove it".into());
-    }
-    Ok(())
 }
 
 #[cfg(test)]
