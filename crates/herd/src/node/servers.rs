@@ -331,6 +331,7 @@ pub fn creds_of(user: Option<&User>) -> Option<Creds> {
     user.map(|u| Creds {
         uid: u.uid,
         gid: u.gid,
+        groups: u.groups.clone(),
     })
 }
 

@@ -70,11 +70,13 @@ impl Failure {
     }
 }
 
-/// Whose rights the helper runs with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Whose rights the helper runs with: the workers' (`--user`, `--group` and the user's
+/// supplementary groups).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Creds {
     pub uid: u32,
     pub gid: u32,
+    pub groups: Vec<u32>,
 }
 
 /// A socket file herd made: the directory it was made in (held open), its name there, and
@@ -95,7 +97,7 @@ impl SocketFile {
     pub async fn remove(self) -> Result<bool, Failure> {
         let mut request = format!(
             "unlink\n{}\n{} {}\n",
-            creds_line(self.creds),
+            creds_line(self.creds.as_ref()),
             self.dev,
             self.ino
         )
@@ -353,9 +355,14 @@ pub fn bind_here(path: &Path, mode: u32) -> Result<(OwnedFd, SocketFile), Failur
 
 // ---- herd's side of the helper ----
 
-fn creds_line(creds: Option<Creds>) -> String {
+/// `UID GID[ G1,G2,…]`, or `-` for herd's own rights.
+fn creds_line(creds: Option<&Creds>) -> String {
     match creds {
-        Some(c) => format!("{} {}", c.uid, c.gid),
+        Some(c) if c.groups.is_empty() => format!("{} {}", c.uid, c.gid),
+        Some(c) => {
+            let groups: Vec<String> = c.groups.iter().map(u32::to_string).collect();
+            format!("{} {} {}", c.uid, c.gid, groups.join(","))
+        }
         None => "-".into(),
     }
 }
@@ -367,7 +374,7 @@ pub async fn bind_as(
     mode: u32,
 ) -> Result<(OwnedFd, SocketFile), Failure> {
     let (_, name) = split(path)?;
-    let mut request = format!("bind\n{}\n{mode:o}\n", creds_line(creds)).into_bytes();
+    let mut request = format!("bind\n{}\n{mode:o}\n", creds_line(creds.as_ref())).into_bytes();
     request.extend_from_slice(path.as_os_str().as_bytes());
     if request.len() >= MAX_MESSAGE {
         return Err(Failure::new(
@@ -537,15 +544,26 @@ fn serve(request: &[u8], mut fds: Vec<OwnedFd>) -> Result<(Vec<u8>, Vec<OwnedFd>
     };
     let creds = match text(creds)?.as_str() {
         "-" => None,
-        pair => {
-            let (uid, gid) = pair.split_once(' ').ok_or_else(bad)?;
+        line => {
+            let mut words = line.split(' ');
+            let (Some(uid), Some(gid)) = (words.next(), words.next()) else {
+                return Err(bad());
+            };
+            let groups = match words.next() {
+                Some(list) => list
+                    .split(',')
+                    .map(|g| g.parse().map_err(|_| bad()))
+                    .collect::<Result<_, _>>()?,
+                None => Vec::new(),
+            };
             Some(Creds {
                 uid: uid.parse().map_err(|_| bad())?,
                 gid: gid.parse().map_err(|_| bad())?,
+                groups,
             })
         }
     };
-    if let Some(creds) = creds {
+    if let Some(creds) = &creds {
         become_user(creds)?;
     }
     match op {
@@ -572,8 +590,9 @@ fn serve(request: &[u8], mut fds: Vec<OwnedFd>) -> Result<(Vec<u8>, Vec<OwnedFd>
     }
 }
 
-/// Drops to `creds` for good (real, effective and saved ids; no supplementary groups).
-fn become_user(creds: Creds) -> Result<(), Failure> {
+/// Drops to `creds` for good (real, effective and saved ids, and the workers'
+/// supplementary groups: the bind runs with exactly the workers' rights).
+fn become_user(creds: &Creds) -> Result<(), Failure> {
     let fail = |what: &str| {
         let e = io::Error::last_os_error();
         Failure::new(
@@ -588,7 +607,7 @@ fn become_user(creds: Creds) -> Result<(), Failure> {
     unsafe {
         let me = libc::geteuid();
         if me == 0 {
-            if libc::setgroups(0, std::ptr::null()) != 0 {
+            if libc::setgroups(creds.groups.len(), creds.groups.as_ptr()) != 0 {
                 return Err(fail("setgroups"));
             }
             if libc::setgid(creds.gid) != 0 {
