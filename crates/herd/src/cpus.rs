@@ -101,31 +101,24 @@ fn smallest_up(
 
 /// `(root, mount point)` of the cgroup v1 hierarchy that has the `cpu` controller.
 fn cgroup1_cpu_mount(mountinfo: &str) -> Option<(PathBuf, PathBuf)> {
-    mountinfo.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        let mut super_fields = right.split_whitespace();
-        if super_fields.next()? != "cgroup" {
-            return None;
-        }
-        let options = super_fields.nth(1)?;
-        if !options.split(',').any(|o| o == "cpu") {
-            return None;
-        }
-        let mut fields = left.split_whitespace();
-        let root = fields.nth(3)?;
-        let mount = fields.next()?;
-        Some((
-            PathBuf::from(unescape(root)),
-            PathBuf::from(unescape(mount)),
-        ))
+    mount_where(mountinfo, |fstype, options| {
+        fstype == "cgroup" && options.split(',').any(|o| o == "cpu")
     })
 }
 
 /// `(root, mount point)` of the cgroup2 filesystem from `/proc/self/mountinfo`.
 fn cgroup2_mount(mountinfo: &str) -> Option<(PathBuf, PathBuf)> {
+    mount_where(mountinfo, |fstype, _| fstype == "cgroup2")
+}
+
+/// `(root, mount point)` of the first mount whose filesystem type and super options pass.
+fn mount_where(mountinfo: &str, wanted: impl Fn(&str, &str) -> bool) -> Option<(PathBuf, PathBuf)> {
     mountinfo.lines().find_map(|line| {
         let (left, right) = line.split_once(" - ")?;
-        if right.split_whitespace().next()? != "cgroup2" {
+        let mut super_fields = right.split_whitespace();
+        let fstype = super_fields.next()?;
+        let options = super_fields.nth(1).unwrap_or("");
+        if !wanted(fstype, options) {
             return None;
         }
         let mut fields = left.split_whitespace();
