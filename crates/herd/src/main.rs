@@ -104,18 +104,20 @@ fn dispatch(command: Command) -> anyhow::Result<u8> {
             };
             // The supervisor writes (and rotates) its log itself: HERD_HOME/NAME.log
             // unless --log-file says otherwise.
-            let default_log = args
-                .log_file
-                .is_none()
-                .then(|| home.display(&name.file("log")));
-            let log_path = match &args.log_file {
-                Some(path) => std::path::absolute(path).unwrap_or_else(|_| path.clone()),
-                None => home.display(&name.file("log")),
+            let (log_path, add_log_file) = match &args.log_file {
+                Some(path) => (
+                    std::path::absolute(path).unwrap_or_else(|_| path.clone()),
+                    None,
+                ),
+                None => {
+                    let path = home.display(&name.file("log"));
+                    (path.clone(), Some(path))
+                }
             };
             commands::start(
                 &home,
                 &name,
-                start_args(args.name.is_none(), name.as_str(), default_log),
+                start_args(args.name.is_none(), name.as_str(), add_log_file),
                 listen_timeout,
                 &log_path,
             )
