@@ -80,6 +80,12 @@ impl Observe {
 }
 
 impl Supervisor {
+    /// Stopping, or holding the stop for `--drain-delay`: what status, `/ready` and the
+    /// refusal of new operations go by.
+    pub(super) fn winding_down(&self) -> bool {
+        self.phase.is_stopping() || self.observe.draining
+    }
+
     /// `--http` and `--drain-delay`, before [`Supervisor::run`].
     pub fn observe_with(&mut self, http: bool, drain_delay: Duration) {
         self.observe.drain_delay = drain_delay;
@@ -133,7 +139,7 @@ impl Supervisor {
                 let _ = reply.send(Readiness {
                     ready: self.ready_slots(),
                     desired: self.live_slots(),
-                    stopping: self.observe.draining || self.phase.is_stopping(),
+                    stopping: self.winding_down(),
                 });
             }
             Query::Status(reply) => {

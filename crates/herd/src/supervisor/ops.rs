@@ -138,7 +138,7 @@ fn refuse(reply: Option<oneshot::Sender<Response>>, message: String) {
 impl Supervisor {
     /// Starts an operation, or refuses it with a reason.
     pub(super) fn begin(&mut self, kind: OpKind, reply: Option<oneshot::Sender<Response>>) {
-        if self.phase.is_stopping() || self.observe.draining {
+        if self.winding_down() {
             return refuse(reply, "the app is stopping".into());
         }
         let reply = match self.take_over_replacement(kind, reply) {

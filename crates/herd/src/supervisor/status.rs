@@ -63,7 +63,7 @@ impl Supervisor {
     /// The phase, or `errored` while running with every slot given up.
     fn app_state(&self) -> AppState {
         match self.phase.op() {
-            _ if self.phase.is_stopping() || self.observe.draining => AppState::Stopping,
+            _ if self.winding_down() => AppState::Stopping,
             Some(op) => op.kind.state(),
             None if self.slots.iter().all(|s| s.state.is_errored()) => AppState::Errored,
             None => AppState::Running,
